@@ -1,0 +1,170 @@
+"""The one manifest format: JSON Lines, one video (or trimmed segment) per line.
+
+Each line is an object with the fields of :class:`ManifestRow`::
+
+    {"video_id": "v_ApplyEyeMakeup_g08_c01", "path": "/data/ucf101/ApplyEyeMakeup/v_...avi",
+     "split": "train", "label": 0, "label_name": "ApplyEyeMakeup"}
+
+``path`` is a local path or an fsspec URL. A member of a tar shard is addressed with
+fsspec's chained URL ``tar://<member>::<path-to-tar>``, so webdataset shards are read in
+place without unpacking. ``start``/``end`` (seconds, optional) trim a segment out of a
+longer video; several rows may then share one ``path`` with distinct ``video_id``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from pipeline.errors import ManifestError
+
+MANIFEST_SUFFIX = ".jsonl"
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One video or trimmed segment.
+
+    Attributes:
+        video_id: stable, unique identifier (used as the key everywhere downstream).
+        path: local path or fsspec URL of the encoded video.
+        split: e.g. ``train``, ``val``, ``test``.
+        label: class index (int), or None for unlabelled data.
+        label_name: human-readable class name, or None.
+        start: segment start in seconds (None: from the beginning).
+        end: segment end in seconds (None: to the end).
+    """
+
+    video_id: str
+    path: str
+    split: str = "train"
+    label: int | None = None
+    label_name: str | None = None
+    start: float | None = None
+    end: float | None = None
+
+    def to_json(self) -> str:
+        d = {k: v for k, v in asdict(self).items() if v is not None}
+        return json.dumps(d, sort_keys=False, ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ManifestRow":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown manifest fields {sorted(unknown)}")
+        if "video_id" not in d or "path" not in d:
+            raise ValueError("a manifest row needs 'video_id' and 'path'")
+        label = d.get("label")
+        return cls(
+            video_id=str(d["video_id"]),
+            path=str(d["path"]),
+            split=str(d.get("split", "train")),
+            label=None if label is None else int(label),
+            label_name=d.get("label_name"),
+            start=None if d.get("start") is None else float(d["start"]),
+            end=None if d.get("end") is None else float(d["end"]),
+        )
+
+
+def write_manifest(rows: Iterable[ManifestRow], path: str | os.PathLike) -> Path:
+    """Write rows as JSON Lines (atomically: temp file then rename). Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(row.to_json() + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
+    """Read a JSONL manifest; every malformed line is reported at once."""
+    rows: list[ManifestRow] = []
+    problems: list[str] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(ManifestRow.from_dict(json.loads(line)))
+            except (ValueError, TypeError) as e:
+                problems.append(f"line {lineno}: {e}")
+    if problems:
+        raise ManifestError(f"{path}: {len(problems)} malformed line(s)", problems)
+    return rows
+
+
+def manifest_sha256(rows: Sequence[ManifestRow]) -> str:
+    """Hash of the manifest's content (order-sensitive: order decides store shards)."""
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(r.to_json().encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def path_exists(path: str) -> bool:
+    """True if a local path or fsspec URL exists."""
+    if "://" not in path:
+        return os.path.exists(path)
+    import fsspec
+
+    try:
+        fs, p = fsspec.core.url_to_fs(path)
+        return fs.exists(p)
+    except (FileNotFoundError, OSError, ValueError):
+        return False
+
+
+def validate_manifest(
+    rows: Sequence[ManifestRow],
+    *,
+    check_files: bool = True,
+    num_classes: int | None = None,
+) -> None:
+    """Raise one :class:`ManifestError` listing *all* problems.
+
+    Checks: duplicate ``video_id``; missing files (when ``check_files``); labels outside
+    ``[0, num_classes)``; one label index used with two names (or vice versa);
+    ``start >= end``.
+    """
+    problems: list[str] = []
+    dups = [vid for vid, n in Counter(r.video_id for r in rows).items() if n > 1]
+    problems += [f"duplicate video_id {vid!r}" for vid in sorted(dups)]
+    if check_files:
+        checked: dict[str, bool] = {}
+        for r in rows:
+            if r.path not in checked:
+                checked[r.path] = path_exists(r.path)
+                if not checked[r.path]:
+                    problems.append(f"missing video file {r.path!r} (video_id {r.video_id!r})")
+    names: dict[int, str] = {}
+    for r in rows:
+        if r.start is not None and r.end is not None and r.start >= r.end:
+            problems.append(f"video_id {r.video_id!r}: start {r.start} >= end {r.end}")
+        if r.label is None:
+            continue
+        if r.label < 0 or (num_classes is not None and r.label >= num_classes):
+            problems.append(f"unknown label {r.label} for video_id {r.video_id!r}")
+        if r.label_name is not None:
+            prev = names.setdefault(r.label, r.label_name)
+            if prev != r.label_name:
+                problems.append(f"label {r.label} named both {prev!r} and {r.label_name!r}")
+    if problems:
+        raise ManifestError(f"invalid manifest: {len(problems)} problem(s)", problems)
+
+
+def class_names(rows: Sequence[ManifestRow]) -> list[str]:
+    """Class names indexed by label (``str(label)`` where a row has no name)."""
+    labels = {r.label: r.label_name for r in rows if r.label is not None}
+    if not labels:
+        return []
+    n = max(labels) + 1
+    return [labels.get(i) or str(i) for i in range(n)]
