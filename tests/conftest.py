@@ -1,0 +1,36 @@
+"""Shared pytest fixtures for tests that need videos (real files written with PyAV)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+
+from tests.videos import make_lossless_video, pattern_frames
+
+#: Real short H.264 clips beside the repo checkout (``<repo>/../shared/media``), may be absent.
+SHARED_MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
+
+
+class Clip(NamedTuple):
+    """A written test video and what it holds: ``frames`` (T, H, W, 3) uint8 RGB at ``fps``."""
+
+    path: Path
+    frames: np.ndarray
+    fps: int
+
+
+@pytest.fixture
+def shared_media() -> Path:
+    """Folder of real short H.264 clips; the test is skipped when it is absent."""
+    if not SHARED_MEDIA.is_dir() or not any(SHARED_MEDIA.glob("*.mp4")):
+        pytest.skip(f"no real clips in {SHARED_MEDIA}")
+    return SHARED_MEDIA
+
+
+@pytest.fixture
+def lossless_clip(tmp_path: Path) -> Clip:
+    """1 s lossless video: 30 distinct 32x32 :func:`pattern_frames` at 30 fps (frame k at k/30 s)."""
+    frames = pattern_frames(30, 32, 32, seed=0)
+    return Clip(make_lossless_video(tmp_path / "lossless.mp4", frames, 30), frames, 30)
