@@ -1,0 +1,63 @@
+"""``freezeframe plan``: what an extraction would produce, from container headers only."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from extract.config import ExtractConfig
+from extract.decode import DecodeError, probe
+from pipeline.manifest import ManifestRow
+from pipeline.store import STORAGE_DTYPES
+
+_ITEMSIZE = {"float16": 2, "float32": 4, "int8": 1}
+
+
+@dataclass
+class Plan:
+    videos: int
+    shards: int
+    frames: int  # estimated frames to store
+    seconds_of_video: float
+    feature_shape: tuple[int, int, int]
+    bytes_per_frame: int  # uncompressed, including int8 scales and timestamps
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (video_id, reason)
+
+    @property
+    def bytes(self) -> int:
+        return self.frames * self.bytes_per_frame
+
+
+def bytes_per_frame(shape: tuple[int, int, int], dtype: str) -> int:
+    """Uncompressed bytes stored per frame (features + extras + float64 timestamp)."""
+    h, w, c = shape
+    sd = STORAGE_DTYPES.get(dtype)
+    extra = sum(h * w * 4 for _ in sd.extras)
+    return h * w * c * _ITEMSIZE[sd.feature_dtype] + extra + 8
+
+
+def make_plan(rows: list[ManifestRow], cfg: ExtractConfig, shape: tuple[int, int, int]) -> Plan:
+    """Probe every video's header (no decoding) and add up frames, bytes and shards."""
+    frames = 0
+    seconds = 0.0
+    bad: list[tuple[str, str]] = []
+    for r in rows:
+        try:
+            p = probe(r.path)
+        except DecodeError as e:
+            bad.append((r.video_id, str(e)))
+            continue
+        n = p.estimate_frames(fps=cfg.fps, start=r.start, end=r.end)
+        frames += n
+        dur = p.duration or 0.0
+        lo = r.start or 0.0
+        hi = min(r.end, dur) if r.end is not None and dur else (r.end or dur)
+        seconds += max(hi - lo, 0.0)
+    return Plan(
+        videos=len(rows),
+        shards=math.ceil(len(rows) / max(1, cfg.videos_per_shard)),
+        frames=frames,
+        seconds_of_video=seconds,
+        feature_shape=shape,
+        bytes_per_frame=bytes_per_frame(shape, cfg.dtype),
+        unreadable=bad,
+    )

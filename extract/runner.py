@@ -1,0 +1,351 @@
+"""Stage 1 orchestration: manifest -> store shards -> decode workers -> backbone -> zarr.
+
+The unit of work is a store shard (``videos_per_shard`` consecutive manifest rows) with
+exactly one writer. A process takes the shards ``k`` with ``k % world == rank`` where
+(rank, world) come from ``--shard-index/--num-shards`` (independent jobs, e.g. a Slurm
+array) or from torchrun's ``RANK``/``WORLD_SIZE``. Completed shards (marker present) are
+skipped, incomplete ones are deleted and redone, so rerunning the same command resumes.
+"""
+from __future__ import annotations
+
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from extract.backbones import Backbone, create_backbone
+from extract.config import ExtractConfig
+from extract.decode import Geometry
+from extract.workers import ChunkEvent, DecodeJob, DecodePool, DoneEvent, FailedEvent
+from pipeline.config import config_hash, to_dict
+from pipeline.errors import FreezeframeError
+from pipeline.manifest import ManifestRow, manifest_sha256, read_manifest
+from pipeline.pooling import compress
+from pipeline.provenance import environment
+from pipeline.store import (
+    STORAGE_DTYPES,
+    Failure,
+    FeatureStore,
+    ShardWriter,
+    init_store,
+    read_markers,
+    shard_name,
+)
+
+
+# --------------------------------------------------------------------------------------
+# who does what
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Rank:
+    """This process's place among the extraction jobs."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    torchrun: bool = False
+
+
+def discover_rank(cfg: ExtractConfig) -> Rank:
+    """``--shard-index/--num-shards`` win; else torchrun's env vars; else a single process."""
+    if cfg.num_shards is not None:
+        idx = cfg.shard_index or 0
+        if not 0 <= idx < cfg.num_shards:
+            raise FreezeframeError(f"--shard-index {idx} must be in [0, {cfg.num_shards})")
+        return Rank(idx, cfg.num_shards)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return Rank(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                    int(os.environ.get("LOCAL_RANK", 0)), torchrun=True)
+    return Rank()
+
+
+def plan_shards(rows: Sequence[ManifestRow], videos_per_shard: int) -> list[list[ManifestRow]]:
+    """Store shard k holds rows [k*V, (k+1)*V) in manifest order."""
+    v = max(1, videos_per_shard)
+    return [list(rows[i : i + v]) for i in range(0, len(rows), v)]
+
+
+def resolve_device(name: str, rank: Rank) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", rank.local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+# --------------------------------------------------------------------------------------
+# store header
+# --------------------------------------------------------------------------------------
+def feature_shape(backbone: Backbone, cfg: ExtractConfig) -> tuple[int, int, int]:
+    """(H, W, C) stored per frame after optional spatial/channel pooling."""
+    h, w = backbone.grid()
+    c = backbone.channels
+    if cfg.channel_pool:
+        c = cfg.channel_pool
+    if cfg.spatial_pool:
+        h = w = cfg.spatial_pool
+    return (h, w, c)
+
+
+def store_header(cfg: ExtractConfig, backbone: Backbone, rows: Sequence[ManifestRow],
+                 geometry: Geometry) -> dict:
+    """The header written into the store: ``content`` must match on every later run."""
+    content = {
+        "backbone": backbone.name,
+        "weights_sha256": backbone.weights_sha256,
+        "weights_source": "random" if cfg.random_weights else backbone.weights_source.split(":")[0],
+        "preprocess": backbone.preprocess.to_dict(),
+        "geometry": geometry.to_dict(),
+        "fps": cfg.fps,
+        "min_frames": cfg.min_frames,
+        "dtype": cfg.dtype,
+        "codec": cfg.codec,
+        "spatial_pool": cfg.spatial_pool,
+        "channel_pool": cfg.channel_pool,
+        "feature_shape": list(feature_shape(backbone, cfg)),
+        "videos_per_shard": cfg.videos_per_shard,
+        "frames_per_file": cfg.frames_per_file,
+        "manifest_sha256": manifest_sha256(rows),
+        "num_videos": len(rows),
+        "num_shards": len(plan_shards(rows, cfg.videos_per_shard)),
+    }
+    return {
+        "content": content,
+        "content_hash": config_hash(content),
+        "config": to_dict(cfg),
+        "backbone": backbone.describe(),
+        "manifest_path": str(Path(cfg.manifest).resolve()),
+        "environment": environment(),
+    }
+
+
+# --------------------------------------------------------------------------------------
+# the backbone side: batches across videos, results back in video order
+# --------------------------------------------------------------------------------------
+class FeatureEncoder:
+    """Runs the frozen backbone on uint8 frame batches; returns float32 numpy features.
+
+    (N, S, S, 3) uint8 -> (N, H, W, C) float32, after optional pooling. On CUDA it uses
+    pinned host memory, non-blocking copies and autocast.
+    """
+
+    def __init__(self, backbone: Backbone, device: torch.device, cfg: ExtractConfig) -> None:
+        self.backbone = backbone.to(device).eval()
+        self.device = device
+        self.cfg = cfg
+        self.cuda = device.type == "cuda"
+
+    @torch.inference_mode()
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(frames)
+        if self.cuda:
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if (self.cuda and self.cfg.amp) else nullcontext()
+        with amp:
+            feats = self.backbone(self.backbone.prepare(x))
+        feats = compress(feats.float(), self.cfg.spatial_pool, self.cfg.channel_pool)
+        return feats.cpu().numpy()
+
+
+class BatchingSink:
+    """Collects frames of consecutive videos into model batches and writes results in order.
+
+    Videos are begun/ended on the writer in job order; frames are encoded ``batch_size`` at
+    a time even across video boundaries, so short videos still fill the batch.
+    """
+
+    def __init__(self, encoder: FeatureEncoder, writer: ShardWriter, batch_size: int) -> None:
+        self.encoder, self.writer, self.batch_size = encoder, writer, batch_size
+        self.ops: list[tuple] = []  # ("begin", entry) | ("frames", frames, ts) | ("end",)
+        self.pending = 0
+        self.frames_encoded = 0
+
+    def begin(self, entry: dict) -> None:
+        self.ops.append(("begin", entry))
+
+    def add(self, frames: np.ndarray, timestamps: np.ndarray) -> None:
+        self.ops.append(("frames", frames, timestamps))
+        self.pending += len(frames)
+        if self.pending >= self.batch_size:
+            self.flush()
+
+    def end(self) -> None:
+        self.ops.append(("end",))
+
+    def abort(self) -> None:
+        """Drop the current video (its pending frames are not encoded)."""
+        while self.ops and self.ops[-1][0] == "frames":
+            self.pending -= len(self.ops.pop()[1])
+        if self.ops and self.ops[-1][0] == "begin":
+            self.ops.pop()
+        else:  # part of the video already reached the writer
+            self.flush()
+            self.writer.abort_video()
+
+    def flush(self) -> None:
+        frames = [op[1] for op in self.ops if op[0] == "frames"]
+        feats = self.encoder(np.concatenate(frames)) if frames else None
+        pos = 0
+        for op in self.ops:
+            if op[0] == "begin":
+                self.writer.begin_video(op[1])
+            elif op[0] == "frames":
+                n = len(op[1])
+                self.writer.append(feats[pos : pos + n], op[2])  # type: ignore[index]
+                pos += n
+            else:
+                self.writer.end_video()
+        self.frames_encoded += pos
+        self.ops, self.pending = [], 0
+
+
+# --------------------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------------------
+@dataclass
+class ExtractSummary:
+    store: str
+    shards_done: int = 0
+    shards_skipped: int = 0
+    videos_done: int = 0
+    frames_done: int = 0
+    failures: list[Failure] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def frames_per_s(self) -> float:
+        return self.frames_done / self.seconds if self.seconds else 0.0
+
+
+def _job_rows(cfg: ExtractConfig, rows: list[ManifestRow], store_root: Path
+              ) -> list[tuple[str, list[ManifestRow]]]:
+    """(shard name, rows) to do, in order. Normal runs: every planned shard; with
+    ``retry_failed``: new retry shards holding only the videos recorded as failures."""
+    plan = plan_shards(rows, cfg.videos_per_shard)
+    if not cfg.retry_failed:
+        return [(shard_name(k), r) for k, r in enumerate(plan)]
+    store = FeatureStore(store_root)
+    failed = {f.video_id for f in store.failures()}
+    retry_rows = [r for r in rows if r.video_id in failed]
+    done_gens = [int(s[5:7]) for s in store.markers if s.startswith("retry")]
+    gen = max(done_gens, default=0) + 1
+    return [(shard_name(k, gen), r) for k, r in enumerate(plan_shards(retry_rows, cfg.videos_per_shard))]
+
+
+def run_extract(cfg: ExtractConfig, console: object | None = None) -> ExtractSummary:
+    """Extract features of ``cfg.manifest`` into ``cfg.store`` (resumable, multi-process safe)."""
+    from rich.console import Console
+
+    con: Console = console or Console(stderr=True)  # type: ignore[assignment]
+    rank = discover_rank(cfg)
+    rows = read_manifest(cfg.manifest)
+    if not rows:
+        raise FreezeframeError(f"manifest {cfg.manifest} has no rows")
+    backbone = create_backbone(cfg.backbone, weights=cfg.weights, pretrained=not cfg.random_weights,
+                               image_size=cfg.image_size)
+    geometry = Geometry(size=backbone.preprocess.size, mode=cfg.geometry,
+                        interpolation=cfg.interpolation or backbone.preprocess.interpolation)
+    STORAGE_DTYPES.get(cfg.dtype)  # refuse unknown names before any work
+    header = store_header(cfg, backbone, rows, geometry)
+    root = Path(cfg.store)
+    init_store(root, header)  # refuses a mismatching store before any work
+    shape = feature_shape(backbone, cfg)
+
+    todo = [(name, r) for i, (name, r) in enumerate(_job_rows(cfg, rows, root)) if i % rank.world == rank.rank]
+    done = set(read_markers(root))
+    summary = ExtractSummary(store=str(root))
+    pending = [(n, r) for n, r in todo if n not in done]
+    summary.shards_skipped = len(todo) - len(pending)
+    if not pending:
+        con.print(f"[green]nothing to do[/]: {len(todo)} shard(s) of rank {rank.rank} already complete in {root}")
+        return summary
+
+    device = resolve_device(cfg.device, rank)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+    encoder = FeatureEncoder(backbone, device, cfg)
+    workers = cfg.workers or max(1, (os.cpu_count() or 2) - 1)
+    decode_kwargs = dict(geometry=geometry, fps=cfg.fps, chunk_size=cfg.chunk_size,
+                         threads=cfg.decode_threads, min_frames=cfg.min_frames)
+    total_videos = sum(len(r) for _, r in pending)
+    t0 = time.monotonic()
+    with DecodePool(workers, decode_kwargs, timeout_s=cfg.decode_timeout) as pool, \
+            _progress(cfg.progress, con) as progress:
+        task = progress.add_task(f"rank {rank.rank}/{rank.world}", total=total_videos, frames=0, failed=0)
+        for name, shard_rows in pending:
+            stats = _extract_shard(root, name, shard_rows, shape, cfg, pool, encoder, summary, progress, task)
+            summary.shards_done += 1
+            con.log(f"shard {name}: {stats['videos']} videos, {stats['frames']} frames, "
+                    f"{stats['failures']} failed, {stats['frames_per_s']:.1f} frames/s")
+    summary.seconds = time.monotonic() - t0
+    return summary
+
+
+def _extract_shard(root: Path, name: str, rows: list[ManifestRow], shape: tuple[int, int, int], cfg: ExtractConfig,
+                   pool: DecodePool, encoder: FeatureEncoder, summary: ExtractSummary,
+                   progress: object, task: object) -> dict:
+    t0 = time.monotonic()
+    writer = ShardWriter.create(root, name, feature_shape=shape, dtype=cfg.dtype,
+                                codec=cfg.codec, frames_per_file=cfg.frames_per_file)
+    sink = BatchingSink(encoder, writer, cfg.batch_size)
+    jobs = [DecodeJob(i, r.video_id, r.path, r.start, r.end) for i, r in enumerate(rows)]
+    failures: list[Failure] = []
+    frames = videos = 0
+    started: set[int] = set()
+    for ev in pool.run(jobs):
+        row = rows[ev.index]
+        if isinstance(ev, ChunkEvent):
+            if ev.index not in started:
+                started.add(ev.index)
+                sink.begin({"video_id": row.video_id, "split": row.split, "label": row.label,
+                            "label_name": row.label_name})
+            sink.add(ev.frames, ev.timestamps)
+            progress.update(task, frames=summary.frames_done + frames + sink.pending)  # type: ignore[attr-defined]
+        elif isinstance(ev, DoneEvent):
+            if ev.index not in started:  # decoder reported success without frames
+                failures.append(Failure(row.video_id, "empty", "EmptyVideo", "no frames decoded", name))
+                progress.update(task, advance=1)  # type: ignore[attr-defined]
+                continue
+            sink.end()
+            frames += ev.num_frames
+            videos += 1
+            progress.update(task, advance=1)  # type: ignore[attr-defined]
+        elif isinstance(ev, FailedEvent):
+            if ev.index in started:
+                sink.abort()
+            failures.append(Failure(**{**ev.failure.__dict__, "shard": name}))
+            progress.update(task, advance=1, failed=len(summary.failures) + len(failures))  # type: ignore[attr-defined]
+    sink.flush()
+    secs = time.monotonic() - t0
+    stats = {"videos": videos, "frames": frames, "failures": len(failures), "seconds": round(secs, 3),
+             "frames_per_s": frames / secs if secs else 0.0}
+    writer.finish(failures, stats)
+    summary.videos_done += videos
+    summary.frames_done += frames
+    summary.failures += failures
+    return stats
+
+
+def _progress(enabled: bool, console: object):
+    """A rich progress bar with videos/s, frames/s and failures."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    class _Rates(TextColumn):
+        def __init__(self) -> None:
+            super().__init__("")
+
+        def render(self, task):  # type: ignore[override]
+            from rich.text import Text
+
+            el = task.elapsed or 0.0
+            vps = task.completed / el if el else 0.0
+            fps = task.fields.get("frames", 0) / el if el else 0.0
+            return Text(f"{vps:.2f} videos/s  {fps:.1f} frames/s  failed {task.fields.get('failed', 0)}")
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _Rates(),
+                    TimeElapsedColumn(), console=console, disable=not enabled, transient=False)

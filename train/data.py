@@ -1,0 +1,198 @@
+"""Map-style datasets over the feature store (stage 2 never decodes video).
+
+Each item is one video. Randomness is drawn from ``np.random.default_rng((seed, epoch,
+index))``, so an item is the same whichever DataLoader worker or rank reads it and
+whenever it is read: that makes resumed runs bit-identical to uninterrupted ones.
+
+Shapes: a clip is ``(T, H, W, C)`` float32 (store layout); models permute it themselves.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from pipeline.errors import FreezeframeError
+from pipeline.registry import Registry
+from pipeline.store import FeatureStore
+from train.sampling import PRPConfig, clip_fits, prp_clips, random_clip, test_clips
+
+
+class DataError(FreezeframeError):
+    """The store cannot feed the requested training (empty split, clips too long...)."""
+
+
+# --------------------------------------------------------------------------------------
+# feature-space augmentations (off by default: approximations of pixel augmentation)
+# --------------------------------------------------------------------------------------
+Augment = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+AUGMENTATIONS: Registry[Augment] = Registry("feature augmentation")
+
+
+@AUGMENTATIONS.register("hflip")
+def hflip(clip: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Flip the token grid left-right with p = 0.5 (T, H, W, C).
+
+    An approximation of a pixel flip: a CNN/ViT feature of a flipped image is not exactly
+    the flipped feature map (filters are not mirror-symmetric)."""
+    return clip[:, :, ::-1].copy() if rng.random() < 0.5 else clip
+
+
+@AUGMENTATIONS.register("grid-crop")
+def grid_crop(clip: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random crop of the token grid (60-100% of each side) resized back bilinearly.
+
+    An approximation of random-resized-crop in pixels: tokens carry context from outside
+    the crop and positional information of the full frame."""
+    t, h, w, c = clip.shape
+    if h < 2 or w < 2:
+        return clip
+    ch = max(1, int(round(h * rng.uniform(0.6, 1.0))))
+    cw = max(1, int(round(w * rng.uniform(0.6, 1.0))))
+    y0 = int(rng.integers(0, h - ch + 1))
+    x0 = int(rng.integers(0, w - cw + 1))
+    x = torch.from_numpy(np.ascontiguousarray(clip[:, y0 : y0 + ch, x0 : x0 + cw])).permute(0, 3, 1, 2)
+    x = torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+    return x.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def apply_augmentations(names: tuple[str, ...], clip: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    for name in names:
+        clip = AUGMENTATIONS.get(name)(clip, rng)
+    return clip
+
+
+# --------------------------------------------------------------------------------------
+# datasets
+# --------------------------------------------------------------------------------------
+class _StoreVideos(Dataset):
+    """Base: the videos of one split, in store order."""
+
+    def __init__(self, store: FeatureStore, split: str, seed: int = 0) -> None:
+        self.store = store
+        self.split = split
+        self.video_ids = store.split_ids(split)
+        if not self.video_ids:
+            raise DataError(
+                f"split {split!r} of store {store.path} has no videos "
+                f"(splits present: {store.splits() or 'none'}); pick another split or re-extract"
+            )
+        self.lengths = np.array([store.num_frames(v) for v in self.video_ids])
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.video_ids)
+
+    def _rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng((self.seed, self.epoch, index))
+
+    def label(self, index: int) -> int:
+        lab = self.store.meta(self.video_ids[index]).label
+        if lab is None:
+            raise DataError(f"video {self.video_ids[index]!r} has no label; fine-tuning needs labels")
+        return int(lab)
+
+
+class PRPDataset(_StoreVideos):
+    """Playback-rate perception: ``clips_per_video`` clips per video, each with its own rate.
+
+    Item: ``(clips (K, T, H, W, C) float32, rate labels (K,) int64)``. Resampling at rate r
+    is done by choosing cached frame indices (``train.sampling.prp_clips``), exactly what
+    decoding those frames would give.
+    """
+
+    def __init__(self, store: FeatureStore, split: str, cfg: PRPConfig, seed: int = 0,
+                 augment: tuple[str, ...] = ()) -> None:
+        super().__init__(store, split, seed)
+        self.cfg = cfg
+        self.augment = augment
+        if cfg.short_video == "clamp" and not any(clip_fits(int(n), cfg.num_frames, cfg.stride) for n in self.lengths):
+            raise DataError(
+                f"every video of split {split!r} is shorter than a PRP clip at rate 1 "
+                f"({(cfg.num_frames - 1) * cfg.stride + 1} frames) and wrap-around is off; "
+                "use prp.short_video=wrap or fewer frames / a smaller stride"
+            )
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = self._rng(index)
+        vid = self.video_ids[index]
+        clips = prp_clips(int(self.lengths[index]), rng, self.cfg)
+        idx = np.stack([c.indices for c in clips])  # (K, T)
+        feats = self.store.features(vid, idx.reshape(-1)).reshape(*idx.shape, *self.store.feature_shape)
+        if self.augment:
+            feats = np.stack([apply_augmentations(self.augment, f, rng) for f in feats])
+        labels = np.array([c.rate_label for c in clips], dtype=np.int64)
+        return torch.from_numpy(np.ascontiguousarray(feats)), torch.from_numpy(labels)
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """A clip of ``num_frames`` frames, ``stride`` frames apart."""
+
+    num_frames: int = 8
+    stride: int = 2
+    short_video: str = "wrap"  # wrap | clamp (see train.sampling)
+
+
+class ClipDataset(_StoreVideos):
+    """Fine-tuning: one random clip per video per epoch. Item: ``((T, H, W, C), label)``."""
+
+    def __init__(self, store: FeatureStore, split: str, cfg: ClipConfig, seed: int = 0,
+                 augment: tuple[str, ...] = ()) -> None:
+        super().__init__(store, split, seed)
+        self.cfg = cfg
+        self.augment = augment
+        if cfg.short_video == "clamp" and not any(clip_fits(int(n), cfg.num_frames, cfg.stride) for n in self.lengths):
+            raise DataError(
+                f"a clip of {cfg.num_frames} frames at stride {cfg.stride} is longer than every video "
+                f"of split {split!r} (longest: {int(self.lengths.max())} frames) and wrap-around is off; "
+                "use fewer frames, a smaller stride, or short_video=wrap"
+            )
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        rng = self._rng(index)
+        idx = random_clip(int(self.lengths[index]), rng, self.cfg.num_frames, self.cfg.stride, self.cfg.short_video)
+        clip = self.store.features(self.video_ids[index], idx)
+        if self.augment:
+            clip = apply_augmentations(self.augment, clip, rng)
+        return torch.from_numpy(np.ascontiguousarray(clip)), self.label(index)
+
+
+@dataclass(frozen=True)
+class TestViewConfig:
+    """Test views: ``num_clips`` clips spread evenly x the spatial views the store holds (1)."""
+
+    num_clips: int = 10
+    num_frames: int = 8
+    stride: int = 8
+    short_video: str = "wrap"
+
+
+class TestViewDataset(_StoreVideos):
+    """All test views of a video. Item: ``((V, T, H, W, C), label)``; logits are averaged over V."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, store: FeatureStore, split: str, cfg: TestViewConfig) -> None:
+        super().__init__(store, split, 0)
+        self.cfg = cfg
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        idx = test_clips(int(self.lengths[index]), self.cfg.num_clips, self.cfg.num_frames, self.cfg.stride,
+                         self.cfg.short_video)  # (V, T)
+        feats = self.store.features(self.video_ids[index], idx.reshape(-1))
+        feats = feats.reshape(*idx.shape, *self.store.feature_shape)
+        return torch.from_numpy(np.ascontiguousarray(feats)), self.label(index)
+
+
+def flatten_clips(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, K, T, H, W, C), (B, K) -> (B*K, T, H, W, C), (B*K,) in (video, clip) order."""
+    x, y = batch
+    return x.flatten(0, 1), y.flatten(0, 1)
