@@ -141,7 +141,7 @@ def _train_run(run: DemoRun, task: str, store: Path, runs_root: Path, cfg: DemoC
 def _write_report(out: Path, run_dirs: dict[str, list[Path]], cfg: DemoConfig, timings: dict[str, float],
                   con: Console) -> Path:
     from train.plots import plot_comparison
-    from train.report import compare_runs, delta_acc, render_markdown
+    from train.report import compare_runs, comparison_rows, delta_acc, render_markdown
 
     table = Table(title="freezeframe demo: 10-view test top-1 on the synthetic benchmark")
     table.add_column("run")
@@ -167,9 +167,8 @@ def _write_report(out: Path, run_dirs: dict[str, list[Path]], cfg: DemoConfig, t
     sections.append("| chance | " + " | ".join(f"{100 * chance[t]:.1f}%" for t in run_dirs) + " |\n")
     for task, dirs in run_dirs.items():
         recs = compare_runs(dirs)
-        png = plot_comparison(
-            [(Path(r.path).name, r.top1) for r in recs], out / f"comparison-{task}.png",
-            title=f"{task}: 10-view test top-1", chance=chance[task])
+        png = plot_comparison(comparison_rows(recs), out / f"comparison-{task}.png",
+                              title=f"{task}: 10-view test top-1", chance=chance[task])
         sections.append(f"## {task}\n\n![{task}]({png.relative_to(out)})\n")
         sections.append(render_markdown(recs, delta_acc(recs)))
         for r in recs:

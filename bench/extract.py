@@ -1,0 +1,171 @@
+"""``make bench-extract``: stage-1 throughput, storage cost and int8 fidelity, side by side.
+
+For each input size (112 and 224 px), in one process and one run:
+
+* **model only**: frames/s of the backbone forward (``prepare`` + ``forward``) on frames that
+  are already decoded and in memory, same batch size;
+* **decode only**: frames/s of ``extract.decode.iter_frames`` in the main process (what one
+  decode worker costs in CPU time);
+* **pipeline**: frames/s of ``extract.runner.run_extract`` end to end (spawned decode
+  workers, backbone, zarr writes), into a fresh store;
+
+then the ratio pipeline / model-only. Then bytes per stored frame for every dtype x codec
+(written with the real ShardWriter, measured on disk) and, for int8, the cosine similarity
+of dequantised features to the float32 ones. Videos: the 7 real clips of ``../shared/media``
+when present (H.264, 320x180 to 1280x720), and the synthetic benchmark videos (128x128).
+
+Usage: ``python -m bench.extract [--sizes 112 224] [--batch 32] [--out docs/bench-extract.json]``
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from extract.backbones import create_backbone
+from extract.config import ExtractConfig
+from extract.decode import Geometry, decode_all, iter_frames
+from extract.runner import run_extract
+from extract.weights import mobilenet_checkpoint
+from pipeline.manifest import ManifestRow, write_manifest
+from pipeline.store import CODECS, STORAGE_DTYPES, ShardWriter, init_store
+
+MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
+
+
+def _media_rows() -> list[ManifestRow]:
+    return [ManifestRow(p.stem, str(p), "train") for p in sorted(MEDIA.glob("*.mp4"))]
+
+
+def _synthetic_rows(tmp: Path) -> list[ManifestRow]:
+    from manifests.synthetic import SynthConfig, write_synthetic
+
+    manifests = write_synthetic(tmp / "synth", SynthConfig(tasks=("motion",), train_per_class=4, test_per_class=0),
+                                progress=False)
+    from pipeline.manifest import read_manifest
+
+    return read_manifest(manifests["motion"])
+
+
+def model_only_fps(backbone, frames: np.ndarray, batch: int, repeats: int = 2) -> float:
+    """Backbone frames/s on in-memory uint8 frames (N, S, S, 3)."""
+    with torch.inference_mode():
+        backbone(backbone.prepare(torch.from_numpy(frames[:batch])))  # warm-up
+        t0 = time.perf_counter()
+        n = 0
+        for _ in range(repeats):
+            for i in range(0, len(frames), batch):
+                x = torch.from_numpy(frames[i : i + batch])
+                backbone(backbone.prepare(x))
+                n += len(x)
+        return n / (time.perf_counter() - t0)
+
+
+def decode_only_fps(rows: list[ManifestRow], geometry: Geometry) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    n = 0
+    for r in rows:
+        for chunk in iter_frames(r.path, geometry=geometry):
+            n += len(chunk.frames)
+    return n / (time.perf_counter() - t0), n
+
+
+def pipeline_fps(manifest: Path, store: Path, size: int, batch: int, weights: bool) -> tuple[float, int]:
+    cfg = ExtractConfig(manifest=str(manifest), store=str(store), backbone="mobilenetv2-imagenet",
+                        random_weights=not weights, image_size=size, batch_size=batch, progress=False,
+                        videos_per_shard=64)
+    s = run_extract(cfg)
+    return s.frames_per_s, s.frames_done
+
+
+def storage_table(feats: np.ndarray, tmp: Path) -> list[dict]:
+    """Bytes per frame on disk for every dtype x codec, and int8 cosine to float32."""
+    rows = []
+    ref = feats.astype(np.float32)
+    for dtype in STORAGE_DTYPES.names():
+        for codec in CODECS.names():
+            root = tmp / f"store-{dtype}-{codec}"
+            init_store(root, {"content": {"feature_shape": list(feats.shape[1:]), "dtype": dtype}})
+            w = ShardWriter.create(root, "00000", feature_shape=feats.shape[1:], dtype=dtype, codec=codec)
+            w.begin_video({"video_id": "v", "split": "train"})
+            w.append(ref, np.arange(len(ref), dtype=np.float64))
+            w.end_video()
+            w.finish()
+            nbytes = sum(p.stat().st_size for p in (root / "shards").rglob("*") if p.is_file() and p.name != "zarr.json")
+            back = STORAGE_DTYPES.get(dtype).decode(
+                {k: np.asarray(v) for k, v in _read_arrays(root / "shards" / "00000").items()})
+            a = ref.reshape(-1, ref.shape[-1])
+            b = back.reshape(-1, ref.shape[-1])
+            cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+            valid = np.linalg.norm(a, axis=1) > 0
+            rows.append({"dtype": dtype, "codec": codec, "bytes_per_frame": nbytes / len(ref),
+                         "raw_bytes_per_frame": int(np.prod(ref.shape[1:])) * {"float16": 2, "float32": 4, "int8": 1}[dtype],
+                         "cosine_mean": float(cos[valid].mean()), "cosine_min": float(cos[valid].min())})
+    return rows
+
+
+def _read_arrays(path: Path) -> dict:
+    import zarr
+
+    g = zarr.open_group(str(path), mode="r")
+    return {k: g[k][...] for k in g.array_keys() if k != "timestamps"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[112, 224])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--out", type=Path, default=None, help="Write the results as JSON here.")
+    args = ap.parse_args()
+    weights = mobilenet_checkpoint() is not None
+    tmp = Path(tempfile.mkdtemp(prefix="ff-bench-"))
+    results: dict = {"torch_threads": torch.get_num_threads(), "real_weights": weights, "batch": args.batch, "runs": []}
+    try:
+        inputs = {}
+        if MEDIA.exists():
+            inputs["real clips (../shared/media)"] = _media_rows()
+        inputs["synthetic 128x128"] = _synthetic_rows(tmp)
+        for label, rows in inputs.items():
+            manifest = write_manifest(rows, tmp / f"{len(results['runs'])}.jsonl")
+            for size in args.sizes:
+                bb = create_backbone("mobilenetv2-imagenet", pretrained=weights, image_size=size)
+                geometry = Geometry(size=size, mode="short_side_crop", interpolation=bb.preprocess.interpolation)
+                dec_fps, n = decode_only_fps(rows, geometry)
+                frames = np.concatenate([decode_all(r.path, geometry=geometry).frames for r in rows])
+                model_fps = model_only_fps(bb, frames, args.batch)
+                store = tmp / f"pipe-{size}-{len(results['runs'])}.zarr"
+                pipe_fps, n_pipe = pipeline_fps(manifest, store, size, args.batch, weights)
+                shutil.rmtree(store, ignore_errors=True)
+                run = {"input": label, "videos": len(rows), "frames": n, "size": size,
+                       "model_only_fps": model_fps, "decode_only_fps": dec_fps, "pipeline_fps": pipe_fps,
+                       "ratio": pipe_fps / model_fps,
+                       "ideal_ratio_if_cpu_bound": (1 / model_fps) / (1 / model_fps + 1 / dec_fps)}
+                results["runs"].append(run)
+                print(f"{label:32s} {size:4d}px  model-only {model_fps:7.1f} f/s  decode-only {dec_fps:7.1f} f/s  "
+                      f"pipeline {pipe_fps:7.1f} f/s  ratio {run['ratio']:.2f}  "
+                      f"(ideal on shared CPU {run['ideal_ratio_if_cpu_bound']:.2f})", flush=True)
+                if size == max(args.sizes) and "storage" not in results:
+                    with torch.inference_mode():
+                        feats = torch.cat([bb(bb.prepare(torch.from_numpy(frames[i:i + 64])))
+                                           for i in range(0, min(len(frames), 512), 64)]).numpy()
+                    results["storage"] = storage_table(feats, tmp)
+                    results["storage_grid"] = list(feats.shape[1:])
+        print(f"\nbytes per frame, grid {results['storage_grid']} (float32 raw = "
+              f"{int(np.prod(results['storage_grid'])) * 4} B):")
+        for r in results["storage"]:
+            print(f"  {r['dtype']:8s} {r['codec']:6s} {r['bytes_per_frame']:10.0f} B/frame "
+                  f"(raw {r['raw_bytes_per_frame']})  cosine to float32: mean {r['cosine_mean']:.6f} min {r['cosine_min']:.6f}")
+        if args.out:
+            args.out.write_text(json.dumps(results, indent=2))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

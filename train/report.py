@@ -1,0 +1,615 @@
+"""Compare finished stage-2 runs: a run table, the paper's Delta-Acc, and a Markdown report.
+
+A run directory (written by ``train.engine``) holds ``config.json``, ``metrics.jsonl``,
+``summary.json`` and, for fine-tuning runs, ``eval.json``; only ``config.json`` is required
+here, so runs still in progress show up with what they have so far.
+
+Delta-Acc (AdViSe's pretraining gain) = top-1 of a fine-tuning run initialised from a PRP
+pretraining run - top-1 of the *same* fine-tuning run from scratch. Two runs are "the same"
+when their resolved configs are equal after removing ``init`` and ``name``
+(:data:`PAIRING_IGNORED_KEYS`), i.e. same model, optimiser, data and seed.
+
+Accuracies are fractions in [0, 1]; tables print percentages, Delta-Acc in percentage points.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.errors import FreezeframeError
+from pipeline.registry import Registry
+from train.metrics import EvalResult
+
+__all__ = [
+    "RunDirError",
+    "RunRecord",
+    "DeltaRow",
+    "PAIRING_IGNORED_KEYS",
+    "MODEL_LABELS",
+    "find_runs",
+    "read_config",
+    "read_metrics",
+    "load_run",
+    "compare_runs",
+    "delta_acc",
+    "comparison_rows",
+    "render_table",
+    "render_delta_table",
+    "render_markdown",
+    "write_report",
+    "report_main",
+]
+
+#: Dotted config keys ignored when deciding that two fine-tuning runs differ only by their init.
+# init/name differ by design; the rest are runtime knobs that do not change the result
+PAIRING_IGNORED_KEYS: tuple[str, ...] = (
+    "init", "name", "run_dir", "device", "data.workers", "data.in_memory", "data.in_memory_max_gb",
+    "log_every", "checkpoint_every", "eval_every",
+)
+#: Tasks whose runs are paired for Delta-Acc.
+DELTA_TASKS: tuple[str, ...] = ("finetune",)
+
+
+class RunDirError(FreezeframeError):
+    """A run directory is missing or unreadable."""
+
+
+# --------------------------------------------------------------------------------------------
+# reading run directories
+
+
+def read_config(run_dir: str | Path) -> dict[str, Any]:
+    """``RUN/config.json`` as a dict."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise RunDirError(
+            f"{run_dir} is not a run directory (no config.json); pass directories written by "
+            "`freezeframe pretrain` / `freezeframe finetune`, or a folder that contains them"
+        )
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RunDirError(f"{path} is not valid JSON ({e}); the run was interrupted while writing it, re-run it") from e
+    if not isinstance(cfg, dict):
+        raise RunDirError(f"{path} must hold a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def _read_json(path: Path) -> Any | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RunDirError(f"{path} is not valid JSON ({e}); delete it and re-run the step that writes it") from e
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The lines of ``RUN/metrics.jsonl`` (``[]`` when absent).
+
+    A truncated last line (a run still writing, or killed mid-write) is skipped; a broken line
+    anywhere else is an error.
+    """
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    out: list[dict[str, Any]] = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                break
+            raise RunDirError(f"{path}:{i + 1} is not valid JSON ({e}); the metrics log is corrupt") from e
+        if isinstance(row, dict):
+            out.append(row)
+    return out
+
+
+def find_runs(paths: Iterable[str | Path]) -> list[Path]:
+    """Expand the given paths into run directories.
+
+    A path holding ``config.json`` is a run; any other directory is searched (recursively) for
+    run directories, e.g. ``runs/``. Duplicates are dropped, order is kept.
+    """
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if (p / "config.json").is_file():
+            runs = [p]
+        elif p.is_dir():
+            runs = sorted({c.parent for c in p.rglob("config.json")})
+            runs = [r for r in runs if not any(o != r and o in r.parents for o in runs)]  # no nested runs
+            if not runs:
+                raise RunDirError(f"no run directories (folders with a config.json) under {p}")
+        else:
+            raise RunDirError(f"{p} does not exist; pass run directories written by `freezeframe pretrain/finetune`")
+        for r in runs:
+            if r not in found:
+                found.append(r)
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# run records
+
+
+def _get(d: Any, *keys: str) -> Any:
+    for k in keys:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
+
+
+def _as_float(v: Any) -> float | None:
+    if v is None or isinstance(v, bool):
+        return None
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _as_int(v: Any) -> int | None:
+    if v is None or isinstance(v, bool):
+        return None
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass
+class RunRecord:
+    """One run, as shown in the report.
+
+    Attributes:
+        name, task: from the config ("prp" pretraining or "finetune").
+        arch, temporal_kernel, blocks, hidden, out_channels: the model (``model.arch``, ``model.tmm.*``);
+            the TMM fields are what the config says, even for arches without a TMM.
+        pretrained_from: the config's ``init`` (a pretraining run dir or checkpoint), None = from scratch.
+        seed, epochs: from the config / summary.
+        top1, top5: final accuracy, fraction in [0, 1]: ``eval.json`` if present, else ``summary.json``,
+            else the last eval line of ``metrics.jsonl``; None if the run never evaluated.
+        final_loss: last training loss; seconds: wall-clock training time in seconds.
+        path: the run directory.
+        dataset: stem of ``data.store`` (the feature store the run trained on).
+        num_classes: ``model.num_classes``.
+        complete: True when ``summary.json`` exists (the engine writes it last).
+        config: the full resolved config (used for pairing; not shown).
+    """
+
+    name: str
+    task: str
+    arch: str
+    temporal_kernel: int | None
+    blocks: int | None
+    hidden: int | None
+    out_channels: int | None
+    pretrained_from: str | None
+    seed: int | None
+    epochs: int | None
+    top1: float | None
+    top5: float | None
+    final_loss: float | None
+    seconds: float | None
+    path: Path
+    dataset: str | None = None
+    num_classes: int | None = None
+    complete: bool = True
+    config: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def model_label(self) -> str:
+        """Short model description, e.g. ``TMM kt=3`` or ``avgpool`` (see :data:`MODEL_LABELS`)."""
+        if self.arch in MODEL_LABELS:
+            return MODEL_LABELS.get(self.arch)(self)
+        return self.arch
+
+    @property
+    def init_label(self) -> str:
+        """``scratch`` or the name of the pretraining run (or checkpoint) the run started from."""
+        if not self.pretrained_from:
+            return "scratch"
+        p = Path(self.pretrained_from)
+        if p.suffix and p.parent.name:  # a checkpoint file inside a run directory
+            return f"{p.parent.name}/{p.name}"
+        return p.name or str(p)
+
+
+#: How each architecture is labelled in tables and charts (``model.arch`` -> label function).
+MODEL_LABELS: Registry[Callable[[RunRecord], str]] = Registry("model label")
+MODEL_LABELS.add("tmm", lambda r: f"TMM kt={r.temporal_kernel}")
+MODEL_LABELS.add("avgpool", lambda r: "avgpool")
+
+
+def load_run(run_dir: str | Path) -> RunRecord:
+    """Read one run directory into a :class:`RunRecord` (only ``config.json`` is required)."""
+    run_dir = Path(run_dir)
+    cfg = read_config(run_dir)
+    summary = _read_json(run_dir / "summary.json") or {}
+    eval_json = _read_json(run_dir / "eval.json")
+    metrics = read_metrics(run_dir)
+    train_lines = [m for m in metrics if m.get("kind") == "train"]
+    eval_lines = [m for m in metrics if m.get("kind") == "eval"]
+
+    top1 = top5 = None
+    if eval_json is not None:
+        try:
+            res = EvalResult.from_json(eval_json)
+        except (ValueError, TypeError, KeyError) as e:
+            raise RunDirError(f"{run_dir / 'eval.json'} is invalid ({e}); re-run `freezeframe evaluate` on this run") from e
+        top1, top5 = res.top1, res.top5
+    if top1 is None:
+        top1, top5 = _as_float(summary.get("top1")), _as_float(summary.get("top5"))
+    if top1 is None and eval_lines:
+        top1, top5 = _as_float(eval_lines[-1].get("top1")), _as_float(eval_lines[-1].get("top5"))
+
+    final_loss = _as_float(summary.get("final_loss"))
+    if final_loss is None and train_lines:
+        final_loss = _as_float(train_lines[-1].get("loss"))
+    seconds = _as_float(summary.get("seconds"))
+    if seconds is None and train_lines:
+        seconds = _as_float(train_lines[-1].get("time"))
+    epochs = _as_int(summary.get("epochs"))
+    if epochs is None:
+        epochs = _as_int(_get(cfg, "optim", "epochs"))
+
+    store = _get(cfg, "data", "store")
+    init = cfg.get("init")
+    return RunRecord(
+        name=str(cfg.get("name") or summary.get("name") or run_dir.name),
+        task=str(cfg.get("task") or summary.get("task") or "?"),
+        arch=str(_get(cfg, "model", "arch") or "?"),
+        temporal_kernel=_as_int(_get(cfg, "model", "tmm", "temporal_kernel")),
+        blocks=_as_int(_get(cfg, "model", "tmm", "blocks")),
+        hidden=_as_int(_get(cfg, "model", "tmm", "hidden")),
+        out_channels=_as_int(_get(cfg, "model", "tmm", "out_channels")),
+        pretrained_from=str(init) if init else None,
+        seed=_as_int(cfg.get("seed")),
+        epochs=epochs,
+        top1=top1,
+        top5=top5,
+        final_loss=final_loss,
+        seconds=seconds,
+        path=run_dir,
+        dataset=Path(str(store).rstrip("/\\")).stem if store else None,
+        num_classes=_as_int(_get(cfg, "model", "num_classes")),
+        complete=(run_dir / "summary.json").is_file(),
+        config=cfg,
+    )
+
+
+def _sort_key(r: RunRecord) -> tuple:
+    task_order = 0 if r.task == "prp" else 1
+    return (
+        task_order, r.task, r.dataset or "", r.arch, r.temporal_kernel or 0, r.blocks or 0, r.hidden or 0,
+        r.pretrained_from is not None, r.pretrained_from or "", r.seed if r.seed is not None else -1, r.name,
+    )
+
+
+def compare_runs(run_dirs: Iterable[str | Path]) -> list[RunRecord]:
+    """Load every run (``run_dirs`` may also name folders of runs) sorted by task, data, model, init, seed."""
+    dirs = find_runs(run_dirs)
+    if not dirs:
+        raise RunDirError("no runs given; pass one or more run directories (or a folder holding them)")
+    return sorted((load_run(d) for d in dirs), key=_sort_key)
+
+
+# --------------------------------------------------------------------------------------------
+# Delta-Acc
+
+
+@dataclass
+class DeltaRow:
+    """A matched pair of fine-tuning runs differing only by ``init``.
+
+    ``delta_acc`` = top1(pretrained) - top1(scratch) and ``delta_top5`` likewise, as fractions
+    (multiply by 100 for percentage points).
+    """
+
+    scratch: RunRecord
+    pretrained: RunRecord
+    delta_acc: float
+    delta_top5: float | None = None
+
+
+def _without(cfg: dict[str, Any], dotted_keys: Sequence[str]) -> dict[str, Any]:
+    out = copy.deepcopy(cfg)
+    for key in dotted_keys:
+        node: Any = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(parts[-1], None)
+    return out
+
+
+def _pairing_key(cfg: dict[str, Any], ignore: Sequence[str]) -> str:
+    return json.dumps(_without(cfg, ignore), sort_keys=True, default=str)
+
+
+def delta_acc(records: Sequence[RunRecord], ignore: Sequence[str] = PAIRING_IGNORED_KEYS) -> list[DeltaRow]:
+    """Pair each PRP-initialised fine-tuning run with the scratch run(s) of an identical config.
+
+    Args:
+        records: any runs; only fine-tuning runs with a top-1 take part.
+        ignore: dotted config keys that may differ within a pair (default ``init`` and ``name``).
+
+    Returns:
+        One row per (pretrained, scratch) pair, in the order of ``records``. A PRP run without a
+        scratch twin is not listed (nothing to compare with).
+    """
+    groups: dict[str, list[RunRecord]] = {}
+    for r in records:
+        if r.task in DELTA_TASKS and r.top1 is not None:
+            groups.setdefault(_pairing_key(r.config, ignore), []).append(r)
+    rows: list[DeltaRow] = []
+    for r in records:
+        if r.task not in DELTA_TASKS or r.top1 is None or r.pretrained_from is None:
+            continue
+        for s in groups.get(_pairing_key(r.config, ignore), []):
+            if s.pretrained_from is not None:
+                continue
+            d5 = r.top5 - s.top5 if (r.top5 is not None and s.top5 is not None) else None
+            rows.append(DeltaRow(scratch=s, pretrained=r, delta_acc=r.top1 - s.top1, delta_top5=d5))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# rendering
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"
+
+
+def _pp(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:+.2f}"
+
+
+def _loss(v: float | None) -> str:
+    return "-" if v is None or math.isnan(v) else f"{v:.4f}"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60:02d}s"
+    return f"{s // 3600}h {(s % 3600) // 60:02d}m"
+
+
+def _int(v: int | None) -> str:
+    return "-" if v is None else str(v)
+
+
+RUN_COLUMNS = ("run", "task", "dataset", "model", "blocks", "init", "seed", "epochs",
+               "top-1 %", "top-5 %", "Δ-Acc (pp)", "final loss", "time")
+DELTA_COLUMNS = ("dataset", "model", "seed", "scratch run", "PRP run", "PRP init",
+                 "top-1 scratch %", "top-1 PRP %", "Δ-Acc (pp)")
+
+
+def _run_cells(r: RunRecord, deltas: Sequence[DeltaRow]) -> list[str]:
+    mine = [d for d in deltas if d.pretrained is r]
+    delta = ", ".join(_pp(d.delta_acc) for d in mine) if mine else "-"
+    name = r.name if r.complete else f"{r.name} (running)"
+    return [
+        name, r.task, r.dataset or "-", r.model_label, _int(r.blocks), r.init_label, _int(r.seed), _int(r.epochs),
+        _pct(r.top1), _pct(r.top5), delta, _loss(r.final_loss), _duration(r.seconds),
+    ]
+
+
+def _delta_cells(d: DeltaRow) -> list[str]:
+    return [
+        d.pretrained.dataset or "-", d.pretrained.model_label, _int(d.pretrained.seed), d.scratch.name,
+        d.pretrained.name, d.pretrained.init_label, _pct(d.scratch.top1), _pct(d.pretrained.top1), _pp(d.delta_acc),
+    ]
+
+
+#: Run-table columns that move into the terminal table's title when every run has the same value.
+_FOLDABLE = {"dataset": "on {}", "blocks": "{} blocks", "epochs": "{} epochs"}
+_SHORT = {"top-1 %": "top-1%", "top-5 %": "top-5%", "Δ-Acc (pp)": "Δ pp", "final loss": "loss", "epochs": "ep",
+          "scratch run": "scratch", "top-1 scratch %": "scratch%", "top-1 PRP %": "PRP%", "PRP init": "init"}
+
+
+def _terminal_table(title: str, columns: Sequence[str], rows: Sequence[list[str]], styles: Sequence[str | None]) -> Table:
+    """Compact rich table: constant foldable columns go to the title, numbers never wrap."""
+    keep, folded = [], []
+    for i, col in enumerate(columns):
+        values = {row[i] for row in rows}
+        if col in _FOLDABLE and len(values) == 1 and rows:
+            folded.append(_FOLDABLE[col].format(values.pop()))
+        else:
+            keep.append(i)
+    if folded:
+        title += " (" + ", ".join(folded) + ")"
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for i in keep:
+        col = columns[i]
+        numeric = any(t in col for t in ("%", "pp", "loss", "time")) or col in ("seed", "epochs", "blocks")
+        width = max([len(row[i]) for row in rows] + [1])
+        table.add_column(_SHORT.get(col, col), justify="right" if numeric else "left", no_wrap=numeric,
+                         min_width=None if numeric else min(width, 14), overflow="fold")
+    for row, style in zip(rows, styles):
+        table.add_row(*(row[i] for i in keep), style=style)
+    return table
+
+
+def render_table(records: Sequence[RunRecord], deltas: Sequence[DeltaRow] = ()) -> Table:
+    """A rich table with one row per run; PRP-initialised runs show their Delta-Acc vs scratch (in pp).
+
+    Compact for a terminal: short headers; dataset / blocks / epochs move into the title when all
+    runs share them.
+    """
+    rows = [_run_cells(r, deltas) for r in records]
+    return _terminal_table("freezeframe runs", RUN_COLUMNS, rows, [None if r.complete else "dim" for r in records])
+
+
+def render_delta_table(deltas: Sequence[DeltaRow]) -> Table:
+    """A rich table with one row per (PRP, scratch) pair; Delta-Acc in percentage points."""
+    rows = []
+    for d in deltas:
+        cells = _delta_cells(d)
+        colour = "green" if d.delta_acc > 0 else ("red" if d.delta_acc < 0 else "")
+        cells[-1] = f"[{colour}]{cells[-1]}[/]" if colour else cells[-1]
+        rows.append(cells)
+    return _terminal_table("Δ-Acc = top-1(PRP init) - top-1(scratch)", DELTA_COLUMNS, rows, [None] * len(rows))
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(columns: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    numeric = [("%" in c or "pp" in c or c in ("blocks", "seed", "epochs", "final loss", "time")) for c in columns]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---:" if n else "---" for n in numeric) + "|"]
+    lines += ["| " + " | ".join(_md_escape(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(records: Sequence[RunRecord], deltas: Sequence[DeltaRow] = ()) -> str:
+    """Markdown: the run table and the Delta-Acc table (accuracies in %, Delta-Acc in percentage points)."""
+    parts = ["## Runs", "", _md_table(RUN_COLUMNS, (_run_cells(r, deltas) for r in records)), ""]
+    parts += [
+        "## Δ-Acc (pretraining gain)",
+        "",
+        "Δ-Acc = top-1 of the fine-tuning run initialised from PRP pretraining − top-1 of the same "
+        "run from scratch (configs identical except `init`), in percentage points.",
+        "",
+    ]
+    if deltas:
+        parts.append(_md_table(DELTA_COLUMNS, (_delta_cells(d) for d in deltas)))
+        mean = sum(d.delta_acc for d in deltas) / len(deltas)
+        parts += ["", f"Mean Δ-Acc over {len(deltas)} pair(s): **{_pp(mean)} pp**."]
+    else:
+        parts.append(
+            "_No pairs: no PRP-initialised fine-tuning run has a from-scratch twin with an otherwise "
+            "identical config among these runs._"
+        )
+    return "\n".join(parts) + "\n"
+
+
+def comparison_rows(records: Sequence[RunRecord]) -> list["ComparisonRow"]:
+    """Bars for :func:`train.plots.plot_comparison`: fine-tuning runs with a top-1, grouped by model
+    (prefixed by dataset when there are several), one series for scratch and one per PRP init."""
+    from train.plots import ComparisonRow
+
+    runs = [r for r in records if r.task in DELTA_TASKS and r.top1 is not None]
+    several_datasets = len({r.dataset for r in runs}) > 1
+    group_of = {id(r): (f"{r.dataset}\n{r.model_label}" if several_datasets else r.model_label) for r in runs}
+    inits_per_group: dict[str, set[str]] = {}
+    for r in runs:
+        if r.pretrained_from:
+            inits_per_group.setdefault(group_of[id(r)], set()).add(r.init_label)
+    rows = []
+    for r in sorted(runs, key=lambda r: r.pretrained_from is not None):  # scratch series first
+        g = group_of[id(r)]
+        if r.pretrained_from is None:
+            series = "scratch"
+        elif len(inits_per_group.get(g, ())) > 1:
+            series = f"PRP ({r.init_label})"
+        else:
+            series = "PRP"
+        rows.append(ComparisonRow(group=g, series=series, top1=float(r.top1)))  # type: ignore[arg-type]
+    group_order = list(dict.fromkeys(group_of[id(r)] for r in runs))
+    rows.sort(key=lambda row: group_order.index(row.group))
+    return rows
+
+
+def _rel_link(target: Path, base: Path) -> str:
+    rel = Path(os.path.relpath(target.resolve(), base.resolve())).as_posix()
+    return f"<{rel}>" if any(c in rel for c in " ()") else rel
+
+
+def write_report(
+    run_dirs: Iterable[str | Path],
+    out_md: Path,
+    title: str = "freezeframe run report",
+    extra_sections: Sequence[str] = (),
+    make_plots: bool = True,
+) -> Path:
+    """Write a Markdown report (tables + Delta-Acc + plots) to ``out_md``.
+
+    The comparison chart is written beside the report as ``<stem>_top1.png``. With ``make_plots``
+    each run's missing ``curves.png`` / ``confusion.png`` is drawn into its run directory first
+    (a read-only run directory is skipped). Images are linked by paths relative to the report.
+    """
+    records = compare_runs(run_dirs)
+    return _write_report(records, delta_acc(records), Path(out_md), title, extra_sections, make_plots)
+
+
+def _write_report(
+    records: Sequence[RunRecord],
+    deltas: Sequence[DeltaRow],
+    out_md: Path,
+    title: str,
+    extra_sections: Sequence[str],
+    make_plots: bool,
+) -> Path:
+    from train import plots
+
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    base = out_md.parent
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    parts = [f"# {title}", "", f"{len(records)} run(s), generated {when}.", "", render_markdown(records, deltas)]
+
+    rows = comparison_rows(records)
+    if rows:
+        classes = {r.num_classes for r in records if r.task in DELTA_TASKS and r.top1 is not None}
+        chance = 1.0 / classes.pop() if len(classes) == 1 and None not in classes else None
+        chart = plots.plot_comparison(rows, out_md.with_name(out_md.stem + "_top1.png"), title=f"{title}: top-1", chance=chance)
+        parts += ["## Top-1 comparison", "", f"![top-1 of every fine-tuning run]({_rel_link(chart, base)})", ""]
+
+    run_parts: list[str] = []
+    for r in records:
+        curves, confusion = r.path / "curves.png", r.path / "confusion.png"
+        if make_plots:
+            try:
+                if not curves.is_file() and any(m.get("kind") in ("train", "eval") for m in read_metrics(r.path)):
+                    plots.plot_curves(r.path)
+                if not confusion.is_file() and (r.path / "eval.json").is_file():
+                    plots.plot_confusion(EvalResult.load(r.path / "eval.json"), confusion, title=r.name)
+            except OSError:
+                pass  # read-only run directory: link whatever is there
+        images = [f"![{kind} of {r.name}]({_rel_link(p, base)})" for kind, p in (("curves", curves), ("confusion", confusion)) if p.is_file()]
+        if images:
+            run_parts += [f"### {r.name}", "", f"{r.task}, {r.model_label}, init: {r.init_label}, seed {_int(r.seed)}", ""]
+            run_parts += images + [""]
+    if run_parts:
+        parts += ["## Runs in detail", ""] + run_parts
+    for section in extra_sections:
+        parts += [section.rstrip(), ""]
+    out_md.write_text("\n".join(parts).rstrip() + "\n")
+    return out_md
+
+
+def report_main(run_dirs: list[Path], out: Path | None = None) -> int:
+    """CLI entry: print the run table (and the Delta-Acc table); write the Markdown report to ``out`` if given."""
+    console = Console()
+    records = compare_runs(run_dirs)
+    deltas = delta_acc(records)
+    console.print(render_table(records, deltas))
+    if deltas:
+        console.print(render_delta_table(deltas))
+    if out is not None:
+        path = _write_report(records, deltas, Path(out), "freezeframe run report", (), True)
+        console.print(f"wrote {path}")
+    return 0
