@@ -16,6 +16,8 @@ import typing
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
+from pipeline.errors import ConfigError
+
 C = TypeVar("C")
 
 
@@ -41,7 +43,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
     out: dict = {}
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} is not of the form key=value (e.g. optim.lr=1e-3)")
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=1e-3)")
         key, text = item.split("=", 1)
         node = out
         parts = key.strip().split(".")
@@ -92,7 +94,7 @@ def from_dict(cls: type[C], d: dict, _where: str = "") -> C:
     unknown = sorted(set(d) - names)
     if unknown:
         where = f"{_where}." if _where else ""
-        raise ValueError(
+        raise ConfigError(
             f"unknown config key(s) {[where + u for u in unknown]}; known: {sorted(names)}"
         )
     kwargs = {}

@@ -28,3 +28,7 @@ class StoreError(FreezeframeError):
 
 class WeightsError(FreezeframeError):
     """Backbone weights cannot be found or do not verify."""
+
+
+class ConfigError(FreezeframeError, ValueError):
+    """A config file or ``--set key=value`` override is malformed or names an unknown key."""

@@ -33,13 +33,16 @@ def resolve_train_config(task: str, dataset: Optional[str], config: Optional[Pat
         files.append(path)
     if config:
         files.append(config)
-    for f in files:
-        t = load_toml(f)
-        d = merge(d, t.get("common", {}))
-        d = merge(d, t.get(task, {}))
-    d = merge(d, parse_overrides(overrides))
-    d["task"] = task
-    return from_dict(TrainConfig, d)
+    try:
+        for f in files:
+            t = load_toml(f)
+            d = merge(d, t.get("common", {}))
+            d = merge(d, t.get(task, {}))
+        d = merge(d, parse_overrides(overrides))
+        d["task"] = task
+        return from_dict(TrainConfig, d)
+    except ValueError as e:  # unknown keys, malformed key=value, bad TOML (tomllib errors are ValueErrors)
+        raise FreezeframeError(f"invalid training config: {e}. Fix the --set key=value or the config file.") from e
 
 
 def _train_command(task: str, dataset, config, store, run_dir, init, epochs, seed, temporal_kernel, arch, set_):

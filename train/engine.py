@@ -116,13 +116,15 @@ def preflight(cfg: TrainConfig, store: FeatureStore) -> None:
             f"PRP has {len(cfg.prp.rates)} rate classes but model.num_classes={cfg.model.num_classes}; "
             f"set model.num_classes={len(cfg.prp.rates)}")
     if cfg.task == "finetune":
-        labels = {store.meta(v).label for v in store.split_ids(cfg.data.train_split)}
-        if None in labels:
-            raise FreezeframeError(f"split {cfg.data.train_split!r} has unlabelled videos; fine-tuning needs labels")
-        if labels and max(labels) >= cfg.model.num_classes:  # type: ignore[type-var]
-            raise ConfigMismatchError(
-                f"the store has labels up to {max(labels)} but model.num_classes={cfg.model.num_classes}; "  # type: ignore[type-var]
-                f"set model.num_classes={max(labels) + 1}")  # type: ignore[operator]
+        TestViewDataset(store, cfg.data.test_split, cfg.test)  # refuses an empty test split now, not after training
+        for split in (cfg.data.train_split, cfg.data.test_split):
+            labels = {store.meta(v).label for v in store.split_ids(split)}
+            if None in labels:
+                raise FreezeframeError(f"split {split!r} has unlabelled videos; fine-tuning needs labels")
+            if labels and max(labels) >= cfg.model.num_classes:  # type: ignore[type-var]
+                raise ConfigMismatchError(
+                    f"the store has labels up to {max(labels)} but model.num_classes={cfg.model.num_classes}; "  # type: ignore[type-var]
+                    f"set model.num_classes={max(labels) + 1}")  # type: ignore[operator]
     if cfg.init:
         if cfg.task != "finetune":
             raise FreezeframeError("init (a pretraining checkpoint) is for fine-tuning runs")
@@ -194,9 +196,10 @@ def train(cfg: TrainConfig, console: Any = None) -> RunResult:
     if last.exists():
         state = torch.load(last, map_location="cpu", weights_only=False)
         if state["config_hash"] != config_hash(_resume_key(cfg_dict)):
+            diffs = _config_diffs(_resume_key(state["config"]), _resume_key(cfg_dict))
             raise ConfigMismatchError(
                 f"{run_dir} holds a run with a different config; use a new run directory (--run-dir) "
-                "or delete it to start over")
+                "or delete it to start over:\n" + "\n".join(f"  - {d}" for d in diffs))
         _unwrap(model).load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
@@ -209,7 +212,7 @@ def train(cfg: TrainConfig, console: Any = None) -> RunResult:
             {"store": str(store.path), "store_header": store.header, "environment": environment(),
              "world_size": dinfo.world, "device": str(dinfo.device), "peak_lr": peak_lr,
              "per_rank_batch": per_rank_batch, "steps_per_epoch": steps_per_epoch}, indent=2, default=str))
-        _truncate_metrics(run_dir / "metrics.jsonl", step)
+        _truncate_metrics(run_dir / "metrics.jsonl", step, total_steps)
 
     def save(path: Path) -> None:
         if dinfo.is_main:
@@ -325,7 +328,7 @@ def evaluate_model(model: VideoModel, store: FeatureStore, cfg: TrainConfig, dev
 # helpers
 # --------------------------------------------------------------------------------------
 _RUNTIME_KEYS = ("device", "data.workers", "data.in_memory", "data.in_memory_max_gb", "log_every",
-                 "checkpoint_every", "run_dir", "name", "eval_every")
+                 "checkpoint_every", "run_dir", "name", "eval_every", "max_steps")
 
 
 def _resume_key(cfg_dict: dict) -> dict:
@@ -340,6 +343,18 @@ def _resume_key(cfg_dict: dict) -> dict:
     return d
 
 
+def _config_diffs(saved: dict, wanted: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts, as readable lines."""
+    out = []
+    for k in sorted(set(saved) | set(wanted)):
+        a, b = saved.get(k), wanted.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_diffs(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: run has {a!r}, this command asks {b!r}")
+    return out
+
+
 def _model_cfg_from(ckpt: dict):
     from pipeline.config import from_dict
     from train.models import ModelConfig
@@ -347,9 +362,14 @@ def _model_cfg_from(ckpt: dict):
     return from_dict(ModelConfig, ckpt["config"]["model"])
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines written after the checkpoint we resume from (no duplicates)."""
+def _truncate_metrics(path: Path, step: int, total_steps: int) -> None:
+    """Drop metric lines written after the checkpoint we resume from, and the final
+    evaluation line (it is redone when the run ends), so that no line appears twice."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+
+    def keep_line(m: dict) -> bool:
+        return m["step"] <= step and not (m["kind"] == "eval" and m["step"] >= total_steps)
+
+    keep = [line for line in path.read_text().splitlines() if line.strip() and keep_line(json.loads(line))]
     path.write_text("".join(line + "\n" for line in keep))
