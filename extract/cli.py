@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline.cli import flag_overrides
@@ -108,7 +109,7 @@ def register(app: typer.Typer) -> None:
             spatial_pool=spatial_pool, channel_pool=channel_pool, videos_per_shard=videos_per_shard) + list(set_))
         bb = create_backbone(cfg.backbone, pretrained=False, image_size=cfg.image_size)
         p = make_plan(read_manifest(cfg.manifest), cfg, feature_shape(bb, cfg))
-        t = Table(title=f"plan for {cfg.manifest}")
+        t = Table(title=f"plan for {escape(str(cfg.manifest))}")
         t.add_column("quantity")
         t.add_column("value", justify="right")
         t.add_row("videos", str(p.videos))
@@ -121,7 +122,7 @@ def register(app: typer.Typer) -> None:
         t.add_row("unreadable headers", str(len(p.unreadable)))
         out.print(t)
         for vid, why in p.unreadable[:20]:
-            out.print(f"[yellow]unreadable[/] {vid}: {why}")
+            out.print(f"[yellow]unreadable[/] {escape(vid)}: {escape(why)}")
 
     @app.command()
     def extract(
@@ -167,7 +168,7 @@ def register(app: typer.Typer) -> None:
             raise FreezeframeError("give --manifest and --store (or a --dataset/--config that sets them)")
         s = run_extract(cfg, console)
         st = store_status(cfg.store)
-        t = Table(title=f"extraction summary: {cfg.store}")
+        t = Table(title=f"extraction summary: {escape(str(cfg.store))}")
         t.add_column("quantity")
         t.add_column("value", justify="right")
         t.add_row("shards done now / skipped (already complete)", f"{s.shards_done} / {s.shards_skipped}")
@@ -194,7 +195,7 @@ def register(app: typer.Typer) -> None:
         while True:
             st = store_status(store)
             pct = 100.0 * st.complete_shards / st.planned_shards if st.planned_shards else 0.0
-            out.print(f"{store}: shards {st.complete_shards}/{st.planned_shards} complete ({pct:.0f}%), "
+            out.print(f"{escape(str(store))}: shards {st.complete_shards}/{st.planned_shards} complete ({pct:.0f}%), "
                       f"{len(st.in_progress_shards)} in progress, videos {st.videos_stored}/{st.planned_videos}, "
                       f"frames {st.frames_stored:,}, failed {st.failures}")
             if watch <= 0 or st.complete_shards >= st.planned_shards:
@@ -216,10 +217,10 @@ def register(app: typer.Typer) -> None:
         problems = verify_store(store, scan_values=not quick)
         if problems:
             for p in problems:
-                out.print(f"[red]problem[/] {p}")
-            out.print(f"[bold red]{len(problems)} problem(s)[/] in {store}")
+                out.print(f"[red]problem[/] {escape(p)}")
+            out.print(f"[bold red]{len(problems)} problem(s)[/] in {escape(str(store))}")
             raise typer.Exit(1)
-        out.print(f"[green]ok[/]: {store} is complete and consistent")
+        out.print(f"[green]ok[/]: {escape(str(store))} is complete and consistent")
 
 
 def _print_failures(rows: list[tuple[str, str, str, str]]) -> None:
@@ -229,6 +230,6 @@ def _print_failures(rows: list[tuple[str, str, str, str]]) -> None:
     for col in ("video_id", "stage", "error", "message"):
         t.add_column(col, overflow="fold")
     for r in rows:
-        t.add_row(*[str(x)[:200] for x in r])
+        t.add_row(*[escape(str(x)) for x in r])  # messages end with what to do: never cut them
     out.print(t)
     sys.stdout.flush()

@@ -8,6 +8,7 @@ skipped, incomplete ones are deleted and redone, so rerunning the same command r
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from contextlib import nullcontext
@@ -24,7 +25,7 @@ from extract.decode import Geometry
 from extract.workers import ChunkEvent, DecodeJob, DecodePool, DoneEvent, FailedEvent
 from pipeline.config import config_hash, to_dict
 from pipeline.errors import FreezeframeError
-from pipeline.manifest import ManifestRow, manifest_sha256, read_manifest
+from pipeline.manifest import ManifestRow, manifest_sha256, read_manifest, validate_manifest
 from pipeline.pooling import compress
 from pipeline.provenance import environment
 from pipeline.store import (
@@ -53,6 +54,9 @@ class Rank:
 
 def discover_rank(cfg: ExtractConfig) -> Rank:
     """``--shard-index/--num-shards`` win; else torchrun's env vars; else a single process."""
+    if cfg.shard_index is not None and cfg.num_shards is None:
+        # every job would do every shard, and two writers would delete each other's work
+        raise FreezeframeError(f"--shard-index {cfg.shard_index} needs --num-shards (the number of jobs)")
     if cfg.num_shards is not None:
         idx = cfg.shard_index or 0
         if not 0 <= idx < cfg.num_shards:
@@ -68,6 +72,22 @@ def plan_shards(rows: Sequence[ManifestRow], videos_per_shard: int) -> list[list
     """Store shard k holds rows [k*V, (k+1)*V) in manifest order."""
     v = max(1, videos_per_shard)
     return [list(rows[i : i + v]) for i in range(0, len(rows), v)]
+
+
+#: Seed of random-init backbones (``random_weights``), so that every rank, every resumed run
+#: and a direct forward in a test all compute features with the same weights.
+RANDOM_INIT_SEED = 0
+
+
+def build_backbone(cfg: ExtractConfig) -> Backbone:
+    """The run's frozen backbone. A random init is seeded with :data:`RANDOM_INIT_SEED` (in a
+    forked RNG, the caller's global RNG state is untouched): an unseeded init would differ
+    per process, and a resumed or multi-rank store would mix features of different networks
+    under one header."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        return create_backbone(cfg.backbone, weights=cfg.weights, pretrained=not cfg.random_weights,
+                               image_size=cfg.image_size)
 
 
 def resolve_device(name: str, rank: Rank) -> torch.device:
@@ -225,16 +245,51 @@ class ExtractSummary:
 def _job_rows(cfg: ExtractConfig, rows: list[ManifestRow], store_root: Path
               ) -> list[tuple[str, list[ManifestRow]]]:
     """(shard name, rows) to do, in order. Normal runs: every planned shard; with
-    ``retry_failed``: new retry shards holding only the videos recorded as failures."""
-    plan = plan_shards(rows, cfg.videos_per_shard)
+    ``retry_failed``: the retry shards of :func:`retry_plan` (only recorded failures)."""
     if not cfg.retry_failed:
-        return [(shard_name(k), r) for k, r in enumerate(plan)]
-    store = FeatureStore(store_root)
-    failed = {f.video_id for f in store.failures()}
-    retry_rows = [r for r in rows if r.video_id in failed]
-    done_gens = [int(s[5:7]) for s in store.markers if s.startswith("retry")]
-    gen = max(done_gens, default=0) + 1
+        return [(shard_name(k), r) for k, r in enumerate(plan_shards(rows, cfg.videos_per_shard))]
+    gen, video_ids = retry_plan(store_root, rows, cfg.videos_per_shard)
+    by_id = {r.video_id: r for r in rows}
+    retry_rows = [by_id[v] for v in video_ids]
     return [(shard_name(k, gen), r) for k, r in enumerate(plan_shards(retry_rows, cfg.videos_per_shard))]
+
+
+def retry_plan(store_root: Path, rows: Sequence[ManifestRow], videos_per_shard: int) -> tuple[int, list[str]]:
+    """The retry generation to work on and its videos (in manifest order).
+
+    Every generation's video list is fixed once in ``STORE/retries/retryGG.json`` (created
+    atomically by the first job), so ``--shard-index`` jobs and torchrun ranks that start at
+    different times split the *same* retry shards, and a retry run that was killed is
+    resumed like a normal one. A new generation (the recorded failures that are not stored)
+    is planned only once every shard of the latest one is complete.
+    """
+    rdir = store_root / "retries"
+    rdir.mkdir(exist_ok=True)
+    markers = read_markers(store_root)
+    plans = sorted(rdir.glob("retry[0-9][0-9].json"))
+    if plans:
+        latest = json.loads(plans[-1].read_text())
+        gen, videos = int(latest["generation"]), list(latest["videos"])
+        n_shards = -(-len(videos) // max(1, videos_per_shard))
+        if any(shard_name(k, gen) not in markers for k in range(n_shards)):
+            return gen, videos
+    else:
+        gen = 0
+    failed = {f.video_id for f in FeatureStore(store_root).failures()}
+    videos = [r.video_id for r in rows if r.video_id in failed]
+    if not videos:
+        return gen + 1, []
+    target = rdir / f"retry{gen + 1:02d}.json"
+    tmp = rdir / f".{target.name}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"generation": gen + 1, "videos": videos}, indent=1))
+    try:
+        os.link(tmp, target)  # atomic: a job that loses the race uses the winner's plan
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    plan = json.loads(target.read_text())
+    return int(plan["generation"]), list(plan["videos"])
 
 
 def run_extract(cfg: ExtractConfig, console: object | None = None) -> ExtractSummary:
@@ -246,8 +301,9 @@ def run_extract(cfg: ExtractConfig, console: object | None = None) -> ExtractSum
     rows = read_manifest(cfg.manifest)
     if not rows:
         raise FreezeframeError(f"manifest {cfg.manifest} has no rows")
-    backbone = create_backbone(cfg.backbone, weights=cfg.weights, pretrained=not cfg.random_weights,
-                               image_size=cfg.image_size)
+    # duplicate ids would make the finished store unreadable ("stored twice"): refuse them now
+    validate_manifest(rows, check_files=False)
+    backbone = build_backbone(cfg)
     geometry = Geometry(size=backbone.preprocess.size, mode=cfg.geometry,
                         interpolation=cfg.interpolation or backbone.preprocess.interpolation)
     STORAGE_DTYPES.get(cfg.dtype)  # refuse unknown names before any work
@@ -266,22 +322,26 @@ def run_extract(cfg: ExtractConfig, console: object | None = None) -> ExtractSum
         return summary
 
     device = resolve_device(cfg.device, rank)
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, torch.get_num_threads()))
     encoder = FeatureEncoder(backbone, device, cfg)
     workers = cfg.workers or max(1, (os.cpu_count() or 2) - 1)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":  # leave the decode workers their cores: oversubscribed intra-op threads crawl
+        torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - workers)))
     decode_kwargs = dict(geometry=geometry, fps=cfg.fps, chunk_size=cfg.chunk_size,
                          threads=cfg.decode_threads, min_frames=cfg.min_frames)
     total_videos = sum(len(r) for _, r in pending)
     t0 = time.monotonic()
-    with DecodePool(workers, decode_kwargs, timeout_s=cfg.decode_timeout) as pool, \
-            _progress(cfg.progress, con) as progress:
-        task = progress.add_task(f"rank {rank.rank}/{rank.world}", total=total_videos, frames=0, failed=0)
-        for name, shard_rows in pending:
-            stats = _extract_shard(root, name, shard_rows, shape, cfg, pool, encoder, summary, progress, task)
-            summary.shards_done += 1
-            con.log(f"shard {name}: {stats['videos']} videos, {stats['frames']} frames, "
-                    f"{stats['failures']} failed, {stats['frames_per_s']:.1f} frames/s")
+    try:
+        with DecodePool(workers, decode_kwargs, timeout_s=cfg.decode_timeout) as pool, \
+                _progress(cfg.progress, con) as progress:
+            task = progress.add_task(f"rank {rank.rank}/{rank.world}", total=total_videos, frames=0, failed=0)
+            for name, shard_rows in pending:
+                stats = _extract_shard(root, name, shard_rows, shape, cfg, pool, encoder, summary, progress, task)
+                summary.shards_done += 1
+                con.log(f"shard {name}: {stats['videos']} videos, {stats['frames']} frames, "
+                        f"{stats['failures']} failed, {stats['frames_per_s']:.1f} frames/s")
+    finally:
+        torch.set_num_threads(threads)
     summary.seconds = time.monotonic() - t0
     return summary
 

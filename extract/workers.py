@@ -8,10 +8,12 @@ while the main process consumes video i from one worker and the next videos are 
 decoded by the others.
 
 Timeout: a video may keep the main process waiting for its next chunk for at most
-``timeout_s`` seconds in total. A worker that exceeds it (a hung native decoder, which can
-hold the GIL so no in-process alarm would fire) is killed and replaced; the video is
-recorded as a failure at stage ``timeout`` and the worker's remaining videos are re-queued.
-A worker that dies (e.g. segfault in a decoder) is handled the same way (stage ``decode``).
+``timeout_s`` seconds in total. A new worker's start-up (its imports, seconds on a busy
+machine) is not counted: the worker says when it is ready. A worker that exceeds it (a hung
+native decoder, which can hold the GIL so no in-process alarm would fire) is killed and
+replaced; the video is recorded as a failure at stage ``timeout`` and the worker's remaining
+videos are re-queued. A worker that dies (e.g. segfault in a decoder) is handled the same way
+(stage ``decode``). A worker whose main process dies (even by SIGKILL) exits too.
 """
 from __future__ import annotations
 
@@ -60,25 +62,66 @@ class FailedEvent:
 Event = ChunkEvent | DoneEvent | FailedEvent
 
 
+_POLL_S = 1.0  # how often a waiting worker checks that the main process is still alive
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this worker when the thread that started it (the pool's
+    owner) dies, even while a native decoder hangs; the polling in :func:`_worker_main`
+    covers the other systems."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _worker_main(jobs: Any, out: Any, decode_kwargs: dict) -> None:
-    """Worker loop: decode each job and stream ("chunk" | "done" | "failed") messages."""
+    """Worker loop: decode each job and stream ("chunk" | "done" | "failed") messages.
+
+    Exits when it gets ``None`` or when the main process is gone (killed with SIGKILL, a
+    worker blocked on its queues would otherwise live on as an orphan).
+    """
     from extract.decode import DecodeError, iter_frames
 
+    _die_with_parent()
+    parent = mp.parent_process()
+
+    def orphaned() -> bool:
+        return parent is not None and not parent.is_alive()
+
+    def put(msg: tuple) -> None:
+        while True:
+            try:
+                out.put(msg, timeout=_POLL_S)
+                return
+            except queue.Full:
+                if orphaned():
+                    raise SystemExit(0) from None
+
+    put(("ready", -1))  # imports done: from now on the consumer's wait counts against the timeout
     while True:
-        job = jobs.get()
+        try:
+            job = jobs.get(timeout=_POLL_S)
+        except queue.Empty:
+            if orphaned():
+                return
+            continue
         if job is None:
             return
         n = 0
         try:
             for chunk in iter_frames(job.path, start=job.start, end=job.end, **decode_kwargs):
-                out.put(("chunk", job.index, chunk.frames, chunk.timestamps))
+                put(("chunk", job.index, chunk.frames, chunk.timestamps))
                 n += len(chunk.frames)
-            out.put(("done", job.index, n))
+            put(("done", job.index, n))
         except DecodeError as e:
-            out.put(("failed", job.index, e.stage, type(e).__name__, str(e)))
+            put(("failed", job.index, e.stage, type(e).__name__, str(e)))
         except Exception as e:  # noqa: BLE001 - any decoder error is data about this video
             msg = f"{e} | {traceback.format_exc(limit=3).strip().splitlines()[-1]}"
-            out.put(("failed", job.index, "decode", type(e).__name__, msg))
+            put(("failed", job.index, "decode", type(e).__name__, msg))
 
 
 class _Worker:
@@ -88,6 +131,7 @@ class _Worker:
         self.proc = ctx.Process(target=_worker_main, args=(self.jobs, self.out, decode_kwargs), daemon=True)
         self.proc.start()
         self.videos_done = 0
+        self.ready = False  # its first message, "ready", says its imports are done
 
     def kill(self) -> None:
         if self.proc.is_alive():
@@ -174,7 +218,8 @@ class DecodePool:
             try:
                 msg = w.out.get(timeout=min(1.0, max(self.timeout_s - waited, 0.01)))
             except queue.Empty:
-                waited += time.monotonic() - t0
+                if w.ready:
+                    waited += time.monotonic() - t0
                 if not w.proc.is_alive():
                     yield self._replace(k, job, jobs, "decode", "WorkerDied",
                                         f"decode worker exited with code {w.proc.exitcode}")
@@ -185,8 +230,12 @@ class DecodePool:
                                         "the worker was killed (raise --decode-timeout for very long videos)")
                     return
                 continue
-            waited += time.monotonic() - t0
+            if w.ready:
+                waited += time.monotonic() - t0
             kind, index = msg[0], msg[1]
+            if kind == "ready":
+                w.ready = True
+                continue
             if index != job.index:  # cannot happen: each worker serves its jobs in order
                 raise RuntimeError(f"decode worker sent job {index}, expected {job.index}")
             if kind == "chunk":

@@ -50,5 +50,11 @@ def main() -> None:
     try:
         app()
     except FreezeframeError as e:
-        console.print(f"[bold red]error:[/] {e}")
+        from rich.markup import escape
+
+        console.print(f"[bold red]error:[/] {escape(str(e))}")
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -93,6 +93,15 @@ class _StoreVideos(Dataset):
     def _rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng((self.seed, self.epoch, index))
 
+    def _require_fitting_clip(self, desc: str, num_frames: int, stride: int, short_video: str, section: str) -> None:
+        """Refuse a clip (``desc``, at rate 1) longer than every video when wrap-around is off."""
+        if short_video == "clamp" and not any(clip_fits(int(n), num_frames, stride) for n in self.lengths):
+            raise DataError(
+                f"every video of split {self.split!r} is shorter than {desc} ({(num_frames - 1) * stride + 1} "
+                f"frames): the clip is longer than every video (longest: {int(self.lengths.max())} frames) and "
+                f"wrap-around is off; use fewer frames, a smaller stride, or {section}.short_video=wrap"
+            )
+
     def label(self, index: int) -> int:
         lab = self.store.meta(self.video_ids[index]).label
         if lab is None:
@@ -113,12 +122,7 @@ class PRPDataset(_StoreVideos):
         super().__init__(store, split, seed)
         self.cfg = cfg
         self.augment = augment
-        if cfg.short_video == "clamp" and not any(clip_fits(int(n), cfg.num_frames, cfg.stride) for n in self.lengths):
-            raise DataError(
-                f"every video of split {split!r} is shorter than a PRP clip at rate 1 "
-                f"({(cfg.num_frames - 1) * cfg.stride + 1} frames) and wrap-around is off; "
-                "use prp.short_video=wrap or fewer frames / a smaller stride"
-            )
+        self._require_fitting_clip("a PRP clip at rate 1", cfg.num_frames, cfg.stride, cfg.short_video, "prp")
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = self._rng(index)
@@ -149,12 +153,8 @@ class ClipDataset(_StoreVideos):
         super().__init__(store, split, seed)
         self.cfg = cfg
         self.augment = augment
-        if cfg.short_video == "clamp" and not any(clip_fits(int(n), cfg.num_frames, cfg.stride) for n in self.lengths):
-            raise DataError(
-                f"a clip of {cfg.num_frames} frames at stride {cfg.stride} is longer than every video "
-                f"of split {split!r} (longest: {int(self.lengths.max())} frames) and wrap-around is off; "
-                "use fewer frames, a smaller stride, or short_video=wrap"
-            )
+        self._require_fitting_clip(f"a clip of {cfg.num_frames} frames at stride {cfg.stride}", cfg.num_frames,
+                                   cfg.stride, cfg.short_video, "clip")
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         rng = self._rng(index)
