@@ -36,6 +36,7 @@ class ExtractConfig:
     batch_size: int = 32  # frames per backbone forward
     workers: int = 0  # decode worker processes; 0 = auto (cores - 1, at least 1)
     decode_threads: int = 0  # codec threads per worker; 0 = library default
+    threads: int = 0  # CPU threads of the backbone; 0 = every core
     decode_timeout: float = 120.0  # seconds a video may stall the pipeline before its worker is killed
     chunk_size: int = 32  # frames per decoded chunk sent from a worker
     device: str = "auto"  # auto | cpu | cuda | cuda:N

@@ -90,6 +90,16 @@ def build_backbone(cfg: ExtractConfig) -> Backbone:
                                image_size=cfg.image_size)
 
 
+def model_threads(cfg: ExtractConfig, workers: int) -> int:
+    """CPU threads for the backbone: ``cfg.threads``, or (0) every core.
+
+    Decoding is cheap next to the backbone (a worker needs a fraction of a core for small
+    frames), so by default the backbone keeps every core and the OS shares them; on a
+    machine already busy with other work, ``--threads cores-workers`` avoids oversubscription.
+    """
+    return cfg.threads if cfg.threads > 0 else max(1, os.cpu_count() or 1)
+
+
 def resolve_device(name: str, rank: Rank) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
@@ -325,8 +335,8 @@ def run_extract(cfg: ExtractConfig, console: object | None = None) -> ExtractSum
     encoder = FeatureEncoder(backbone, device, cfg)
     workers = cfg.workers or max(1, (os.cpu_count() or 2) - 1)
     threads = torch.get_num_threads()
-    if device.type == "cpu":  # leave the decode workers their cores: oversubscribed intra-op threads crawl
-        torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - workers)))
+    if device.type == "cpu":
+        torch.set_num_threads(model_threads(cfg, workers))
     decode_kwargs = dict(geometry=geometry, fps=cfg.fps, chunk_size=cfg.chunk_size,
                          threads=cfg.decode_threads, min_frames=cfg.min_frames)
     total_videos = sum(len(r) for _, r in pending)
