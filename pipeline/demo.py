@@ -41,8 +41,8 @@ class DemoConfig:
     frames: int = 48
     size: int = 128
     image_size: int = 112
-    pretrain_epochs: int = 40
-    finetune_epochs: int = 40
+    pretrain_epochs: int = 12
+    finetune_epochs: int = 30
     seed: int = 0
     overrides: tuple[str, ...] = ()
     runs: tuple[DemoRun, ...] = field(default_factory=lambda: (
