@@ -30,7 +30,6 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from pipeline.config import config_hash, to_dict
 from pipeline.errors import ConfigMismatchError, FreezeframeError
-from pipeline.manifest import ManifestRow  # noqa: F401  (type reference in docs)
 from pipeline.provenance import environment
 from pipeline.store import FeatureStore, open_store
 from train import distributed as D
@@ -301,7 +300,6 @@ def train(cfg: TrainConfig, console: Any = None) -> RunResult:
 @torch.no_grad()
 def evaluate_model(model: VideoModel, store: FeatureStore, cfg: TrainConfig, device: torch.device) -> Any:
     """Multi-view test: logits of every view (num_clips x spatial views) averaged per video."""
-    from pipeline.manifest import ManifestRow as _  # noqa: F401
     from train.metrics import evaluate_logits
 
     ds = TestViewDataset(store, cfg.data.test_split, cfg.test)
