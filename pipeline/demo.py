@@ -127,8 +127,7 @@ def _train_run(run: DemoRun, task: str, store: Path, runs_root: Path, cfg: DemoC
         f'model.arch="{run.arch}"', f"model.tmm.temporal_kernel={run.temporal_kernel}",
         f"optim.epochs={cfg.pretrain_epochs if run.task == 'prp' else cfg.finetune_epochs}",
     ]
-    if run.init:
-        overrides.append(f'init="{runs_root / run.init}"')
+    overrides.append(f'init="{runs_root / run.init}"' if run.init else 'init=""')  # "" = from scratch
     dataset = f"synth-{task}"
     tcfg = resolve_train_config(run.task, dataset, None, overrides + list(cfg.overrides))
     con.log(f"{task}/{run.name}: {run.task} {run.arch} kt={run.temporal_kernel} init={run.init}")

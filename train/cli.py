@@ -15,6 +15,7 @@ console = Console(stderr=True)
 out = Console()
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+TABLES = {"prp": "pretrain"}  # task -> its table in a config file ([common] applies to all)
 
 
 def resolve_train_config(task: str, dataset: Optional[str], config: Optional[Path], overrides: list[str]):
@@ -37,7 +38,7 @@ def resolve_train_config(task: str, dataset: Optional[str], config: Optional[Pat
         for f in files:
             t = load_toml(f)
             d = merge(d, t.get("common", {}))
-            d = merge(d, t.get(task, {}))
+            d = merge(d, t.get(TABLES.get(task, task), {}))
         d = merge(d, parse_overrides(overrides))
         d["task"] = task
         return from_dict(TrainConfig, d)
