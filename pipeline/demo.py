@@ -15,14 +15,17 @@ motion) while the TMM with kt = 3 is far above it; on *appearance*, both do well
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from manifests.synthetic import SynthConfig
 
 
 @dataclass(frozen=True)
@@ -36,10 +39,7 @@ class DemoRun:
 
 @dataclass(frozen=True)
 class DemoConfig:
-    train_per_class: int = 24
-    test_per_class: int = 8
-    frames: int = 48
-    size: int = 128
+    synth: SynthConfig = field(default_factory=SynthConfig)  # the benchmark (24 + 8 videos/class, 48 frames, 128 px)
     image_size: int = 112
     pretrain_epochs: int = 12
     finetune_epochs: int = 30
@@ -56,8 +56,8 @@ class DemoConfig:
     ))
 
 
-QUICK = DemoConfig(train_per_class=4, test_per_class=2, frames=24, size=96, pretrain_epochs=2,
-                   finetune_epochs=2)
+QUICK = DemoConfig(synth=SynthConfig(train_per_class=4, test_per_class=2, frames=24, size=96),
+                   pretrain_epochs=2, finetune_epochs=2)
 
 
 def run_demo(out: Path, *, quick: bool = False, console: Console | None = None,
@@ -66,7 +66,7 @@ def run_demo(out: Path, *, quick: bool = False, console: Console | None = None,
     from extract.config import ExtractConfig
     from extract.runner import run_extract
     from extract.weights import fetch_mobilenet
-    from manifests.synthetic import SynthConfig, write_synthetic
+    from manifests.synthetic import write_synthetic
     from pipeline.store import verify_store
 
     con = console or Console(stderr=True)
@@ -79,9 +79,7 @@ def run_demo(out: Path, *, quick: bool = False, console: Console | None = None,
     con.rule("1/4 weights")
     fetch_mobilenet()
     con.rule("2/4 synthetic benchmark")
-    synth = SynthConfig(train_per_class=cfg.train_per_class, test_per_class=cfg.test_per_class,
-                        frames=cfg.frames, size=cfg.size, seed=cfg.seed)
-    manifests = write_synthetic(out / "data", synth)
+    manifests = write_synthetic(out / "data", dataclasses.replace(cfg.synth, seed=cfg.seed))
     timings["weights + synth"] = time.monotonic() - t0
 
     con.rule("3/4 stage 1: feature extraction (real ImageNet MobileNetV2)")
@@ -190,9 +188,9 @@ def _num_classes(run_dir: Path) -> int:
 
 
 def _cfg_dict(cfg: DemoConfig) -> dict[str, Any]:
-    d = cfg.__dict__.copy()
+    d = dataclasses.asdict(cfg)
     d["runs"] = [r.name for r in cfg.runs]
     return d
 
 
-__all__ = ["DemoConfig", "DemoRun", "QUICK", "run_demo", "replace"]
+__all__ = ["DemoConfig", "DemoRun", "QUICK", "run_demo"]

@@ -23,7 +23,7 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path: Path) -> No
         s = open_store(store)
         assert s.attrs["content"]["backbone"] == "mobilenetv2-imagenet"
         assert s.attrs["content"]["weights_sha256"]  # the real checkpoint, not random weights
-        assert len(s) == 4 * (QUICK.train_per_class + QUICK.test_per_class)
+        assert len(s) == 4 * (QUICK.synth.train_per_class + QUICK.synth.test_per_class)
         assert (tmp_path / "demo" / f"comparison-{task}.png").stat().st_size > 2000
         for run in QUICK.runs:
             assert (tmp_path / "demo" / "runs" / task / run.name / "summary.json").exists()
