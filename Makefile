@@ -53,7 +53,7 @@ verify: $(VENV)/.installed ## Check a store: make verify STORE=stores/ucf101.zar
 pretrain: $(VENV)/.installed ## Stage 2: PRP pretraining on cached features: make pretrain DATASET=ucf101
 	$(FF) pretrain --dataset $(DATASET) $(ARGS)
 
-finetune: $(VENV)/.installed ## Stage 2: fine-tuning + 30-view evaluation: make finetune DATASET=ucf101
+finetune: $(VENV)/.installed ## Stage 2: fine-tuning + multi-view test (10 clips x stored views): make finetune DATASET=ucf101
 	$(FF) finetune --dataset $(DATASET) $(ARGS)
 
 bench-extract: $(VENV)/.installed ## Benchmark: pipeline vs model-only frames/s, bytes/frame, int8 fidelity
