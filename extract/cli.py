@@ -143,6 +143,9 @@ def register(app: typer.Typer) -> None:
         videos_per_shard: Optional[int] = typer.Option(None, help="Videos per store shard."),
         batch_size: Optional[int] = typer.Option(None, help="Frames per backbone forward."),
         workers: Optional[int] = typer.Option(None, help="Decode worker processes (0 = auto)."),
+        threads: Optional[int] = typer.Option(None, help="CPU threads of the backbone (0 = every core)."),
+        streams: Optional[int] = typer.Option(None, help="Batches encoded at once (0 = auto: CPU one per "
+                                              "thread up to 4, CUDA 2)."),
         decode_timeout: Optional[float] = typer.Option(None, help="Seconds before a stalled decode is killed."),
         device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N."),
         shard_index: Optional[int] = typer.Option(None, help="This job's index (independent jobs)."),
@@ -161,7 +164,7 @@ def register(app: typer.Typer) -> None:
             backbone=backbone, weights=str(weights) if weights else None, random_weights=random_weights,
             image_size=image_size, fps=fps, geometry=geometry, dtype=dtype, codec=codec,
             spatial_pool=spatial_pool, channel_pool=channel_pool, videos_per_shard=videos_per_shard,
-            batch_size=batch_size, workers=workers, decode_timeout=decode_timeout, device=device,
+            batch_size=batch_size, workers=workers, threads=threads, streams=streams, decode_timeout=decode_timeout, device=device,
             shard_index=shard_index, num_shards=num_shards, retry_failed=retry_failed,
             progress=False if no_progress else None) + list(set_))
         if not cfg.manifest or not cfg.store:

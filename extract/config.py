@@ -37,6 +37,7 @@ class ExtractConfig:
     workers: int = 0  # decode worker processes; 0 = auto (cores - 1, at least 1)
     decode_threads: int = 0  # codec threads per worker; 0 = library default
     threads: int = 0  # CPU threads of the backbone; 0 = every core
+    streams: int = 0  # batches encoded at once (see extract.runner.ThreadPlan); 0 = auto
     decode_timeout: float = 120.0  # seconds a video may stall the pipeline before its worker is killed
     chunk_size: int = 32  # frames per decoded chunk sent from a worker
     device: str = "auto"  # auto | cpu | cuda | cuda:N
