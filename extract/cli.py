@@ -175,15 +175,24 @@ def register(app: typer.Typer) -> None:
         t.add_column("quantity")
         t.add_column("value", justify="right")
         t.add_row("shards done now / skipped (already complete)", f"{s.shards_done} / {s.shards_skipped}")
+        if s.shards_busy:
+            t.add_row("shards left to another running process", str(len(s.shards_busy)))
         t.add_row("videos done now", str(s.videos_done))
         t.add_row("frames done now", f"{s.frames_done:,}")
         t.add_row("frames/s", f"{s.frames_per_s:.1f}")
+        if s.startup_seconds is not None:
+            t.add_row("start-up s (workers ready) / frames/s after it",
+                      f"{s.startup_seconds:.1f} / {s.steady_frames_per_s:.1f}")
         t.add_row("failures now", str(len(s.failures)))
         t.add_row("store: videos stored / planned", f"{st.videos_stored} / {st.planned_videos}")
         t.add_row("store: shards complete / planned", f"{st.complete_shards} / {st.planned_shards}")
         t.add_row("store: failed videos", str(st.failures))
         out.print(t)
         _print_failures([(f.video_id, f.stage, f.error_type, f.message) for f in s.failures])
+        if s.shards_busy:
+            out.print(f"[yellow]{len(s.shards_busy)} shard(s) were being written by another process[/] "
+                      f"({', '.join(s.shards_busy[:5])}{'...' if len(s.shards_busy) > 5 else ''}); "
+                      "rerun this command once it ends to finish anything it did not")
 
     @app.command()
     def status(
@@ -197,9 +206,10 @@ def register(app: typer.Typer) -> None:
 
         while True:
             st = store_status(store)
+            writing = f" ({len(st.writing_shards)} being written now)" if st.in_progress_shards else ""
             pct = 100.0 * st.complete_shards / st.planned_shards if st.planned_shards else 0.0
             out.print(f"{escape(str(store))}: shards {st.complete_shards}/{st.planned_shards} complete ({pct:.0f}%), "
-                      f"{len(st.in_progress_shards)} in progress, videos {st.videos_stored}/{st.planned_videos}, "
+                      f"{len(st.in_progress_shards)} in progress{writing}, videos {st.videos_stored}/{st.planned_videos}, "
                       f"frames {st.frames_stored:,}, failed {st.failures}")
             if watch <= 0 or st.complete_shards >= st.planned_shards:
                 break

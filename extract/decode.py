@@ -37,8 +37,11 @@ Memory
     ``(chunk_size, S, S, 3)`` arrays; at most ``max(chunk_size, min_frames)`` output frames
     are held, whatever the length of the video (or of a VFR gap that repeats a frame).
 
-Known limits: display rotation metadata and non-square sample aspect ratios are ignored
-(frames are used as stored), and colour conversion uses the frame's own colorspace tags.
+Display
+    With ``Geometry.display`` (the default) frames are shown as a player shows them before
+    the geometry applies: rotated by the display matrix (multiples of 90 degrees) and
+    stretched by the sample aspect ratio. Known limits: mirror flips in the display matrix
+    are ignored, and colour conversion uses the frame's own colorspace tags.
 """
 from __future__ import annotations
 
@@ -115,11 +118,16 @@ class Geometry:
             ``S``, centre crop) or ``"squash"`` (resize to ``S x S``).
         interpolation: an :data:`INTERPOLATIONS` name: ``"bilinear"``, ``"bicubic"``,
             ``"area"`` (swscale, applied by ``VideoFrame.reformat``).
+        display: show the picture as a player does before ``mode`` applies: rotate it by
+            the display matrix (a phone's portrait video stored as landscape; multiples of
+            90 degrees) and stretch it by the sample aspect ratio (anamorphic video).
+            False: the coded pixels as stored.
     """
 
     size: int = 224
     mode: str = "short_side_crop"
     interpolation: str = "bilinear"
+    display: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.size, int) or self.size < 1:
@@ -491,19 +499,33 @@ class _Converter:
     itself; the cached context gives bit-identical pixels.
     """
 
-    def __init__(self, geometry: Geometry) -> None:
+    def __init__(self, geometry: Geometry, stream: av.video.stream.VideoStream | None = None) -> None:
         self.size = geometry.size
         self.fn = GEOMETRIES.get(geometry.mode)
         self.interp = INTERPOLATIONS.get(geometry.interpolation)
+        self.display = geometry.display
+        self.stream = stream
         self.reformatter = VideoReformatter()
         self._last: tuple[av.VideoFrame, np.ndarray] | None = None
+
+    def _pixel_aspect(self) -> float:
+        """Sample aspect ratio (pixel width / height) of the stream; 1 when unknown or unset."""
+        sar = self.stream.codec_context.sample_aspect_ratio if self.stream is not None else None
+        return float(sar) if sar else 1.0
 
     def __call__(self, frame: av.VideoFrame) -> np.ndarray:
         if self._last is not None and self._last[0] is frame:
             return self._last[1]
-        sw, sh, (left, top, right, bottom) = self.fn(frame.width, frame.height, self.size)
-        rgb = self.reformatter.reformat(frame, width=sw, height=sh, format="rgb24", interpolation=self.interp)
-        arr = rgb.to_ndarray()[top:bottom, left:right]
+        quarters = round(frame.rotation / 90) % 4 if self.display else 0  # counter-clockwise
+        shown_w = frame.width * (self._pixel_aspect() if self.display else 1.0)
+        shown = (frame.height, shown_w) if quarters % 2 else (shown_w, frame.height)
+        sw, sh, (left, top, right, bottom) = self.fn(max(1, round(shown[0])), max(1, round(shown[1])), self.size)
+        tw, th = (sh, sw) if quarters % 2 else (sw, sh)  # scale the coded picture, then rotate it
+        rgb = self.reformatter.reformat(frame, width=tw, height=th, format="rgb24", interpolation=self.interp)
+        image = rgb.to_ndarray()
+        if quarters:
+            image = np.rot90(image, k=quarters)
+        arr = image[top:bottom, left:right]
         self._last = (frame, arr)
         return arr
 
@@ -583,7 +605,7 @@ def iter_frames(
             error can follow yielded chunks: the consumer must discard the partial video.
     """
     _check_args(fps, start, end, chunk_size, threads, min_frames)
-    convert = _Converter(geometry)
+    convert = _Converter(geometry)  # its stream is set once the container is open
     chunker = _Chunker(chunk_size, geometry.size)
     src = str(path)
     pending: list[FrameChunk] = []  # full chunks held back until min_frames frames exist
@@ -606,6 +628,7 @@ def iter_frames(
         stream = video_stream(container, src)
         stream.thread_type = "AUTO"
         stream.codec_context.thread_count = threads
+        convert.stream = stream
         timeline = _Timeline(stream)
         eps = timeline.eps
         selector = _Selector(fps, start, end, eps)

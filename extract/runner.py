@@ -4,7 +4,9 @@ The unit of work is a store shard (``videos_per_shard`` consecutive manifest row
 exactly one writer. A process takes the shards ``k`` with ``k % world == rank`` where
 (rank, world) come from ``--shard-index/--num-shards`` (independent jobs, e.g. a Slurm
 array) or from torchrun's ``RANK``/``WORLD_SIZE``. Completed shards (marker present) are
-skipped, incomplete ones are deleted and redone, so rerunning the same command resumes.
+skipped, incomplete ones are deleted and redone, so rerunning the same command resumes. A
+shard is only touched under its lock (:func:`pipeline.store.shard_lock`): a second run
+started on the same store by mistake skips the shards the first is writing.
 """
 from __future__ import annotations
 
@@ -36,7 +38,10 @@ from pipeline.store import (
     FeatureStore,
     ShardWriter,
     init_store,
+    lock_path,
+    marker_path,
     read_markers,
+    shard_lock,
     shard_name,
 )
 
@@ -210,8 +215,8 @@ class BatchingSink:
     a time even across video boundaries, so short videos still fill the batch. A full batch
     is handed to ``executor`` (the inference streams) and the caller goes back to receiving
     decoded frames; up to ``max_in_flight`` batches are being encoded at once, and a batch's
-    results reach the writer (float16 cast, compression, zarr writes: done here, while the
-    streams compute) only after every earlier batch's did.
+    results (already cast to the storage dtype on the stream) reach the writer (compression,
+    zarr writes: done here, while the streams compute) only after every earlier batch's did.
     """
 
     def __init__(self, encoder: FeatureEncoder, writer: ShardWriter, batch_size: int,
@@ -245,10 +250,14 @@ class BatchingSink:
             self.drain()
             self.writer.abort_video()
 
+    def _encode(self, frames: np.ndarray) -> dict[str, np.ndarray]:
+        """On a stream: (n, S, S, 3) uint8 -> the storage arrays of (n, H, W, C) features."""
+        return self.writer.dtype.encode(self.encoder(frames))
+
     def submit(self) -> None:
         """Send the pending frames to the streams as one batch (blocks while too many are in flight)."""
         frames = [op[1] for op in self.ops if op[0] == "frames"]
-        fut = self.executor.submit(self.encoder, np.concatenate(frames)) if frames else None
+        fut = self.executor.submit(self._encode, np.concatenate(frames)) if frames else None
         self.in_flight.append((self.ops, fut))
         self.ops, self.pending = [], 0
         while len(self.in_flight) > self.max_in_flight:
@@ -263,14 +272,14 @@ class BatchingSink:
 
     def _retire(self) -> None:
         ops, fut = self.in_flight.popleft()
-        feats = fut.result() if fut is not None else None
+        arrays = fut.result() if fut is not None else {}
         pos = 0
         for op in ops:
             if op[0] == "begin":
                 self.writer.begin_video(op[1])
             elif op[0] == "frames":
                 n = len(op[1])
-                self.writer.append(feats[pos : pos + n], op[2])  # type: ignore[index]
+                self.writer.append_encoded({k: a[pos : pos + n] for k, a in arrays.items()}, op[2])
                 pos += n
             else:
                 self.writer.end_video()
@@ -293,14 +302,25 @@ class ExtractSummary:
     store: str
     shards_done: int = 0
     shards_skipped: int = 0
+    shards_busy: list[str] = field(default_factory=list)  # locked by another process: not done here
     videos_done: int = 0
     frames_done: int = 0
     failures: list[Failure] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # from starting the decode workers to the last marker
+    #: seconds until the first decoded frames arrived (worker start-up: spawn and imports),
+    #: a fixed cost per run that a dataset-sized run amortises
+    startup_seconds: float | None = None
+    _t0: float = field(default_factory=time.monotonic, repr=False)
 
     @property
     def frames_per_s(self) -> float:
         return self.frames_done / self.seconds if self.seconds else 0.0
+
+    @property
+    def steady_frames_per_s(self) -> float:
+        """frames/s after the start-up (what a long run tends to)."""
+        busy = self.seconds - (self.startup_seconds or 0.0)
+        return self.frames_done / busy if busy > 0 else 0.0
 
 
 def _job_rows(cfg: ExtractConfig, rows: list[ManifestRow], store_root: Path
@@ -392,21 +412,32 @@ def run_extract(cfg: ExtractConfig, console: object | None = None) -> ExtractSum
     decode_kwargs = dict(geometry=geometry, fps=cfg.fps, chunk_size=cfg.chunk_size,
                          threads=cfg.decode_threads, min_frames=cfg.min_frames)
     total_videos = sum(len(r) for _, r in pending)
-    t0 = time.monotonic()
+    t0 = summary._t0 = time.monotonic()
     try:
         with DecodePool(workers, decode_kwargs, timeout_s=cfg.decode_timeout) as pool, \
                 ThreadPoolExecutor(plan.streams, thread_name_prefix="ff-stream") as streams, \
                 _progress(cfg.progress, con) as progress:
             task = progress.add_task(f"rank {rank.rank}/{rank.world}", total=total_videos, frames=0, failed=0)
             for name, shard_rows in pending:
-                sink = BatchingSink(encoder, ShardWriter.create(root, name, feature_shape=shape, dtype=cfg.dtype,
-                                                                codec=cfg.codec, frames_per_file=cfg.frames_per_file),
-                                    cfg.batch_size, streams, max_in_flight=plan.streams)
-                try:
-                    stats = _extract_shard(name, shard_rows, pool, sink, summary, progress, task)
-                except BaseException:
-                    sink.cancel()
-                    raise
+                with shard_lock(root, name) as mine:
+                    if not mine or marker_path(root, name).exists():
+                        # another run on this store is writing it (or finished it since we looked)
+                        if mine:
+                            summary.shards_skipped += 1
+                        else:
+                            summary.shards_busy.append(name)
+                            con.log(f"shard {name}: being written by another process "
+                                    f"({lock_path(root, name).read_text().strip()}); skipped")
+                        progress.update(task, advance=len(shard_rows))
+                        continue
+                    sink = BatchingSink(encoder, ShardWriter.create(root, name, feature_shape=shape, dtype=cfg.dtype,
+                                                                    codec=cfg.codec, frames_per_file=cfg.frames_per_file),
+                                        cfg.batch_size, streams, max_in_flight=plan.streams)
+                    try:
+                        stats = _extract_shard(name, shard_rows, pool, sink, summary, progress, task)
+                    except BaseException:
+                        sink.cancel()
+                        raise
                 summary.shards_done += 1
                 con.log(f"shard {name}: {stats['videos']} videos, {stats['frames']} frames, "
                         f"{stats['failures']} failed, {stats['frames_per_s']:.1f} frames/s")
@@ -427,6 +458,8 @@ def _extract_shard(name: str, rows: list[ManifestRow], pool: DecodePool, sink: B
     for ev in pool.run(jobs):
         row = rows[ev.index]
         if isinstance(ev, ChunkEvent):
+            if summary.startup_seconds is None:
+                summary.startup_seconds = time.monotonic() - summary._t0
             if ev.index not in started:
                 started.add(ev.index)
                 sink.begin({"video_id": row.video_id, "split": row.split, "label": row.label,

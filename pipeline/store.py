@@ -8,6 +8,7 @@ Layout (see docs/architecture.md)::
     STORE/shards/<name>/scales       (N, H, W) float32 (int8 stores only; x = q * scale)
     STORE/shards/<name>/timestamps   (N,) float64, seconds
     STORE/markers/<name>.json        completion marker, written last
+    STORE/locks/<name>.lock          advisory lock held by the process writing shard <name>
 
 Every array is a plain zarr v3 array, so any zarr v3 reader can open it; the per-video table
 of a shard is also in that shard group's attributes (``videos``).
@@ -15,16 +16,21 @@ of a shard is also in that shard group's attributes (``videos``).
 A store shard has exactly one writer (:class:`ShardWriter`). Frames are buffered and written
 in blocks aligned to the zarr shard files, so no zarr shard is ever partially rewritten by two
 writers. The marker is written last; a shard without a marker is incomplete and is redone.
+A writer holds the shard's lock (:func:`shard_lock`) while it works, so two runs started on
+the same store by mistake share the shards instead of deleting each other's work.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import socket
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import zarr
@@ -219,6 +225,52 @@ def read_markers(root: str | os.PathLike) -> dict[str, dict]:
     return out
 
 
+def lock_path(root: str | os.PathLike, shard: str) -> Path:
+    return Path(root) / "locks" / f"{shard}.lock"
+
+
+@contextmanager
+def shard_lock(root: str | os.PathLike, shard: str) -> Iterator[bool]:
+    """Try to become the writer of ``shard``: yields True while this process holds its lock,
+    False (at once, without waiting) when another process holds it.
+
+    An advisory ``flock`` on ``STORE/locks/<shard>.lock``: the kernel drops it when its holder
+    exits, even by SIGKILL, so a crashed run never leaves a stale lock. The file names the
+    holder (host, pid) for people looking. (``flock`` is reliable on local disks and most
+    cluster file systems; torchrun ranks and ``--shard-index`` jobs never need it, since their
+    shards are disjoint.)
+    """
+    path = lock_path(root, shard)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{socket.gethostname()} pid {os.getpid()}\n".encode())
+        yield True
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def shard_locked(root: str | os.PathLike, shard: str) -> bool:
+    """Whether a live process holds ``shard``'s lock (i.e. is writing it now)."""
+    path = lock_path(root, shard)
+    if not path.exists():
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def shard_name(index: int, retry: int = 0) -> str:
     return f"{index:05d}" if retry == 0 else f"retry{retry:02d}-{index:05d}"
 
@@ -307,13 +359,24 @@ class ShardWriter:
 
     def append(self, features: np.ndarray, timestamps: np.ndarray) -> None:
         """Add frames of the open video: features (n, H, W, C) float32, timestamps (n,) s."""
-        if self._current is None:
-            raise StoreError("append() outside begin_video()/end_video()")
         if features.shape[1:] != self.feature_shape:
             raise StoreError(f"features {features.shape[1:]} != store {self.feature_shape}")
+        self.append_encoded(self.dtype.encode(features), timestamps)
+
+    def append_encoded(self, arrays: dict[str, np.ndarray], timestamps: np.ndarray) -> None:
+        """:meth:`append` for features already passed through ``self.dtype.encode`` (the
+        extraction does that on its inference threads, off the writer's critical path)."""
+        if self._current is None:
+            raise StoreError("append() outside begin_video()/end_video()")
+        features = arrays["features"]
+        if features.shape[1:] != self.feature_shape or features.dtype != np.dtype(self.dtype.feature_dtype):
+            raise StoreError(f"encoded features {features.dtype}{list(features.shape[1:])} != store "
+                             f"{self.dtype.feature_dtype}{list(self.feature_shape)}")
+        if set(arrays) != {"features", *self.dtype.extras}:
+            raise StoreError(f"encoded arrays {sorted(arrays)} != {sorted(['features', *self.dtype.extras])}")
         if len(features) != len(timestamps):
             raise StoreError("features and timestamps differ in length")
-        for k, v in self.dtype.encode(features).items():
+        for k, v in arrays.items():
             self._buffer[k].append(v)
         self._buffer["timestamps"].append(np.asarray(timestamps, dtype=np.float64))
         self._pos += len(features)
@@ -556,6 +619,9 @@ class StoreStatus:
     frames_stored: int
     failures: int
     planned_videos: int
+    #: the in-progress shards whose writer is alive now (the others were abandoned by a
+    #: crash and will be redone by the next run)
+    writing_shards: list[str] = field(default_factory=list)
 
     @property
     def pending_shards(self) -> int:
@@ -582,6 +648,7 @@ def store_status(path: str | os.PathLike) -> StoreStatus:
         frames_stored=sum(int(m["num_frames"]) for m in markers.values()),
         failures=len(failed),
         planned_videos=int(header["content"].get("num_videos", 0)),
+        writing_shards=[s for s in in_progress if shard_locked(root, s)],
     )
     st._complete_names = list(markers)
     return st
@@ -605,7 +672,10 @@ def verify_store(path: str | os.PathLike, *, scan_values: bool = True, block: in
     markers = read_markers(root)
     shard_dirs = {p.name for p in (root / "shards").iterdir() if p.is_dir()} if (root / "shards").exists() else set()
     for s in sorted(shard_dirs - set(markers)):
-        problems.append(f"shard {s}: incomplete (no completion marker); rerun `freezeframe extract`")
+        if shard_locked(root, s):
+            problems.append(f"shard {s}: incomplete, being written now by a running extraction")
+        else:
+            problems.append(f"shard {s}: incomplete (no completion marker); rerun `freezeframe extract`")
     for s in sorted(set(markers) - shard_dirs):
         problems.append(f"shard {s}: marker without arrays")
     planned = int(content.get("num_shards", 0))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from extract.runner import BatchingSink
-from pipeline.store import ShardWriter, init_store, open_store, read_markers
+from pipeline.store import STORAGE_DTYPES, ShardWriter, init_store, open_store, read_markers
 
 S = 4  # frame side, px
 C = 3  # feature channels: the frame's per-channel mean
@@ -50,10 +50,16 @@ class SlowFirstEncoder:
         return expected(frames)
 
 
-def new_writer(root: Path) -> ShardWriter:
-    init_store(root, {"content": {"feature_shape": [1, 1, C], "dtype": "float32"}})
-    return ShardWriter.create(root, "00000", feature_shape=(1, 1, C), dtype="float32", codec="zstd",
+def new_writer(root: Path, dtype: str = "float32") -> ShardWriter:
+    init_store(root, {"content": {"feature_shape": [1, 1, C], "dtype": dtype}})
+    return ShardWriter.create(root, "00000", feature_shape=(1, 1, C), dtype=dtype, codec="zstd",
                               frames_per_file=8)
+
+
+def stored(x: np.ndarray, dtype: str) -> np.ndarray:
+    """What the store gives back for float32 features ``x`` after a round trip through ``dtype``."""
+    sd = STORAGE_DTYPES.get(dtype)
+    return sd.decode(sd.encode(x))
 
 
 def feed(sink: BatchingSink, vid: str, frames: np.ndarray, chunk: int) -> None:
@@ -62,12 +68,13 @@ def feed(sink: BatchingSink, vid: str, frames: np.ndarray, chunk: int) -> None:
         sink.add(frames[i : i + chunk], np.arange(i, min(i + chunk, len(frames)), dtype=np.float64) / 10)
 
 
-def test_out_of_order_batches_are_written_in_order_and_an_abort_rolls_back(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dtype", ["float32", "int8"])  # int8: encoded on the streams with its scales
+def test_out_of_order_batches_are_written_in_order_and_an_abort_rolls_back(tmp_path: Path, dtype: str) -> None:
     root = tmp_path / "store"
     encoder = SlowFirstEncoder()
     videos = {"a": video(13, 0), "b": video(11, 1), "c": video(9, 2)}
     with ThreadPoolExecutor(2) as streams:
-        sink = BatchingSink(encoder, new_writer(root), batch_size=5, executor=streams, max_in_flight=2)
+        sink = BatchingSink(encoder, new_writer(root, dtype), batch_size=5, executor=streams, max_in_flight=2)
         feed(sink, "a", videos["a"], chunk=3)
         sink.end()
         # "x" fails after 3 batches' worth of its frames were submitted: part of it is in flight
@@ -89,7 +96,7 @@ def test_out_of_order_batches_are_written_in_order_and_an_abort_rolls_back(tmp_p
     for vid, frames in videos.items():
         entry = store.meta(vid)
         assert (entry.offset, entry.length) == (offset, len(frames))
-        np.testing.assert_array_equal(store.features(vid), expected(frames))
+        np.testing.assert_array_equal(store.features(vid), stored(expected(frames), dtype))
         np.testing.assert_array_equal(store.timestamps(vid), np.arange(len(frames)) / 10)
         offset += len(frames)
 

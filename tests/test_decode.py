@@ -7,6 +7,7 @@ import os
 import pickle
 import tarfile
 import tracemalloc
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -192,7 +193,7 @@ def test_geometry_functions_and_validation() -> None:
     assert D.GEOMETRIES.get("short_side_crop")(360, 640, 224) == (224, 398, (0, 87, 224, 311))
     assert D.GEOMETRIES.get("squash")(1280, 720, 224) == (224, 224, (0, 0, 224, 224))
     assert Geometry(size=112, interpolation="area").to_dict() == {
-        "size": 112, "mode": "short_side_crop", "interpolation": "area"}
+        "size": 112, "mode": "short_side_crop", "interpolation": "area", "display": True}
     with pytest.raises(D.GeometryError, match="squash"):
         Geometry(mode="letterbox")
     with pytest.raises(D.GeometryError, match="bicubic"):
@@ -229,6 +230,38 @@ def test_centre_crop_keeps_the_middle(tmp_path: Path, vertical: bool) -> None:
     sq = decode_all(path, geometry=Geometry(size=16, mode="squash")).frames
     first, last = (sq[:, 1, 8], sq[:, -2, 8]) if vertical else (sq[:, 8, 1], sq[:, 8, -2])
     assert np.all(first[:, 0] > 240) and np.all(last[:, 2] > 240)
+
+
+@pytest.mark.parametrize("rotation", [90, -90, 180])
+def test_display_rotation_is_applied(tmp_path: Path, rotation: int) -> None:
+    """A phone video: landscape coded pixels plus a display matrix. Frames come out as a
+    player shows them (rotated counter-clockwise by the matrix's angle), and the geometry
+    applies to the shown picture: short side, centre crop of the *portrait* picture."""
+    coded = _banded(3, 32, 64, vertical=False)  # 32 high, 64 wide: red | green | blue columns
+    path = make_lossless_video(tmp_path / "phone.mp4", coded, 10, rotation=rotation)
+    raw = decode_all(path, geometry=Geometry(size=32, mode="squash", display=False)).frames
+    shown = decode_all(path, geometry=Geometry(size=32, mode="squash")).frames
+    np.testing.assert_array_equal(shown, np.rot90(raw, k=rotation // 90, axes=(1, 2)))
+    if rotation == 180:
+        return
+    # the shown picture is 32 wide and 64 high, its bands are rows: the crop is the green middle
+    crop = decode_all(path, geometry=Geometry(size=32)).frames
+    assert np.all(crop[..., 1] == 255) and np.all(crop[..., [0, 2]] == 0)
+    top = decode_all(path, geometry=Geometry(size=16, mode="squash")).frames[:, 1, 8]
+    assert np.all(top[:, 0 if rotation == -90 else 2] > 240)  # -90 = clockwise: red (left) goes on top
+
+
+def test_sample_aspect_ratio_is_applied(tmp_path: Path) -> None:
+    """Anamorphic video: 32x64 coded pixels twice as wide as high are shown 64x64, so the
+    short-side crop keeps the whole picture (a square), as squash of the coded picture does."""
+    coded = _banded(3, 64, 32, vertical=True)  # 64 high, 32 wide: red / green / blue rows
+    path = make_lossless_video(tmp_path / "anamorphic.mp4", coded, 10, sample_aspect_ratio=Fraction(2, 1))
+    shown = decode_all(path, geometry=Geometry(size=32)).frames
+    as_coded = decode_all(path, geometry=Geometry(size=32, display=False)).frames
+    squash = decode_all(path, geometry=Geometry(size=32, mode="squash", display=False)).frames
+    np.testing.assert_array_equal(shown, squash)
+    assert np.all(shown[:, 1, 16, 0] > 240) and np.all(shown[:, -2, 16, 2] > 240)  # all 3 bands kept
+    assert np.all(as_coded[..., 1] == 255) and np.all(as_coded[..., [0, 2]] == 0)  # coded: crop = green only
 
 
 # ------------------------------------------------------------------ probe

@@ -29,7 +29,7 @@ from extract.runner import build_backbone, run_extract
 from pipeline.errors import ConfigMismatchError, FreezeframeError, ManifestError
 from pipeline.manifest import ManifestRow, write_manifest
 from pipeline.pooling import compress
-from pipeline.store import open_store, read_markers, verify_store
+from pipeline.store import ShardWriter, open_store, read_markers, shard_lock, store_status, verify_store
 from tests.videos import (
     make_h264_video,
     make_non_video,
@@ -322,6 +322,36 @@ def test_sigkill_then_rerun_resumes_to_the_uninterrupted_store(corpus: Corpus, b
         assert (p.stat().st_mtime_ns, p.read_bytes()) == (mtime, data)
         assert files_state(store / "shards" / name) == done_files[name]
     assert in_progress == [] or set(in_progress) <= set(read_markers(store))
+    assert verify_store(store) == []
+    assert_same_store(store, baseline)
+
+
+def test_a_second_run_on_the_same_store_leaves_a_locked_shard_alone(corpus: Corpus, baseline: Path,
+                                                                     tmp_path: Path) -> None:
+    """Two runs of the same command on one store (no rank flags) must not delete each other's
+    work: a shard whose lock is held is skipped, reported, and done by a later rerun."""
+    store = tmp_path / "store"
+    run_extract(cfg_for(corpus.manifest, store, shard_index=0, num_shards=6))  # creates the store
+    with shard_lock(store, "00002") as mine:
+        assert mine
+        # stand-in for the other run's half-written shard: a writer with one frame appended
+        partial = ShardWriter.create(store, "00002", feature_shape=(2, 2, 1280), dtype="float32",
+                                     frames_per_file=8)
+        partial.begin_video({"video_id": "vid04", "split": "train"})
+        partial.append(np.zeros((1, 2, 2, 1280), np.float32), np.zeros(1))
+        before = files_state(store / "shards" / "00002")
+        st = store_status(store)
+        assert (st.in_progress_shards, st.writing_shards) == (["00002"], ["00002"])
+        assert any("00002: incomplete, being written now" in p for p in verify_store(store, scan_values=False))
+
+        s = run_extract(cfg_for(corpus.manifest, store))
+        assert (s.shards_done, s.shards_skipped, s.shards_busy) == (4, 1, ["00002"])
+        assert files_state(store / "shards" / "00002") == before  # not deleted, not touched
+        assert "00002" not in read_markers(store)
+    st = store_status(store)  # the holder is gone: the partial shard is abandoned, not "being written"
+    assert (st.in_progress_shards, st.writing_shards) == (["00002"], [])
+    s = run_extract(cfg_for(corpus.manifest, store))
+    assert (s.shards_done, s.shards_skipped, s.shards_busy) == (1, 5, [])
     assert verify_store(store) == []
     assert_same_store(store, baseline)
 

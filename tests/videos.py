@@ -68,8 +68,14 @@ def _encode(
     pix_fmt: str,
     options: dict[str, str],
     container_options: dict[str, str] | None = None,
+    rotation: int = 0,
+    sample_aspect_ratio: Fraction | None = None,
 ) -> Path:
-    """Encode ``frames`` (T, H, W, 3) with explicit presentation timestamps ``pts``."""
+    """Encode ``frames`` (T, H, W, 3) with explicit presentation timestamps ``pts``.
+
+    ``rotation``: display matrix rotation, degrees counter-clockwise (as a phone writes it);
+    ``sample_aspect_ratio``: pixel width / height (anamorphic video), written in the stream.
+    """
     _check_frames(frames)
     T, H, W, _ = frames.shape
     with av.open(str(path), mode="w", options=container_options or {}) as out:
@@ -77,6 +83,10 @@ def _encode(
         stream.width, stream.height, stream.pix_fmt = W, H, pix_fmt
         stream.time_base = time_base
         stream.codec_context.time_base = time_base
+        if rotation:
+            stream.set_display_rotation(rotation)
+        if sample_aspect_ratio is not None:
+            stream.codec_context.sample_aspect_ratio = sample_aspect_ratio
         for k in range(T):
             frame = av.VideoFrame.from_ndarray(frames[k], format="rgb24")
             frame.pts = int(pts[k])
@@ -88,12 +98,14 @@ def _encode(
     return path
 
 
-def make_lossless_video(path: str | Path, frames: np.ndarray, fps: int) -> Path:
+def make_lossless_video(path: str | Path, frames: np.ndarray, fps: int, *, rotation: int = 0,
+                        sample_aspect_ratio: Fraction | None = None) -> Path:
     """Write ``frames`` (T, H, W, 3) uint8 RGB losslessly at constant ``fps``.
 
     Uses ``libx264rgb`` with ``crf 0`` in MP4 (RGB H.264, B-frames on, so the decoder
     reorders), or FFV1 in Matroska when libx264rgb is unavailable (the returned path then
     ends in ``.mkv``). Frame ``k`` has presentation time ``k / fps`` seconds.
+    ``rotation`` / ``sample_aspect_ratio``: display metadata, see :func:`_encode`.
     """
     path = Path(path)
     if LOSSLESS_CODEC == "libx264rgb":
@@ -103,7 +115,8 @@ def make_lossless_video(path: str | Path, frames: np.ndarray, fps: int) -> Path:
         path = path.with_suffix(".mkv")
         opts, fmt = {}, "bgr0"
     tb = Fraction(1, fps)
-    return _encode(path, frames, range(len(frames)), tb, fps, LOSSLESS_CODEC, fmt, opts)
+    return _encode(path, frames, range(len(frames)), tb, fps, LOSSLESS_CODEC, fmt, opts,
+                   rotation=rotation, sample_aspect_ratio=sample_aspect_ratio)
 
 
 def make_vfr_video(
@@ -132,16 +145,18 @@ def make_vfr_video(
     return _encode(path, frames, times, Fraction(1, 1000), 30, LOSSLESS_CODEC, fmt, opts)
 
 
-def make_h264_video(path: str | Path, frames: np.ndarray, fps: int, gop: int = 12) -> Path:
+def make_h264_video(path: str | Path, frames: np.ndarray, fps: int, gop: int = 12, *,
+                    rotation: int = 0, sample_aspect_ratio: Fraction | None = None) -> Path:
     """Write ``frames`` (T, H, W, 3) as plain lossy H.264 yuv420p MP4 at ``fps`` (like real files).
 
     A keyframe every ``gop`` frames (so seeking has several keyframes to choose from),
     B-frames on. Frame ``k`` is shown at ``k / fps`` seconds. ``H`` and ``W`` must be even.
+    ``rotation`` / ``sample_aspect_ratio``: display metadata, see :func:`_encode`.
     """
     opts = {"crf": "18", "preset": "veryfast", "g": str(gop), "keyint_min": str(gop),
             "sc_threshold": "0"}
     return _encode(Path(path), frames, range(len(frames)), Fraction(1, fps), fps,
-                   "libx264", "yuv420p", opts)
+                   "libx264", "yuv420p", opts, rotation=rotation, sample_aspect_ratio=sample_aspect_ratio)
 
 
 def make_truncated_video(path: str | Path) -> Path:
