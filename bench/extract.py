@@ -30,16 +30,20 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
-from extract.backbones import create_backbone
-from extract.config import ExtractConfig
-from extract.decode import Geometry, decode_all, iter_frames
-from extract.runner import ExtractSummary, ThreadPlan, run_extract, thread_plan
-from extract.weights import mobilenet_checkpoint
+import numpy as np
+
 from pipeline.manifest import ManifestRow, write_manifest
-from pipeline.store import CODECS, STORAGE_DTYPES, ShardWriter, init_store
+
+if TYPE_CHECKING:
+    from extract.decode import Geometry
+    from extract.runner import ExtractSummary, ThreadPlan
+
+# torch, the backbones and the runner are imported inside the functions: the decode workers
+# are *spawned*, and a spawned child imports the main module first, so heavy imports here
+# would add seconds to every worker's start-up that `freezeframe extract` (whose main
+# module, pipeline.cli, imports in 0.2 s) does not pay.
 
 MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
 
@@ -65,6 +69,8 @@ def model_only_fps(backbone, frames: np.ndarray, batch: int, repeats: int = 2,
     ``plan=None``: the plain loop, one batch at a time on torch's default threads. Else
     ``plan.streams`` batches at once, each on ``plan.threads_per_stream`` threads (what the
     pipeline does)."""
+    import torch
+
     streams = plan.streams if plan else 1
     old = torch.get_num_threads()
     if plan:
@@ -87,6 +93,8 @@ def model_only_fps(backbone, frames: np.ndarray, batch: int, repeats: int = 2,
 
 
 def decode_only_fps(rows: list[ManifestRow], geometry: Geometry) -> tuple[float, int]:
+    from extract.decode import iter_frames
+
     t0 = time.perf_counter()
     n = 0
     for r in rows:
@@ -96,6 +104,9 @@ def decode_only_fps(rows: list[ManifestRow], geometry: Geometry) -> tuple[float,
 
 
 def pipeline_run(manifest: Path, store: Path, size: int, batch: int, weights: bool) -> ExtractSummary:
+    from extract.config import ExtractConfig
+    from extract.runner import run_extract
+
     cfg = ExtractConfig(manifest=str(manifest), store=str(store), backbone="mobilenetv2-imagenet",
                         random_weights=not weights, image_size=size, batch_size=batch, progress=False,
                         videos_per_shard=64)
@@ -104,6 +115,8 @@ def pipeline_run(manifest: Path, store: Path, size: int, batch: int, weights: bo
 
 def storage_table(feats: np.ndarray, tmp: Path) -> list[dict]:
     """Bytes per frame on disk for every dtype x codec, and int8 cosine to float32."""
+    from pipeline.store import CODECS, STORAGE_DTYPES, ShardWriter, init_store
+
     rows = []
     ref = feats.astype(np.float32)
     for dtype in STORAGE_DTYPES.names():
@@ -141,6 +154,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--out", type=Path, default=None, help="Write the results as JSON here.")
     args = ap.parse_args()
+    import torch
+
+    from extract.backbones import create_backbone
+    from extract.config import ExtractConfig
+    from extract.decode import Geometry, decode_all
+    from extract.runner import thread_plan
+    from extract.weights import mobilenet_checkpoint
+
     weights = mobilenet_checkpoint() is not None
     tmp = Path(tempfile.mkdtemp(prefix="ff-bench-"))
     results: dict = {"torch_threads": torch.get_num_threads(), "real_weights": weights, "batch": args.batch, "runs": []}

@@ -34,9 +34,9 @@ class ExtractConfig:
     frames_per_file: int = 256  # frames per zarr shard file
     # runtime
     batch_size: int = 32  # frames per backbone forward
-    workers: int = 0  # decode worker processes; 0 = auto (cores - 1, at least 1)
+    workers: int = 0  # decode worker processes; 0 = auto (this rank's cores - 1, at least 1)
     decode_threads: int = 0  # codec threads per worker; 0 = library default
-    threads: int = 0  # CPU threads of the backbone; 0 = every core
+    threads: int = 0  # CPU threads of the backbone; 0 = this rank's cores (cores / local ranks)
     streams: int = 0  # batches encoded at once (see extract.runner.ThreadPlan); 0 = auto
     decode_timeout: float = 120.0  # seconds a video may stall the pipeline before its worker is killed
     chunk_size: int = 32  # frames per decoded chunk sent from a worker

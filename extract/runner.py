@@ -113,11 +113,24 @@ class ThreadPlan:
     threads_per_stream: int
 
 
+def local_cores() -> int:
+    """CPU cores this process may use: those of its affinity mask (a Slurm or container
+    cpuset, not the whole machine), shared evenly among torchrun's ranks on this node."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
+def decode_workers(cfg: ExtractConfig) -> int:
+    """``cfg.workers`` decode processes, or (0) one per local core but one, at least 1."""
+    return cfg.workers or max(1, local_cores() - 1)
+
+
 def thread_plan(cfg: ExtractConfig, device: torch.device) -> ThreadPlan:
-    """``cfg.threads`` CPU threads (0 = every core) split into ``cfg.streams`` streams
-    (0 = auto: 2 on CUDA; on CPU one per thread, at most 4, so a many-core machine gives
-    each stream several threads instead of holding dozens of batches in memory)."""
-    threads = cfg.threads if cfg.threads > 0 else max(1, os.cpu_count() or 1)
+    """``cfg.threads`` CPU threads (0 = this rank's cores, :func:`local_cores`) split into
+    ``cfg.streams`` streams (0 = auto: 2 on CUDA; on CPU one per thread, at most 4, so a
+    many-core machine gives each stream several threads instead of holding dozens of
+    batches in memory)."""
+    threads = cfg.threads if cfg.threads > 0 else local_cores()
     if cfg.streams > 0:
         streams = cfg.streams
     else:
@@ -404,7 +417,7 @@ def run_extract(cfg: ExtractConfig, console: object | None = None) -> ExtractSum
 
     device = resolve_device(cfg.device, rank)
     encoder = FeatureEncoder(backbone, device, cfg)
-    workers = cfg.workers or max(1, (os.cpu_count() or 2) - 1)
+    workers = decode_workers(cfg)
     plan = thread_plan(cfg, device)
     threads = torch.get_num_threads()
     if device.type == "cpu":

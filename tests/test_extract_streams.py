@@ -1,8 +1,10 @@
-"""The extraction sink with several inference streams: batches finish out of order but reach
-the (real zarr) writer in order, a video aborted while part of it is still being encoded is
-rolled back, and an encoder error surfaces without a half-written shard being marked done."""
+"""Stage 1's inference streams: how the CPU is split (threads, streams, decode workers, per
+torchrun rank), and the sink that feeds them: batches finish out of order but reach the (real
+zarr) writer in order, a video aborted while part of it is still being encoded is rolled
+back, and an encoder error surfaces without a half-written shard being marked done."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -10,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from extract.runner import BatchingSink
+from extract.config import ExtractConfig
+from extract.runner import BatchingSink, ThreadPlan, decode_workers, local_cores, thread_plan
 from pipeline.store import STORAGE_DTYPES, ShardWriter, init_store, open_store, read_markers
 
 S = 4  # frame side, px
@@ -116,3 +120,24 @@ def test_an_encoder_error_reaches_the_caller_and_no_marker_is_written(tmp_path: 
         sink.cancel()
         assert not sink.in_flight and not sink.ops
     assert read_markers(root) == {}
+
+
+def test_thread_plan_splits_this_ranks_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    assert local_cores() == cores
+    assert thread_plan(ExtractConfig(), cpu) == ThreadPlan(min(cores, 4), max(1, cores // min(cores, 4)))
+    assert decode_workers(ExtractConfig()) == max(1, cores - 1)
+    # explicit knobs: 8 threads as 4 streams of 2 (auto caps streams at 4), or one stream of 8
+    assert thread_plan(ExtractConfig(threads=8), cpu) == ThreadPlan(4, 2)
+    assert thread_plan(ExtractConfig(threads=8, streams=1), cpu) == ThreadPlan(1, 8)
+    assert thread_plan(ExtractConfig(threads=3), cpu) == ThreadPlan(3, 1)
+    assert thread_plan(ExtractConfig(threads=8), cuda).streams == 2
+    assert decode_workers(ExtractConfig(workers=5)) == 5
+    # torchrun with 4 ranks on this node: each takes a quarter of the cores (at least 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert local_cores() == max(1, cores // 4)
+    assert thread_plan(ExtractConfig(), cpu).streams * thread_plan(ExtractConfig(), cpu).threads_per_stream \
+        <= max(1, cores // 4)
+    assert decode_workers(ExtractConfig()) == max(1, cores // 4 - 1)
