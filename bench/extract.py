@@ -29,11 +29,11 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from bench.inputs import have_media, media_rows, synthetic_rows
 from pipeline.manifest import ManifestRow, write_manifest
 
 if TYPE_CHECKING:
@@ -44,22 +44,6 @@ if TYPE_CHECKING:
 # are *spawned*, and a spawned child imports the main module first, so heavy imports here
 # would add seconds to every worker's start-up that `freezeframe extract` (whose main
 # module, pipeline.cli, imports in 0.2 s) does not pay.
-
-MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
-
-
-def _media_rows() -> list[ManifestRow]:
-    return [ManifestRow(p.stem, str(p), "train") for p in sorted(MEDIA.glob("*.mp4"))]
-
-
-def _synthetic_rows(tmp: Path) -> list[ManifestRow]:
-    from manifests.synthetic import SynthConfig, write_synthetic
-
-    manifests = write_synthetic(tmp / "synth", SynthConfig(tasks=("motion",), train_per_class=4, test_per_class=0),
-                                progress=False)
-    from pipeline.manifest import read_manifest
-
-    return read_manifest(manifests["motion"])
 
 
 def model_only_fps(backbone, frames: np.ndarray, batch: int, repeats: int = 2,
@@ -167,9 +151,9 @@ def main() -> None:
     results: dict = {"torch_threads": torch.get_num_threads(), "real_weights": weights, "batch": args.batch, "runs": []}
     try:
         inputs = {}
-        if MEDIA.exists():
-            inputs["real clips (../shared/media)"] = _media_rows()
-        inputs["synthetic 128x128"] = _synthetic_rows(tmp)
+        if have_media():
+            inputs["real clips (../shared/media)"] = media_rows()
+        inputs["synthetic 128x128"] = synthetic_rows(tmp, train_per_class=4)
         for label, rows in inputs.items():
             manifest = write_manifest(rows, tmp / f"{len(results['runs'])}.jsonl")
             for size in args.sizes:

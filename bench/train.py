@@ -66,13 +66,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from extract.config import ExtractConfig
 from pipeline.errors import FreezeframeError
+from bench.inputs import have_media, media_rows, synthetic_rows
 from pipeline.manifest import ManifestRow, read_manifest, write_manifest
 from pipeline.registry import Registry
 from train.config import DataConfig, OptimConfig
 from train.models import ModelConfig, TMMConfig
 from train.sampling import PRPConfig
 
-MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
 # ``python -m bench.train``: a child re-runs this module as ``__mp_main__`` while the forkserver
 # has already imported it as ``bench.train``; runpy warns about that, harmlessly.
 warnings.filterwarnings("ignore", message=r".*'bench\.train' found in sys\.modules", category=RuntimeWarning)
@@ -168,22 +168,10 @@ def resolve_device(name: str) -> torch.device:
 # --------------------------------------------------------------------------------------
 # inputs
 # --------------------------------------------------------------------------------------
-def _media_rows() -> list[ManifestRow]:
-    return [ManifestRow(p.stem, str(p), "train") for p in sorted(MEDIA.glob("*.mp4"))]
-
-
-def _synthetic_rows(tmp: Path) -> list[ManifestRow]:
-    from manifests.synthetic import SynthConfig, write_synthetic
-
-    manifests = write_synthetic(tmp / "synth", SynthConfig(tasks=("motion",), train_per_class=2, test_per_class=0),
-                                progress=False)
-    return read_manifest(manifests["motion"])
-
-
 INPUTS: Registry[Callable[[Path], tuple[str, list[ManifestRow]]]] = Registry("benchmark input")
-INPUTS.add("media", lambda tmp: ("real clips (../shared/media)", _media_rows()))
-INPUTS.add("synthetic", lambda tmp: ("synthetic 128x128", _synthetic_rows(tmp)))
-INPUTS.add("auto", lambda tmp: INPUTS.get("media" if MEDIA.is_dir() and any(MEDIA.glob("*.mp4"))
+INPUTS.add("media", lambda tmp: ("real clips (../shared/media)", media_rows()))
+INPUTS.add("synthetic", lambda tmp: ("synthetic 128x128", synthetic_rows(tmp, train_per_class=2)))
+INPUTS.add("auto", lambda tmp: INPUTS.get("media" if have_media()
                                           else "synthetic")(tmp))
 
 

@@ -143,7 +143,7 @@ def register(app: typer.Typer) -> None:
         videos_per_shard: Optional[int] = typer.Option(None, help="Videos per store shard."),
         batch_size: Optional[int] = typer.Option(None, help="Frames per backbone forward."),
         workers: Optional[int] = typer.Option(None, help="Decode worker processes (0 = auto)."),
-        threads: Optional[int] = typer.Option(None, help="CPU threads of the backbone (0 = every core)."),
+        threads: Optional[int] = typer.Option(None, help="CPU threads of the backbone (0 = this rank's cores)."),
         streams: Optional[int] = typer.Option(None, help="Batches encoded at once (0 = auto: CPU one per "
                                               "thread up to 4, CUDA 2)."),
         decode_timeout: Optional[float] = typer.Option(None, help="Seconds before a stalled decode is killed."),

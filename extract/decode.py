@@ -499,7 +499,7 @@ class _Converter:
     itself; the cached context gives bit-identical pixels.
     """
 
-    def __init__(self, geometry: Geometry, stream: av.video.stream.VideoStream | None = None) -> None:
+    def __init__(self, geometry: Geometry, stream: av.video.stream.VideoStream) -> None:
         self.size = geometry.size
         self.fn = GEOMETRIES.get(geometry.mode)
         self.interp = INTERPOLATIONS.get(geometry.interpolation)
@@ -510,7 +510,7 @@ class _Converter:
 
     def _pixel_aspect(self) -> float:
         """Sample aspect ratio (pixel width / height) of the stream; 1 when unknown or unset."""
-        sar = self.stream.codec_context.sample_aspect_ratio if self.stream is not None else None
+        sar = self.stream.codec_context.sample_aspect_ratio
         return float(sar) if sar else 1.0
 
     def __call__(self, frame: av.VideoFrame) -> np.ndarray:
@@ -605,7 +605,6 @@ def iter_frames(
             error can follow yielded chunks: the consumer must discard the partial video.
     """
     _check_args(fps, start, end, chunk_size, threads, min_frames)
-    convert = _Converter(geometry)  # its stream is set once the container is open
     chunker = _Chunker(chunk_size, geometry.size)
     src = str(path)
     pending: list[FrameChunk] = []  # full chunks held back until min_frames frames exist
@@ -628,7 +627,7 @@ def iter_frames(
         stream = video_stream(container, src)
         stream.thread_type = "AUTO"
         stream.codec_context.thread_count = threads
-        convert.stream = stream
+        convert = _Converter(geometry, stream)  # used by emit() from here on
         timeline = _Timeline(stream)
         eps = timeline.eps
         selector = _Selector(fps, start, end, eps)

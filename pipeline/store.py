@@ -359,8 +359,6 @@ class ShardWriter:
 
     def append(self, features: np.ndarray, timestamps: np.ndarray) -> None:
         """Add frames of the open video: features (n, H, W, C) float32, timestamps (n,) s."""
-        if features.shape[1:] != self.feature_shape:
-            raise StoreError(f"features {features.shape[1:]} != store {self.feature_shape}")
         self.append_encoded(self.dtype.encode(features), timestamps)
 
     def append_encoded(self, arrays: dict[str, np.ndarray], timestamps: np.ndarray) -> None:
