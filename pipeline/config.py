@@ -1,24 +1,65 @@
-"""Dataclass configs: load from TOML files, override with dotted ``key=value`` strings.
+"""Dataclass configs: one typed loader for every stage.
 
-Every config is a (possibly nested) dataclass. Files hold a subset of its fields;
-command-line overrides such as ``optim.lr=1e-3`` or ``model.temporal_kernel=1`` are parsed
-as TOML values (so ``1e-3`` is a float, ``[1,2]`` a list, ``true`` a bool, anything
-unparseable a string).
+Every config is a (possibly nested) dataclass. Values come in layers, later layers winning:
+the dataclass defaults, tables of TOML files, then dotted command-line overrides such as
+``optim.base_lr=1e-3`` (parsed as TOML values: ``1e-3`` is a float, ``[1,2]`` a list,
+``true`` a bool, anything unparseable a string).
+
+:func:`from_dict` checks every value against the field's annotation when it is parsed
+(``fps=four`` is refused at once with the field's type) and refuses unknown keys with their
+dotted path; all problems are reported together in one :class:`~pipeline.errors.ConfigError`.
+
+Which fields are *runtime knobs* (they may differ when a run or an extraction is resumed:
+devices, workers, logging) and which define *content* is declared once, on the field::
+
+    workers: int = runtime(2)
+
+:func:`content_dict` drops the runtime fields; resume checks and store headers compare it.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Literal, Mapping, Sequence, TypeVar
 
 from pipeline.errors import ConfigError
 
 C = TypeVar("C")
+
+_RUNTIME = "freezeframe_runtime"
+
+
+def runtime(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field that is a runtime knob: it may change between resumed runs and is
+    left out of :func:`content_dict`."""
+    kw: dict[str, Any] = {"metadata": {_RUNTIME: True}}
+    if default_factory is not dataclasses.MISSING:
+        kw["default_factory"] = default_factory
+    else:
+        kw["default"] = default
+    return dataclasses.field(**kw)
+
+
+def is_runtime(f: dataclasses.Field) -> bool:
+    return bool(f.metadata.get(_RUNTIME, False))
+
+
+def runtime_keys(cls: type) -> list[str]:
+    """Dotted names of every runtime field of dataclass ``cls`` (nested configs included)."""
+    out: list[str] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if is_runtime(f):
+            out.append(f.name)
+        elif dataclasses.is_dataclass(hints[f.name]):
+            out += [f"{f.name}.{k}" for k in runtime_keys(hints[f.name])]
+    return out
 
 
 def to_dict(cfg: Any) -> dict:
@@ -26,11 +67,45 @@ def to_dict(cfg: Any) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
+def content_dict(cfg: Any) -> dict:
+    """:func:`to_dict` without the runtime fields: what must match to resume a run."""
+    return drop_keys(to_dict(cfg), runtime_keys(type(cfg)))
+
+
+def drop_keys(d: dict, dotted_keys: Sequence[str]) -> dict:
+    """A deep copy of ``d`` without the given dotted keys (missing keys are ignored)."""
+    out = json.loads(json.dumps(d))
+    for key in dotted_keys:
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.get(p, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return out
+
+
 def config_hash(d: dict) -> str:
     """Stable short hash of a JSON-ready dict."""
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def diff_dicts(have: Mapping, want: Mapping, prefix: str = "", *, have_name: str = "existing",
+               want_name: str = "wanted") -> list[str]:
+    """Readable lines, one per dotted key whose value differs between two nested dicts."""
+    out = []
+    for k in sorted(set(have) | set(want)):
+        a, b = have.get(k), want.get(k)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += diff_dicts(a, b, f"{prefix}{k}.", have_name=have_name, want_name=want_name)
+        elif a != b:
+            out.append(f"{prefix}{k}: {have_name} {a!r}, {want_name} {b!r}")
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# layers: TOML files and dotted overrides
+# --------------------------------------------------------------------------------------
 def _parse_value(text: str) -> Any:
     try:
         return tomllib.loads(f"v = {text}")["v"]
@@ -43,12 +118,14 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
     out: dict = {}
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=1e-3)")
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.base_lr=1e-3)")
         key, text = item.split("=", 1)
         node = out
         parts = key.strip().split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p!r} is set to a value and used as a table")
         node[parts[-1]] = _parse_value(text.strip())
     return out
 
@@ -65,55 +142,147 @@ def merge(base: dict, update: dict) -> dict:
 
 
 def load_toml(path: str | Path) -> dict:
-    with open(path, "rb") as f:
-        return tomllib.load(f)
+    """A TOML file as a dict; a missing or malformed file is a :class:`ConfigError`."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
 
 
-def _coerce(tp: Any, value: Any, where: str) -> Any:
+def resolve(cls: type[C], layers: Sequence[Mapping] = (), overrides: Sequence[str] = ()) -> C:
+    """Defaults <- each dict layer in order <- dotted overrides, type-checked."""
+    d: dict = {}
+    for layer in layers:
+        d = merge(d, dict(layer))
+    d = merge(d, parse_overrides(overrides))
+    return from_dict(cls, d)
+
+
+# --------------------------------------------------------------------------------------
+# typed construction
+# --------------------------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "none"
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+class _Problems(list):
+    def add(self, where: str, msg: str) -> None:
+        self.append(f"{where}: {msg}")
+
+
+def _coerce(tp: Any, value: Any, where: str, problems: _Problems) -> Any:
+    """``value`` converted to annotation ``tp`` (int -> float, list -> tuple), or a problem."""
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
-        return from_dict(tp, value, _where=where)  # type: ignore[arg-type]
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        if len(args) == 1:
-            return _coerce(args[0], value, where)
+    if tp is Any:
         return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if origin in (tuple,) and isinstance(value, list):
-        return tuple(value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return _build(tp, value, where, problems)
+        if dataclasses.is_dataclass(value) and isinstance(value, tp):
+            return value
+        problems.add(where, f"expected a table of {tp.__name__} fields, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors: list[str] = []
+        for a in args:
+            if a is type(None):
+                continue
+            sub = _Problems()
+            v = _coerce(a, value, where, sub)
+            if not sub:
+                return v
+            errors += sub
+        problems.add(where, f"expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+        return value
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            problems.add(where, f"expected one of {list(typing.get_args(tp))}, got {value!r}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            problems.add(where, f"expected a list, got {value!r}")
+            return value
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                problems.add(where, f"expected a list of {len(args)} values, got {list(value)!r}")
+                return value
+            items = [_coerce(a, v, f"{where}[{i}]", problems) for i, (a, v) in enumerate(zip(args, value))]
+        else:
+            elem = args[0] if args else Any
+            items = [_coerce(elem, v, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.add(where, f"expected a table, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.add(where, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.add(where, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.add(where, f"expected a number, got {value!r}")
+            return value
+        value = float(value)
+        if math.isnan(value):
+            problems.add(where, "expected a number, got nan")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            problems.add(where, f"expected a string, got {value!r}")
+        return value
     return value
 
 
-def from_dict(cls: type[C], d: dict, _where: str = "") -> C:
-    """Build dataclass ``cls`` from a dict, refusing unknown keys with their dotted name."""
+def _build(cls: type[C], d: Mapping, where: str, problems: _Problems) -> C:
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(d) - names)
-    if unknown:
-        where = f"{_where}." if _where else ""
-        raise ConfigError(
-            f"unknown config key(s) {[where + u for u in unknown]}; known: {sorted(names)}"
-        )
-    kwargs = {}
-    for k, v in d.items():
-        kwargs[k] = _coerce(hints[k], v, f"{_where}.{k}" if _where else k)
-    base = cls()  # type: ignore[call-arg]
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if f.name not in kwargs:
-            continue
-        cur = getattr(base, f.name)
-        if dataclasses.is_dataclass(cur) and isinstance(d[f.name], dict):
-            kwargs[f.name] = from_dict(type(cur), d[f.name], _where=f.name)
-    return dataclasses.replace(base, **kwargs)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    prefix = f"{where}." if where else ""
+    for u in sorted(set(d) - set(fields)):
+        problems.append(f"unknown config key {prefix + u!r}; known keys here: {sorted(fields)}")
+    kwargs = {k: _coerce(hints[k], v, prefix + k, problems) for k, v in d.items() if k in fields}
+    n = len(problems)
+    try:
+        base = cls()  # type: ignore[call-arg]
+    except Exception as e:  # a default that fails its own check: report, do not crash
+        problems.append(f"{where or cls.__name__}: {e}")
+        return None  # type: ignore[return-value]
+    if len(problems) > n:
+        return base
+    try:
+        return dataclasses.replace(base, **kwargs)
+    except ConfigError as e:
+        problems.append(str(e))
+    except (ValueError, TypeError) as e:  # __post_init__ range checks
+        problems.append(f"{where or cls.__name__}: {e}")
+    return base
 
 
-def resolve(cls: type[C], files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> C:
-    """Defaults <- each TOML file in order <- dotted overrides."""
-    d: dict = {}
-    for f in files:
-        d = merge(d, load_toml(f))
-    d = merge(d, parse_overrides(overrides))
-    return from_dict(cls, d)
+def from_dict(cls: type[C], d: Mapping, _where: str = "") -> C:
+    """Build dataclass ``cls`` from a dict, type-checking every value.
+
+    Unknown keys are refused with their dotted name, wrong types with the field's type,
+    and values rejected by a ``__post_init__`` with its message: all in one ConfigError.
+    """
+    problems = _Problems()
+    out = _build(cls, d, _where, problems)
+    if problems:
+        if len(problems) == 1:
+            raise ConfigError(f"invalid config: {problems[0]}")
+        raise ConfigError("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
+    return out
