@@ -13,7 +13,16 @@ from __future__ import annotations
 
 from typing import Callable, Generic, Iterator, TypeVar
 
+from pipeline.errors import FreezeframeError
+
 T = TypeVar("T")
+
+
+class RegistryError(FreezeframeError, KeyError):
+    """An unknown name was asked of a registry (the message lists the known names)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 class Registry(Generic[T]):
@@ -26,7 +35,7 @@ class Registry(Generic[T]):
     def register(self, name: str) -> Callable[[T], T]:
         def deco(obj: T) -> T:
             if name in self._items:
-                raise KeyError(f"{self.kind} {name!r} is registered twice")
+                raise RegistryError(f"{self.kind} {name!r} is registered twice")
             self._items[name] = obj
             return obj
 
@@ -40,7 +49,7 @@ class Registry(Generic[T]):
             return self._items[name]
         except KeyError:
             known = ", ".join(sorted(self._items)) or "(none)"
-            raise KeyError(f"unknown {self.kind} {name!r}; choose one of: {known}") from None
+            raise RegistryError(f"unknown {self.kind} {name!r}; choose one of: {known}") from None
 
     def names(self) -> list[str]:
         return sorted(self._items)
