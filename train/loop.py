@@ -162,6 +162,9 @@ def fit(cfg: TrainConfig, console: Any = None) -> RunResult:
         return numbers
 
     # ---- loop -----------------------------------------------------------------------------
+    # Inside the loop only the task's steps draw from the global torch RNG (dropout, masks...):
+    # the DataLoader gets its own generator per epoch, so a run resumed mid-epoch (a new loader)
+    # continues the checkpointed RNG stream exactly where the uninterrupted run was.
     warmup_steps = int(cfg.optim.warmup_epochs * steps_per_epoch)
     schedule_steps = steps_per_epoch * cfg.optim.epochs  # max_steps stops early, it does not rescale the lr
     t_start = time.monotonic()
@@ -174,7 +177,8 @@ def fit(cfg: TrainConfig, console: Any = None) -> RunResult:
         loader = DataLoader(
             train_set, batch_size=per_rank_batch, sampler=SkipSampler(base_sampler, in_epoch * per_rank_batch),
             num_workers=cfg.data.workers, pin_memory=dinfo.device.type == "cuda", drop_last=True,
-            persistent_workers=False, multiprocessing_context="fork" if cfg.data.workers else None)
+            persistent_workers=False, multiprocessing_context="fork" if cfg.data.workers else None,
+            generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))  # not the global RNG: see below
         model.train()
         for batch in loader:
             batch = _to_device(batch, dinfo.device)

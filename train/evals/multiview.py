@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.store import FeatureStore
 from train.data import TestViewConfig, TestViewDataset
-from train.evals import register_evaluation
+from train.evals.registry import register_evaluation
 from train.evals.base import Evaluation
 from train.metrics import EvalResult, evaluate_logits
 from train.plots import plot_confusion
@@ -35,7 +35,7 @@ class MultiViewTest(Evaluation):
         """Logits of every view ``(B, V, K)`` averaged over V per video; eval mode, restored after."""
         opts = self.options(cfg)
         ds = TestViewDataset(store, cfg.data.test_split, opts)
-        loader = DataLoader(ds, batch_size=8, num_workers=0)
+        loader = DataLoader(ds, batch_size=8, num_workers=0, generator=torch.Generator())  # leaves the global RNG alone
         was_training = model.training
         model.eval()
         all_logits, all_targets = [], []

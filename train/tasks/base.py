@@ -79,7 +79,9 @@ class Task:
         """Forward one batch (already on the device) and return ``{"loss": scalar, ...}``.
 
         Other scalars (e.g. ``"acc"``) are logged in the metric lines; the loop runs this
-        inside autocast and calls ``backward`` on ``"loss"``."""
+        inside autocast and calls ``backward`` on ``"loss"``. Randomness: per-item draws belong
+        in the dataset (seeded by (seed, epoch, index)); the global torch RNG may be used here
+        (it is checkpointed, and nothing else in the loop draws from it)."""
         raise NotImplementedError
 
     def after_step(self, model: nn.Module, step: int) -> None:

@@ -13,7 +13,7 @@ from train.data import ClipConfig, ClipDataset
 from train.losses import accuracy, cross_entropy
 from train.models import ModelConfig, arch_signature, build_model, check_arch_compatible
 from train.rundir import load_init
-from train.tasks import register_task
+from train.tasks.registry import register_task
 from train.tasks.base import Task
 
 

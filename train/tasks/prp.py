@@ -13,7 +13,7 @@ from pipeline.errors import ConfigMismatchError
 from train.data import PRPDataset, flatten_clips
 from train.losses import accuracy, cross_entropy
 from train.sampling import PRPConfig
-from train.tasks import register_task
+from train.tasks.registry import register_task
 from train.tasks.base import Task
 
 
