@@ -1,9 +1,9 @@
-"""Two-rank data parallel training on CPU with gloo (train/distributed.py, train/engine.py).
+"""Two-rank data parallel training on CPU with gloo (train/distributed.py, train/loop.py).
 
 * In 2 spawned processes (``file://`` rendezvous): NaiveSyncBatchNorm on each half of a
   batch == plain BatchNorm on the whole batch (outputs, input gradients, running
   statistics); DDP gradients of the real model (BN synchronised) == one process on the union
-  batch; and ``train.engine.train`` leaves bit-identical replicas on both ranks, equal to the
+  batch; and ``train.loop.fit`` leaves bit-identical replicas on both ranks, equal to the
   ``final.pt`` rank 0 writes.
 * The real launcher: ``torchrun --nproc_per_node 2 freezeframe pretrain`` completes, writes
   one run directory, and the loss goes down.
@@ -115,7 +115,7 @@ def _worker(rank: int, init_file: str, store: str, run_dir: str, out_dir: str) -
     _check_sync_bn(rank)
     _check_ddp_grads_equal_union_batch(rank)
 
-    # the engine, on the process group made above (train.distributed.setup reuses it)
+    # the loop, on the process group made above (train.distributed.setup reuses it)
     import train.tasks.base as engine  # Task.build looks build_model up here
     from train.loop import fit
     from train.config import resolve_train_config

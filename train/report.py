@@ -13,7 +13,6 @@ Accuracies are fractions in [0, 1]; tables print percentages, Delta-Acc in perce
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -26,7 +25,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.config import runtime_keys
+from pipeline.config import drop_keys, runtime_keys
 from pipeline.registry import Registry
 from train import plots
 from train.metrics import EvalResult
@@ -122,7 +121,7 @@ class RunRecord:
         path: the run directory.
         dataset: stem of ``data.store`` (the feature store the run trained on).
         num_classes: ``model.num_classes``.
-        complete: True when ``summary.json`` exists (the engine writes it last).
+        complete: True when ``summary.json`` exists (the loop writes it last).
         config: the full resolved config (used for pairing; not shown).
     """
 
@@ -262,20 +261,8 @@ class DeltaRow:
     delta_top5: float | None = None
 
 
-def _without(cfg: dict[str, Any], dotted_keys: Sequence[str]) -> dict[str, Any]:
-    out = copy.deepcopy(cfg)
-    for key in dotted_keys:
-        node: Any = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.get(p) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(parts[-1], None)
-    return out
-
-
 def _pairing_key(cfg: dict[str, Any], ignore: Sequence[str]) -> str:
-    return json.dumps(_without(cfg, ignore), sort_keys=True, default=str)
+    return json.dumps(drop_keys(cfg, ignore), sort_keys=True, default=str)
 
 
 def delta_acc(records: Sequence[RunRecord], ignore: Sequence[str] = PAIRING_IGNORED_KEYS) -> list[DeltaRow]:

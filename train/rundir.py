@@ -100,13 +100,6 @@ class RunDir:
         """``eval-<name>.json`` (``eval.json`` for the multi-view test)."""
         return self.path / _EVAL_FILES.get(name, f"eval-{name}.json")
 
-    def eval_files(self) -> dict[str, Path]:
-        """Evaluation name -> result file, for every result present."""
-        out = {name: self.path / fn for name, fn in _EVAL_FILES.items() if (self.path / fn).is_file()}
-        for p in sorted(self.path.glob("eval-*.json")):
-            out[p.stem[len("eval-"):]] = p
-        return out
-
     @property
     def complete(self) -> bool:
         """True when ``summary.json`` exists (written last)."""
@@ -213,10 +206,6 @@ class RunDir:
             if isinstance(row, dict):
                 out.append(row)
         return out
-
-    def checkpoint(self) -> Path:
-        """The final checkpoint, else the last one."""
-        return resolve_init(str(self.path))
 
 
 def resolve_init(init: str) -> Path:
