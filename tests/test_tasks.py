@@ -9,6 +9,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -216,3 +219,14 @@ def test_same_weights_as_before_the_refactor(tmp_path: Path) -> None:
     if got != BEFORE and not torch.__version__.startswith(TORCH_RECORDED):
         pytest.skip(f"digests recorded with torch {TORCH_RECORDED}, this is {torch.__version__}")
     assert got == BEFORE
+
+
+def test_cli_refuses_a_wrong_type_in_one_line(store: SynthStore, tmp_path: Path) -> None:
+    """``--set`` values are type-checked when parsed; the CLI prints the error without a traceback."""
+    cmd = [str(Path(sys.executable).parent / "freezeframe"), "finetune", "--store", str(store.path),
+           "--run-dir", str(tmp_path / "run"), "--set", "clip.stride=two"]
+    res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "220"}, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert "clip.stride: expected an integer, got 'two'" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "run").exists()
