@@ -38,7 +38,8 @@ from pipeline.manifest import ManifestRow, write_manifest
 
 if TYPE_CHECKING:
     from extract.decode import Geometry
-    from extract.runner import ExtractSummary, ThreadPlan
+    from extract.encode import ThreadPlan
+    from extract.runner import ExtractSummary
 
 # torch, the backbones and the runner are imported inside the functions: the decode workers
 # are *spawned*, and a spawned child imports the main module first, so heavy imports here
@@ -143,7 +144,7 @@ def main() -> None:
     from extract.backbones import create_backbone
     from extract.config import ExtractConfig
     from extract.decode import Geometry, decode_all
-    from extract.runner import thread_plan
+    from extract.encode import thread_plan
     from extract.weights import mobilenet_checkpoint
 
     weights = mobilenet_checkpoint() is not None
