@@ -5,7 +5,7 @@ For each input size (112 and 224 px), in one process and one run:
 * **model only**: frames/s of the backbone forward (``prepare`` + ``forward``) on frames that
   are already decoded and in memory, same batch size, measured two ways: the plain loop (one
   batch at a time on every core, torch's default) and with the pipeline's own thread plan
-  (``extract.runner.thread_plan``: on a 2-core CPU, two batches at once on one thread each),
+  (``extract.encode.thread_plan``: on a 2-core CPU, two batches at once on one thread each),
   so that the ratio is not flattered by a better threading than the baseline's;
 * **decode only**: frames/s of ``extract.decode.iter_frames`` in the main process (what one
   decode worker costs in CPU time);
