@@ -23,6 +23,9 @@ from pipeline.pooling import compress
 from pipeline.store import ShardWriter
 
 
+# --------------------------------------------------------------------------------------
+# the backbone and how it uses the CPU
+# --------------------------------------------------------------------------------------
 #: Seed of random-init backbones (``random_weights``), so that every rank, every resumed run
 #: and a direct forward in a test all compute features with the same weights.
 RANDOM_INIT_SEED = 0
@@ -39,7 +42,6 @@ def build_backbone(cfg: ExtractConfig) -> Backbone:
                                image_size=cfg.image_size)
 
 
-
 def feature_shape(backbone: Backbone, cfg: ExtractConfig) -> tuple[int, int, int]:
     """(H, W, C) stored per frame after optional spatial/channel pooling."""
     h, w = backbone.grid()
@@ -49,7 +51,6 @@ def feature_shape(backbone: Backbone, cfg: ExtractConfig) -> tuple[int, int, int
     if cfg.spatial_pool:
         h = w = cfg.spatial_pool
     return (h, w, c)
-
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,8 @@ class ThreadPlan:
 
 
 def thread_plan(cfg: ExtractConfig, device: torch.device) -> ThreadPlan:
-    """``cfg.threads`` CPU threads (0 = this rank's cores, :func:`pipeline.dist.local_cores`) split into
-    ``cfg.streams`` streams (0 = auto: 2 on CUDA; on CPU one per thread, at most 4, so a
+    """``cfg.threads`` CPU threads (0 = this rank's cores, :func:`pipeline.dist.local_cores`)
+    split into ``cfg.streams`` streams (0 = auto: 2 on CUDA; on CPU one per thread, at most 4, so a
     many-core machine gives each stream several threads instead of holding dozens of
     batches in memory)."""
     threads = cfg.threads if cfg.threads > 0 else local_cores()

@@ -16,6 +16,9 @@ from pipeline.store.layout import read_markers, shard_dirs, shard_locked, shards
 
 @dataclass
 class StoreStatus:
+    """Progress of a store: shards planned by its header, complete (marker present; retry
+    shards not counted), in progress (folder without marker); videos and frames stored."""
+
     planned_shards: int
     complete_shards: int
     in_progress_shards: list[str]
@@ -29,10 +32,8 @@ class StoreStatus:
 
     @property
     def pending_shards(self) -> int:
-        base = sum(1 for s in self._complete_names if not s.startswith("retry"))
-        return max(self.planned_shards - base - len(self.in_progress_shards), 0)
-
-    _complete_names: list[str] = field(default_factory=list, repr=False)
+        """Planned shards neither complete nor started."""
+        return max(self.planned_shards - self.complete_shards - len(self.in_progress_shards), 0)
 
 
 def store_status(path: str | os.PathLike) -> StoreStatus:
@@ -43,7 +44,7 @@ def store_status(path: str | os.PathLike) -> StoreStatus:
     in_progress = [s for s in shard_dirs(root) if s not in markers]
     stored = {v["video_id"] for m in markers.values() for v in m["videos"]}
     failed = {f["video_id"] for m in markers.values() for f in m.get("failures", [])} - stored
-    st = StoreStatus(
+    return StoreStatus(
         planned_shards=int(header["content"].get("num_shards", 0)),
         complete_shards=sum(1 for s in markers if not s.startswith("retry")),
         in_progress_shards=in_progress,
@@ -53,8 +54,6 @@ def store_status(path: str | os.PathLike) -> StoreStatus:
         planned_videos=int(header["content"].get("num_videos", 0)),
         writing_shards=[s for s in in_progress if shard_locked(root, s)],
     )
-    st._complete_names = list(markers)
-    return st
 
 
 def verify_store(path: str | os.PathLike, *, scan_values: bool = True, block: int = 256) -> list[str]:
