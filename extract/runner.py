@@ -174,7 +174,8 @@ def retry_plan(store_root: Path, rows: Sequence[ManifestRow], videos_per_shard: 
     if not videos:
         return gen + 1, []
     target = rdir / f"retry{gen + 1:02d}.json"
-    create_once(target, {"generation": gen + 1, "videos": videos}, indent=1)  # a job that loses the race uses the winner's plan
+    # created once: a job that loses the race uses the winner's plan
+    create_once(target, {"generation": gen + 1, "videos": videos}, indent=1)
     plan = json.loads(target.read_text())
     return int(plan["generation"]), list(plan["videos"])
 
@@ -186,6 +187,7 @@ def run_extract(cfg: ExtractConfig, console: object | None = None) -> ExtractSum
     con: Console = console or Console(stderr=True)  # type: ignore[assignment]
     cfg.validate()
     rank = job_rank(cfg)
+    device = resolve_device(cfg.device, rank)  # a bad name is refused before the store is touched
     rows = read_manifest(cfg.manifest)
     if not rows:
         raise FreezeframeError(f"manifest {cfg.manifest} has no rows")
@@ -208,7 +210,6 @@ def run_extract(cfg: ExtractConfig, console: object | None = None) -> ExtractSum
         con.print(f"[green]nothing to do[/]: {len(todo)} shard(s) of rank {rank.rank} already complete in {root}")
         return summary
 
-    device = resolve_device(cfg.device, rank)
     encoder = FeatureEncoder(backbone, device, cfg)
     workers = decode_workers(cfg)
     plan = thread_plan(cfg, device)

@@ -86,3 +86,6 @@ def test_run_refuses_invalid_values_before_creating_the_store(tmp_path: Path) ->
         run_extract(cfg)
     assert "codec: unknown codec 'lz4'" in str(info.value) and "spatial_pool" in str(info.value)
     assert not (tmp_path / "store").exists()
+    with pytest.raises(ConfigError, match="device 'gpu0' is not a torch device"):
+        run_extract(dataclasses.replace(cfg, codec="zstd", spatial_pool=None, device="gpu0"))
+    assert not (tmp_path / "store").exists()
