@@ -72,8 +72,8 @@ def register(app: typer.Typer) -> None:
         """Dry run: frames, bytes and shards an extraction would produce (headers only, no decoding)."""
         from extract.backbones import create_backbone
         from extract.config import resolve_extract_config
-        from extract.plan import make_plan
         from extract.encode import feature_shape
+        from extract.plan import make_plan
         from pipeline.manifest import read_manifest
 
         cfg = resolve_extract_config(dataset, config, flag_overrides(
