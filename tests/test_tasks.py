@@ -145,7 +145,7 @@ def test_sections_are_type_checked_at_parse_time(store: SynthStore, tmp_path: Pa
     # a wrong type in any task's section is refused, even for another task
     with pytest.raises(ConfigError, match=r"prp.num_frames: expected an integer, got 'four'"):
         _cfg("finetune", store, tmp_path, "prp.num_frames=four")
-    with pytest.raises(ConfigError, match=r"unknown config key 'anchor.wieght'"):
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['anchor.wieght'\]"):
         _cfg("prp", store, tmp_path, "anchor.wieght=1")
     with pytest.raises(ConfigError, match=r"optim.base_lr: expected a number"):
         _cfg("prp", store, tmp_path, "optim.base_lr=fast")
