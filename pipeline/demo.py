@@ -25,7 +25,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from manifests.synthetic import SynthConfig
+from synth.benchmark import SynthConfig
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def run_demo(out: Path, *, quick: bool = False, console: Console | None = None,
     from extract.config import ExtractConfig
     from extract.runner import run_extract
     from extract.weights import fetch_mobilenet
-    from manifests.synthetic import write_synthetic
+    from synth.benchmark import write_synthetic
     from pipeline.store import verify_store
 
     con = console or Console(stderr=True)
