@@ -209,7 +209,8 @@ def train(cfg: TrainConfig, console: Any = None) -> RunResult:
         (run_dir / "config.json").write_text(json.dumps(cfg_dict, indent=2))
         (run_dir / "provenance.json").write_text(json.dumps(
             {"store": str(store.path), "store_header": store.header, "environment": environment(),
-             "world_size": dinfo.world, "device": str(dinfo.device), "peak_lr": peak_lr,
+             "world_size": dinfo.world, "device": str(dinfo.device), "torch_threads": torch.get_num_threads(),
+             "peak_lr": peak_lr,
              "per_rank_batch": per_rank_batch, "steps_per_epoch": steps_per_epoch}, indent=2, default=str))
         _truncate_metrics(run_dir / "metrics.jsonl", step, total_steps)
 
