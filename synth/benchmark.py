@@ -30,6 +30,7 @@ from synth.render import TASKS, SyntheticTask, video_rng
 if TYPE_CHECKING:
     from rich.progress import Progress
 
+#: Bumped whenever rendering or encoding changes the bytes a config produces.
 SYNTH_FORMAT_VERSION = 1
 
 SYNTH_JSON = "synth.json"

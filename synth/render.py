@@ -331,6 +331,9 @@ class AppearanceTask(_PanTask):
         return int(s[0]), int(s[1])
 
 
+# --------------------------------------------------------------------------------------
+# seeds
+
 
 def video_rng(seed: int, task: str, split: str, label: int, index: int) -> np.random.Generator:
     """The generator of one video, from ``(seed, task, split, label, index)`` only."""
