@@ -65,7 +65,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from extract.config import ExtractConfig
-from extract.runner import build_backbone
+from extract.encode import build_backbone
 from extract.source import OnlineFeatureSource
 from pipeline.errors import ConfigMismatchError, FreezeframeError
 from bench.inputs import have_media, media_rows, synthetic_rows
@@ -506,7 +506,7 @@ def _context() -> Any:
     a fresh process (own memory, no state of the parent) without paying the imports again."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "bench.train", "train.data", "train.models", "pipeline.store",
-                                "extract.decode", "extract.runner", "extract.source"])
+                                "extract.decode", "extract.encode", "extract.runner", "extract.source"])
     return ctx
 
 
@@ -580,7 +580,8 @@ def count_flops(backbone: Any, model_cfg: ModelConfig, num_frames: int) -> dict:
 # one backbone
 # --------------------------------------------------------------------------------------
 def bench_backbone(name: str, cfg: BenchConfig, manifest: Path, tmp: Path, log: Callable[[str], None]) -> dict:
-    from extract.runner import build_backbone, run_extract
+    from extract.encode import build_backbone
+    from extract.runner import run_extract
     from extract.weights import mobilenet_checkpoint
 
     real = name == "mobilenetv2-imagenet" and mobilenet_checkpoint() is not None

@@ -4,7 +4,7 @@
 features the extraction would have stored for those frames: frame ``i`` is the ``i``-th frame
 :func:`extract.decode.iter_frames` yields with the run's fps, segment and geometry, and the
 frames go through the same frozen backbone, preprocessing and pooling
-(:class:`extract.runner.FeatureEncoder`). Online training (decode + backbone in the loop, as
+(:class:`extract.encode.FeatureEncoder`). Online training (decode + backbone in the loop, as
 the released AdViSe code does) and the benchmarks use it; ``tests/test_source.py`` shows it
 agrees with a store within the store dtype's rounding.
 """
@@ -19,7 +19,7 @@ import torch
 from extract.backbones import Backbone
 from extract.config import ExtractConfig
 from extract.decode import Geometry, iter_frames
-from extract.runner import FeatureEncoder, build_backbone
+from extract.encode import FeatureEncoder, build_backbone
 from pipeline.config import from_dict
 from pipeline.errors import ConfigMismatchError, FreezeframeError
 from pipeline.manifest import ManifestRow, read_manifest
@@ -33,7 +33,7 @@ class OnlineFeatureSource:
         cfg: the extraction config whose features to reproduce (backbone, weights, image
             size, fps, geometry, pooling, storage dtype, decode chunk size and threads).
         rows: the videos (manifest rows: path and optional ``[start, end)`` segment in seconds).
-        backbone: an already built backbone (default: :func:`extract.runner.build_backbone`,
+        backbone: an already built backbone (default: :func:`extract.encode.build_backbone`,
             i.e. the run's weights, a seeded random init with ``random_weights``).
         device: where the backbone runs.
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from extract.config import ExtractConfig
-from extract.runner import build_backbone
+from extract.encode import build_backbone
 from extract.source import OnlineFeatureSource
 from pipeline.errors import ConfigMismatchError
 from pipeline.store import open_store
