@@ -2,20 +2,29 @@
 
 ``header["content"]`` holds everything that determines the stored values (backbone, weights
 hash, decode/geometry, dtype, codec, pooling, manifest hash, shard size); the rest of the
-header is provenance (full config, environment) that may differ between runs.
+header is provenance (full config, environment) that may differ between runs, plus
+``format_version`` and ``integrity`` (:mod:`pipeline.store.integrity`; absent = 0).
+
+Creation is atomic from a rerun's point of view: the header file is the commit point
+(published whole by a hard link), and everything else a new store needs (the root group's
+``zarr.json`` carrying the same header, the ``shards`` group, ``markers/``) is derived from
+it and completed by whichever run finds it missing. A run killed at any moment of creation
+leaves either no header (the rerun starts over) or a header that the rerun completes.
 """
 from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
-import zarr
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.group import GroupMetadata
 
 from pipeline.config import diff_dicts
 from pipeline.errors import ConfigMismatchError, StoreError
-from pipeline.store.layout import ATTR_KEY, FORMAT_VERSION, HEADER_FILE, create_once
+from pipeline.fileio import atomic_write_bytes
+from pipeline.store.integrity import INTEGRITY_VERSION
+from pipeline.store.layout import ATTR_KEY, FORMAT_VERSION, HEADER_FILE, create_once, shards_dir
 
 
 def content_mismatch(existing: dict, wanted: dict) -> list[str]:
@@ -24,26 +33,28 @@ def content_mismatch(existing: dict, wanted: dict) -> list[str]:
     return diff_dicts(existing, wanted, have_name="store has", want_name="this run asks")
 
 
-def init_store(path: str | os.PathLike, header: dict, *, wait_s: float = 60.0) -> dict:
-    """Create the store with ``header`` or verify that an existing store matches it.
+def init_store(path: str | os.PathLike, header: dict, *, integrity: int = INTEGRITY_VERSION) -> dict:
+    """Create the store with ``header`` or verify that an existing store matches it; return
+    the store's header.
 
     An existing store whose ``content`` differs is refused *before any work starts*
     (:class:`ConfigMismatchError` listing every differing key). Safe to call from many
     processes at once: the header file is created with an atomic link
-    (:func:`~pipeline.store.layout.create_once`), and losers verify against the winner's
-    header, waiting up to ``wait_s`` seconds for the winner to create the zarr group.
+    (:func:`~pipeline.store.layout.create_once`); every caller then completes whatever
+    part of the creation is missing (a creator killed midway, or still at work), with the
+    same bytes, each file replaced atomically. ``integrity`` is recorded in a new header
+    (0 only in tests of stores made before checksums).
     """
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
-    header = {**header, "format_version": FORMAT_VERSION}
     target = root / HEADER_FILE
-    if create_once(target, header):
-        group = zarr.open_group(str(root), mode="a")
-        group.attrs[ATTR_KEY] = header
-        group.require_group("shards")
-        (root / "markers").mkdir(exist_ok=True)
-        return header
-    existing = json.loads(target.read_text())
+    if not target.exists():
+        # a store whose header file was lost keeps its header in the root group: restore that
+        # one (the shards were made with it), never this run's
+        kept = (read_group_metadata(root / "zarr.json") or {}).get("attributes", {}).get(ATTR_KEY)
+        create_once(target, kept if isinstance(kept, dict) and "content" in kept else
+                    {**header, "format_version": FORMAT_VERSION, "integrity": integrity})
+    existing = read_header(root)
     diffs = content_mismatch(existing.get("content", {}), header.get("content", {}))
     if diffs:
         raise ConfigMismatchError(
@@ -52,21 +63,63 @@ def init_store(path: str | os.PathLike, header: dict, *, wait_s: float = 60.0) -
             + "\nUse a new --store path, or rerun with the store's settings "
             f"(`freezeframe status {root} --config` prints them)."
         )
-    deadline = time.monotonic() + wait_s
-    while not (root / "zarr.json").exists() or not (root / "markers").exists():
-        if time.monotonic() > deadline:
-            raise StoreError(f"{root}: header exists but the zarr group was never created; "
-                             "delete the store folder and rerun `freezeframe extract`")
-        time.sleep(0.05)
+    complete_creation(root, existing)
     return existing
 
 
+def group_metadata_bytes(attributes: dict) -> bytes:
+    """The ``zarr.json`` of a zarr v3 group with these attributes, as zarr writes it."""
+    return GroupMetadata(attributes=attributes).to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
+
+
+def root_group_bytes(header: dict) -> bytes:
+    """The root ``zarr.json`` of a store: a group whose attributes carry the header."""
+    return group_metadata_bytes({ATTR_KEY: header})
+
+
+def complete_creation(root: Path, header: dict) -> None:
+    """Write what a new store needs besides its header, where missing: the root group
+    (attributes = ``header``), the ``shards`` group, ``markers/``. A present but unreadable
+    group metadata file is damage, not an interrupted creation: :class:`StoreError`."""
+    for meta, content in ((root / "zarr.json", lambda: root_group_bytes(header)),
+                          (shards_dir(root) / "zarr.json", lambda: group_metadata_bytes({}))):
+        if not meta.exists():
+            atomic_write_bytes(meta, content())
+        elif read_group_metadata(meta) is None:
+            raise StoreError(f"{meta} is damaged (not zarr group metadata); run `freezeframe verify {root} "
+                             "--repair` (it rewrites it from the header), then rerun")
+    (root / "markers").mkdir(exist_ok=True)
+
+
+def read_group_metadata(meta: Path) -> dict | None:
+    """A group ``zarr.json`` as a dict, or None if it is missing, unreadable or not a group."""
+    try:
+        d = json.loads(meta.read_bytes())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(d, dict) and d.get("node_type") == "group" and d.get("zarr_format") == 3
+    return d if ok else None
+
+
 def read_header(path: str | os.PathLike) -> dict:
-    """The header of the store at ``path`` (:class:`StoreError` if it is not a store)."""
+    """The header of the store at ``path`` (:class:`StoreError` if it is not a store or its
+    header cannot be read)."""
     target = Path(path) / HEADER_FILE
     if not target.exists():
+        if (Path(path) / "zarr.json").exists() and (Path(path) / "markers").exists():
+            raise StoreError(f"{target} is missing; run `freezeframe verify {path} --repair` "
+                             "(it restores it from the root zarr.json)")
         raise StoreError(
             f"{path} is not a freezeframe store (no {HEADER_FILE}); "
             "create one with `freezeframe extract`."
         )
-    return json.loads(target.read_text())
+    try:
+        header = json.loads(target.read_bytes())
+    except (OSError, ValueError) as e:
+        header, why = None, f"{type(e).__name__}: {e}"
+    else:
+        why = "no 'content'"
+    if not isinstance(header, dict) or not isinstance(header.get("content"), dict):
+        raise StoreError(f"{target} is damaged ({why}); run `freezeframe verify {path} --repair` "
+                         "(it restores it from the root zarr.json)")
+    return header

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from pipeline.errors import StoreError
+
 FORMAT_VERSION = 1
 HEADER_FILE = "freezeframe.json"
 ATTR_KEY = "freezeframe"
@@ -75,15 +77,42 @@ def marker_path(root: str | os.PathLike, shard: str) -> Path:
     return Path(root) / "markers" / f"{shard}.json"
 
 
-def read_markers(root: str | os.PathLike) -> dict[str, dict]:
-    """All completion markers of a store, by shard name (sorted)."""
+def scan_markers(root: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str]]:
+    """The completion markers of a store that can be read, by shard name (sorted), and the
+    ones that cannot (shard name -> why: truncated, not JSON, not a marker)."""
     mdir = Path(root) / "markers"
+    good: dict[str, dict] = {}
+    bad: dict[str, str] = {}
     if not mdir.exists():
-        return {}
-    out = {}
+        return good, bad
     for p in sorted(mdir.glob("*.json")):
-        out[p.stem] = json.loads(p.read_text())
-    return out
+        try:
+            m = json.loads(p.read_bytes())
+        except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+            bad[p.stem] = f"unreadable ({type(e).__name__}: {e})"
+            continue
+        if not (isinstance(m, dict) and isinstance(m.get("videos"), list) and "num_frames" in m):
+            bad[p.stem] = "not a completion marker (no videos/num_frames)"
+            continue
+        good[p.stem] = m
+    return good, bad
+
+
+def read_markers(root: str | os.PathLike) -> dict[str, dict]:
+    """All completion markers of a store, by shard name (sorted).
+
+    :class:`StoreError` naming the first marker that cannot be read (one cannot tell what
+    its shard holds): ``freezeframe verify --repair`` removes it so a rerun redoes the shard.
+    """
+    good, bad = scan_markers(root)
+    if bad:
+        shard, why = next(iter(bad.items()))
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise StoreError(
+            f"{marker_path(root, shard)}: marker {why}{more}; run `freezeframe verify {root} --repair` "
+            "(it removes the damaged shards), then rerun the same `freezeframe extract` command"
+        )
+    return good
 
 
 def create_once(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> bool:
@@ -95,7 +124,10 @@ def create_once(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> bool:
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=indent, sort_keys=True))
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=indent, sort_keys=True))
+        f.flush()
+        os.fsync(f.fileno())  # the link publishes whole bytes, even after a power cut
     try:
         os.link(tmp, path)
         return True

@@ -2,6 +2,12 @@
 
 Every array is a plain zarr v3 array, so any zarr v3 reader can open it too; the per-video
 table of a shard is in its completion marker and in the shard group's attributes (``videos``).
+
+The reader never hands out numbers it cannot vouch for: an edited marker (digest), a missing
+or cut shard file (the marker's file table; zarr would read a missing one as zeros) and a
+chunk whose checksum fails are a :class:`~pipeline.errors.StoreError` naming the file and
+saying what to do (``freezeframe verify``, then ``--repair``). See
+:mod:`pipeline.store.integrity`.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from zarr.core.sync import sync
 
 from pipeline.errors import StoreError
 from pipeline.store.header import read_header
+from pipeline.store.integrity import expected_files, frames_per_file, marker_digest, shard_file_key
 from pipeline.store.layout import Failure, VideoEntry, read_markers, shards_dir
 from pipeline.store.writer import STORAGE_DTYPES
 
@@ -36,6 +43,9 @@ class FeatureStore:
         self.markers = read_markers(self.path)
         self._index: dict[str, VideoEntry] = {}
         for shard, marker in self.markers.items():
+            if "digest" in marker and marker_digest(marker) != marker["digest"]:
+                raise StoreError(f"{self.path}/markers/{shard}.json was edited or damaged (its digest does not "
+                                 f"match its videos/labels/files); {self._fix()}")
             for v in marker["videos"]:
                 e = VideoEntry(
                     video_id=v["video_id"], shard=shard, offset=int(v["offset"]),
@@ -106,16 +116,84 @@ class FeatureStore:
         if os.getpid() != self._pid:
             self._handles, self._pid = {}, os.getpid()
         if shard not in self._handles:
-            g = zarr.open_group(str(shards_dir(self.path) / shard), mode="r")
-            self._handles[shard] = {k: g[k] for k in g.array_keys()}  # type: ignore[misc]
+            self._handles[shard] = self._open_shard(shard)
         return self._handles[shard]
+
+    def _fix(self) -> str:
+        return (f"run `freezeframe verify {self.path}` for the whole list, `--repair` to remove the damaged "
+                "shards, then rerun the same `freezeframe extract` command to re-extract them")
+
+    def _open_shard(self, shard: str) -> dict[str, Any]:
+        """The arrays of a completed shard, after checking that its files are all there whole.
+
+        Files are checked against the marker's file table (sizes: one ``stat`` each), or,
+        for a marker without one (integrity 0), the shard files the arrays' shapes imply;
+        zarr itself would read a missing shard file as zeros.
+        """
+        sdir = shards_dir(self.path) / shard
+        marker = self.markers[shard]
+        for rel, rec in marker.get("files", {}).items():
+            p = sdir / rel
+            size = p.stat().st_size if p.is_file() else None
+            if size != rec["bytes"]:
+                state = "missing" if size is None else f"{size} bytes, the marker records {rec['bytes']}"
+                raise StoreError(f"{p}: {state} (shard {shard}: {self._shard_videos(shard)}); {self._fix()}")
+        arrays: dict[str, Any] = {}
+        names = {"features", "timestamps", *self.dtype.extras}
+        names |= {rel.split("/")[0] for rel in marker.get("files", {}) if rel.endswith("/zarr.json")}
+        for k in sorted(names):
+            try:
+                arrays[k] = zarr.open_array(str(sdir / k), mode="r")
+            except Exception as e:  # zarr raises many kinds (not found, JSON, metadata)
+                raise StoreError(f"{sdir / k / 'zarr.json'}: array metadata unreadable ({type(e).__name__}: "
+                                 f"{e}) (shard {shard}: {self._shard_videos(shard)}); {self._fix()}") from e
+            if "files" not in marker:
+                for key, _, _ in expected_files(arrays[k], int(marker["num_frames"])):
+                    p = sdir / k / key
+                    if not p.is_file() or p.stat().st_size == 0:
+                        raise StoreError(f"{p}: missing or empty (shard {shard}: {self._shard_videos(shard)}); "
+                                         f"{self._fix()}")
+        return arrays
+
+    def _shard_videos(self, shard: str, rows: tuple[int, int] | None = None) -> str:
+        """"videos a, b" of a shard (only those overlapping ``rows`` [start, stop) if given)."""
+        vids = [v["video_id"] for v in self.markers[shard]["videos"]
+                if rows is None or (int(v["offset"]) < rows[1] and int(v["offset"]) + int(v["length"]) > rows[0])]
+        return "videos " + (", ".join(vids[:6]) + (f" and {len(vids) - 6} more" if len(vids) > 6 else "")
+                            if vids else "none")
+
+    def _read(self, shard: str, key: str, array: Any, read: Any, rows: np.ndarray) -> np.ndarray:
+        """``read()`` of ``array`` (rows ``rows`` of ``key`` in ``shard``); a failed read (bad
+        checksum, cut file) becomes a :class:`StoreError` naming the shard file that fails."""
+        try:
+            return read()
+        except Exception as e:  # zarr/numcodecs raise ValueError, RuntimeError, ... on damage
+            raise self._damage(shard, key, array, rows, e) from e
+
+    def _damage(self, shard: str, key: str, array: Any, rows: np.ndarray, error: Exception) -> StoreError:
+        """Which shard file of ``array`` holding ``rows`` fails to read, as a StoreError."""
+        per = frames_per_file(array)
+        bad, why = None, error
+        for i in sorted({int(r) // per for r in np.atleast_1d(rows)}):
+            try:
+                array[i * per : min(array.shape[0], (i + 1) * per)]
+            except Exception as e:
+                bad, why = i, e
+                break
+        i = bad if bad is not None else int(np.atleast_1d(rows)[0]) // per
+        path = shards_dir(self.path) / shard / key / shard_file_key(array, i)
+        span = (i * per, (i + 1) * per)
+        return StoreError(f"{path}: damaged, cannot be read ({type(why).__name__}: {str(why)[:120]}) "
+                          f"(shard {shard} frames {span[0]}..{span[1] - 1}: {self._shard_videos(shard, span)}); "
+                          f"{self._fix()}")
 
     def load_into_memory(self) -> None:
         """Read every completed shard into RAM (decoded lazily per access as usual)."""
         mem = {}
         for shard in self.markers:
-            g = zarr.open_group(str(shards_dir(self.path) / shard), mode="r")
-            mem[shard] = {k: g[k][...] for k in g.array_keys()}
+            arrays = self._open_shard(shard)
+            mem[shard] = {k: self._read(shard, k, a, lambda a=a: a[...], np.arange(a.shape[0]))
+                          for k, a in arrays.items()}
         self._memory = mem
 
     def features(self, video_id: str, indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
@@ -125,20 +203,25 @@ class FeatureStore:
         keys = ["features", *self.dtype.extras]
         if indices is None:
             sel: Any = slice(e.offset, e.offset + e.length)
-            raw = {k: np.asarray(arrays[k][sel]) for k in keys}
+            span = np.arange(e.offset, e.offset + e.length)
+            raw = {k: self._read(e.shard, k, arrays[k], lambda k=k: np.asarray(arrays[k][sel]), span)
+                   for k in keys}
         else:
             idx = np.asarray(indices, dtype=np.int64)
             if idx.size and (idx.min() < 0 or idx.max() >= e.length):
                 raise IndexError(f"frame index out of range [0, {e.length}) for {video_id!r}")
             uniq, inverse = np.unique(idx, return_inverse=True)
             rows = uniq + e.offset
-            raw = {k: _take(arrays[k], rows)[inverse] for k in keys}
+            raw = {k: self._read(e.shard, k, arrays[k], lambda k=k: _take(arrays[k], rows), rows)[inverse]
+                   for k in keys}
         return self.dtype.decode(raw)
 
     def timestamps(self, video_id: str) -> np.ndarray:
         """Presentation time of each stored frame, seconds, shape (T,)."""
         e = self.meta(video_id)
-        return np.asarray(self._arrays(e.shard)["timestamps"][e.offset : e.offset + e.length])
+        a = self._arrays(e.shard)["timestamps"]
+        return self._read(e.shard, "timestamps", a, lambda: np.asarray(a[e.offset : e.offset + e.length]),
+                          np.arange(e.offset, e.offset + e.length))
 
 
 def _runs(rows: np.ndarray, max_gap: int) -> list[tuple[int, int]]:

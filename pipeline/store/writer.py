@@ -21,6 +21,7 @@ from zarr.codecs import BloscCodec, ZstdCodec
 from pipeline.errors import StoreError
 from pipeline.fileio import atomic_write_json
 from pipeline.registry import Registry
+from pipeline.store.integrity import ARRAY_CONFIG, INTEGRITY_VERSION, checksummed, file_table, marker_digest
 from pipeline.store.layout import Failure, marker_path, shards_dir
 
 
@@ -108,10 +109,14 @@ class ShardWriter:
         dtype: StorageDtype,
         feature_shape: tuple[int, int, int],
         frames_per_file: int,
+        integrity: int = INTEGRITY_VERSION,
     ) -> None:
         self.root, self.name, self.group = root, name, group
         self.dtype, self.feature_shape, self.block = dtype, feature_shape, frames_per_file
-        self.arrays: dict[str, zarr.Array] = {k: group[k] for k in group.array_keys()}  # type: ignore[misc]
+        self.integrity = integrity
+        config = ARRAY_CONFIG if integrity >= 1 else {}
+        self.arrays: dict[str, zarr.Array] = {k: group[k].with_config(config)  # type: ignore[union-attr]
+                                              for k in group.array_keys()}
         self.videos: list[dict] = []
         self._committed = 0  # frames of finished videos
         self._pos = 0  # frames appended so far (including the open video)
@@ -129,8 +134,14 @@ class ShardWriter:
         dtype: str = "float16",
         codec: str = "zstd",
         frames_per_file: int = 256,
+        integrity: int = INTEGRITY_VERSION,
     ) -> "ShardWriter":
-        """Start the shard from scratch (an incomplete previous attempt is deleted)."""
+        """Start the shard from scratch (an incomplete previous attempt is deleted).
+
+        Every array gets chunk checksums and the marker a file table and digest
+        (:mod:`pipeline.store.integrity`); ``integrity=0`` writes the format of stores made
+        before them (only for tests of such stores).
+        """
         root = Path(root)
         if marker_path(root, name).exists():
             raise StoreError(f"shard {name} of {root} is already complete")
@@ -144,17 +155,19 @@ class ShardWriter:
         spec = {"features": ((h, w, c), sd.feature_dtype), "timestamps": ((), "float64")}
         spec.update({k: ((h, w), dt) for k, dt in sd.extras.items()})
         for key, (tail, dt) in spec.items():
+            codecs = compressors if key == "features" else CODECS.get("zstd")()
             group.create_array(
                 key,
                 shape=(0, *tail),
                 chunks=(1, *tail) if tail else (frames_per_file,),
                 shards=(frames_per_file, *tail),
                 dtype=dt,
-                compressors=compressors if key == "features" else CODECS.get("zstd")(),
+                compressors=checksummed(codecs) if integrity >= 1 else codecs,
                 fill_value=0,
                 dimension_names=("frame", "h", "w", "c")[: 1 + len(tail)],
+                config=ARRAY_CONFIG if integrity >= 1 else None,
             )
-        return cls(root, name, group, sd, feature_shape, frames_per_file)
+        return cls(root, name, group, sd, feature_shape, frames_per_file, integrity)
 
     def begin_video(self, entry: dict) -> None:
         """``entry``: video_id, split, label, label_name (offset/length are filled in)."""
@@ -221,7 +234,8 @@ class ShardWriter:
         self._flushed = stop
 
     def finish(self, failures: Sequence[Failure] = (), stats: dict | None = None) -> dict:
-        """Write the last block, the shard attributes, then the completion marker."""
+        """Write the last block, the shard attributes, then the completion marker (with the
+        table of the shard's files and its digest: :mod:`pipeline.store.integrity`)."""
         if self._current is not None:
             raise StoreError("finish() with a video still open")
         if self._pos > self._flushed:
@@ -238,6 +252,10 @@ class ShardWriter:
             "stats": stats or {},
             "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+        if self.integrity >= 1:
+            marker["integrity"] = self.integrity
+            marker["files"] = file_table(shards_dir(self.root) / self.name)
+            marker["digest"] = marker_digest(marker)
         atomic_write_json(marker_path(self.root, self.name), marker, indent=1)
         return marker
 
