@@ -184,6 +184,10 @@ def register(app: typer.Typer) -> None:
             out.print(f"{escape(str(store))}: shards {st.complete_shards}/{st.planned_shards} complete ({pct:.0f}%), "
                       f"{len(st.in_progress_shards)} in progress{writing}, videos {st.videos_stored}/{st.planned_videos}, "
                       f"frames {st.frames_stored:,}, failed {st.failures}")
+            if st.damaged_markers:
+                out.print(f"[red]{len(st.damaged_markers)} unreadable marker(s)[/] "
+                          f"({escape(', '.join(st.damaged_markers[:5]))}): run `freezeframe verify "
+                          f"{escape(str(store))}` (then --repair)")
             if watch <= 0 or st.complete_shards >= st.planned_shards:
                 break
             time.sleep(watch)
@@ -195,18 +199,41 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def verify(
         store: Path = typer.Argument(..., help="Store path."),
-        quick: bool = typer.Option(False, "--quick", help="Skip the NaN/inf scan of every value."),
+        quick: bool = typer.Option(False, "--quick", help="Skip what reads every byte: file SHA-256s, chunk "
+                                   "checksums, the NaN/inf scan."),
+        repair: bool = typer.Option(False, "--repair", help="Remove the damaged shards (marker, then data) so a "
+                                    "rerun of the same extract command re-extracts exactly them; rewrite damaged "
+                                    "store metadata from its intact copy."),
     ) -> None:
-        """Check a store against its index and markers; exit 1 on any problem."""
-        from pipeline.store import verify_store
+        """Check a store's integrity against its header and markers; exit 1 on any problem."""
+        from pipeline.store import check_store, repair_store
 
-        problems = verify_store(store, scan_values=not quick)
-        if problems:
-            for p in problems:
-                out.print(f"[red]problem[/] {escape(p)}")
-            out.print(f"[bold red]{len(problems)} problem(s)[/] in {escape(str(store))}")
+        report = check_store(store, scan_values=not quick)
+        for p in report.problems:
+            out.print(f"[red]problem[/] {escape(str(p))}")
+        for n in report.notes:
+            out.print(f"[yellow]note[/] {escape(n)}")
+        if not report.problems:
+            out.print(f"[green]ok[/]: {escape(str(store))} is complete and consistent")
+            return
+        out.print(f"[bold red]{len(report.problems)} problem(s)[/] in {escape(str(store))}")
+        if not repair:
+            for line in report.advice():
+                out.print(escape(line))
             raise typer.Exit(1)
-        out.print(f"[green]ok[/]: {escape(str(store))} is complete and consistent")
+        for line in repair_store(store, report):
+            out.print(f"[green]repaired[/] {escape(line)}")
+        left = report.unfixable
+        if report.damaged_shards or any(p.repair == "extract" for p in report.problems):
+            out.print("now rerun the same `freezeframe extract` command"
+                      + (" (with --retry-failed for the retry shards)"
+                         if any(s.startswith("retry") for s in report.damaged_shards) else "")
+                      + ": it re-extracts exactly the removed (and any incomplete) shards")
+        if left:
+            out.print(f"[bold red]{len(left)} problem(s) --repair cannot fix[/]:")
+            for p in left:
+                out.print(f"  {escape(str(p))}")
+            raise typer.Exit(1)
 
 
 def _print_failures(rows: list[tuple[str, str, str, str]]) -> None:

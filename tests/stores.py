@@ -94,6 +94,7 @@ def write_synthetic_store(
     grid: tuple[int, int] = (2, 2),
     channels: int = 16,
     dtype: str = "float32",
+    codec: str = "zstd",
     videos_per_shard: int = 5,
     seed: int = 0,
     features: FeatureFn | None = None,
@@ -124,7 +125,7 @@ def write_synthetic_store(
             k += 1
     num_shards = -(-n // videos_per_shard)
     content = {
-        "backbone": "synthetic", "dtype": dtype, "codec": "zstd", "feature_shape": [*grid, channels],
+        "backbone": "synthetic", "dtype": dtype, "codec": codec, "feature_shape": [*grid, channels],
         "videos_per_shard": videos_per_shard, "frames_per_file": 16, "num_videos": n,
         "num_shards": num_shards, "seed": seed,
     }
@@ -132,7 +133,7 @@ def write_synthetic_store(
     feats: dict[str, np.ndarray] = {}
     for s in range(num_shards):
         w = ShardWriter.create(root, f"{s:05d}", feature_shape=(*grid, channels), dtype=dtype,
-                               codec="zstd", frames_per_file=16)
+                               codec=codec, frames_per_file=16)
         for number in range(s * videos_per_shard, min(n, (s + 1) * videos_per_shard)):
             v = videos[number]
             x = np.ascontiguousarray(make(rng, number, v.label, v.length), dtype=np.float32)

@@ -17,6 +17,7 @@ from pipeline.store import (
     Failure,
     FeatureStore,
     ShardWriter,
+    check_store,
     init_store,
     marker_path,
     open_store,
@@ -50,8 +51,9 @@ def entry(vid: str, label: int = 0, split: str = "train") -> dict:
 
 
 def write_shard(root: Path, name: str, videos: dict[str, np.ndarray], dtype: str = "float32",
-                codec: str = "zstd", failures: list[Failure] | None = None) -> dict:
-    w = ShardWriter.create(root, name, feature_shape=SHAPE, dtype=dtype, codec=codec, frames_per_file=BLOCK)
+                codec: str = "zstd", failures: list[Failure] | None = None, integrity: int = 1) -> dict:
+    w = ShardWriter.create(root, name, feature_shape=SHAPE, dtype=dtype, codec=codec, frames_per_file=BLOCK,
+                           integrity=integrity)
     for i, (vid, x) in enumerate(videos.items()):
         w.begin_video(entry(vid, label=i % 2, split="test" if i == 1 else "train"))
         for part in np.array_split(np.arange(len(x)), 2):  # two appends per video
@@ -257,10 +259,11 @@ def test_status_while_a_shard_is_in_progress(tmp_path: Path) -> None:
     assert (st.complete_shards, st.in_progress_shards, st.pending_shards, st.videos_stored) == (2, [], 1, 3)
 
 
-def _healthy(root: Path) -> None:
-    init_store(root, header(num_shards=2, num_videos=5))
-    write_shard(root, "00000", {"a": feats(3, 0), "b": feats(6, 1), "c": feats(2, 2)})
-    write_shard(root, "00001", {"d": feats(4, 3)}, failures=[Failure("e", "open", "DecodeError", "x", "00001")])
+def _healthy(root: Path, integrity: int = 1) -> None:
+    init_store(root, header(num_shards=2, num_videos=5), integrity=integrity)
+    write_shard(root, "00000", {"a": feats(3, 0), "b": feats(6, 1), "c": feats(2, 2)}, integrity=integrity)
+    write_shard(root, "00001", {"d": feats(4, 3)}, failures=[Failure("e", "open", "DecodeError", "x", "00001")],
+                integrity=integrity)
     assert verify_store(root) == []
 
 
@@ -274,16 +277,34 @@ def test_verify_catches_a_shard_folder_without_marker(tmp_path: Path) -> None:
     assert problems == ["shard 00002: incomplete (no completion marker); rerun `freezeframe extract`"]
 
 
-def test_verify_catches_nan_written_with_plain_zarr(tmp_path: Path) -> None:
+@pytest.mark.parametrize("integrity", [0, 1])
+def test_verify_catches_nan_written_with_plain_zarr(tmp_path: Path, integrity: int) -> None:
     root = tmp_path / "store"
-    _healthy(root)
+    _healthy(root, integrity)
     a = zarr.open_array(str(root / "shards" / "00000" / "features"), mode="r+")
     row = np.asarray(a[7])
     row[1, 2, 3] = np.nan
     a[7] = row
     problems = verify_store(root)
-    assert len(problems) == 1 and "shard 00000: 1 NaN/inf values in features" in problems[0]
-    assert verify_store(root, scan_values=False) == []
+    if integrity == 0:  # a store made before checksums: only the value scan sees it
+        assert len(problems) == 1 and "shard 00000: 1 NaN/inf values in features" in problems[0]
+        assert verify_store(root, scan_values=False) == []
+    else:  # the file no longer matches the SHA-256 its marker recorded
+        assert problems == ["shard 00000: shards/00000/features/c/1/0/0/0: content does not match the SHA-256 in "
+                            "the marker (damaged, or another shard's file) (videos b)"]
+
+
+def test_verify_finds_nan_written_by_the_writer(tmp_path: Path) -> None:
+    """NaN that the backbone produced is stored with valid checksums: the value scan finds it,
+    and --repair leaves it (re-extracting would write the same values)."""
+    root = tmp_path / "store"
+    init_store(root, header(num_shards=1, num_videos=1))
+    x = feats(6, 0)
+    x[5, 0, 0, 0] = np.inf
+    write_shard(root, "00000", {"a": x})
+    report = check_store(root)
+    assert [str(p) for p in report.problems] == ["shard 00000: 1 NaN/inf values in features rows 4..6 (videos a)"]
+    assert report.damaged_shards == [] and report.notes == []
 
 
 def test_verify_catches_marker_frame_count_mismatch(tmp_path: Path) -> None:

@@ -7,7 +7,9 @@ One module per concern (this package re-exports their public names, so
 * :mod:`~pipeline.store.header`: create the header once, compare it on every later run;
 * :mod:`~pipeline.store.writer`: storage dtypes and codecs, :class:`ShardWriter`;
 * :mod:`~pipeline.store.reader`: :class:`FeatureStore`, :func:`open_store`;
-* :mod:`~pipeline.store.checks`: :func:`store_status`, :func:`verify_store`.
+* :mod:`~pipeline.store.integrity`: chunk checksums, the marker's file table and digest;
+* :mod:`~pipeline.store.checks`: :func:`store_status`, :func:`check_store` / :func:`verify_store`,
+  :func:`repair_store`.
 
 A store shard has exactly one writer. A writer holds the shard's lock (:func:`shard_lock`)
 while it works, so two runs started on the same store by mistake share the shards instead
@@ -15,8 +17,17 @@ of deleting each other's work; its marker is written last, so a shard without a 
 incomplete and is redone. The layout is in :mod:`pipeline.store.layout` and
 docs/architecture.md.
 """
-from pipeline.store.checks import StoreStatus, store_status, verify_store
+from pipeline.store.checks import (
+    Problem,
+    StoreStatus,
+    VerifyReport,
+    check_store,
+    repair_store,
+    store_status,
+    verify_store,
+)
 from pipeline.store.header import content_mismatch, init_store, read_header
+from pipeline.store.integrity import INTEGRITY_VERSION
 from pipeline.store.layout import (
     ATTR_KEY,
     FORMAT_VERSION,
@@ -27,6 +38,7 @@ from pipeline.store.layout import (
     lock_path,
     marker_path,
     read_markers,
+    scan_markers,
     shard_lock,
     shard_locked,
     shard_name,
@@ -35,8 +47,9 @@ from pipeline.store.reader import FeatureStore, open_store
 from pipeline.store.writer import CODECS, STORAGE_DTYPES, ShardWriter, StorageDtype
 
 __all__ = [
-    "ATTR_KEY", "CODECS", "FORMAT_VERSION", "HEADER_FILE", "STORAGE_DTYPES", "Failure", "FeatureStore",
-    "ShardWriter", "StorageDtype", "StoreStatus", "VideoEntry", "content_mismatch", "create_once",
-    "init_store", "lock_path", "marker_path", "open_store", "read_header", "read_markers", "shard_lock",
-    "shard_locked", "shard_name", "store_status", "verify_store",
+    "ATTR_KEY", "CODECS", "FORMAT_VERSION", "HEADER_FILE", "INTEGRITY_VERSION", "STORAGE_DTYPES", "Failure",
+    "FeatureStore", "Problem", "ShardWriter", "StorageDtype", "StoreStatus", "VerifyReport", "VideoEntry",
+    "check_store", "content_mismatch", "create_once", "init_store", "lock_path", "marker_path", "open_store",
+    "read_header", "read_markers", "repair_store", "scan_markers", "shard_lock", "shard_locked", "shard_name",
+    "store_status", "verify_store",
 ]

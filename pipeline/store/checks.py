@@ -1,17 +1,60 @@
-"""Store health: :func:`store_status` (progress, also while a run writes) and
-:func:`verify_store` (every consistency problem, for ``freezeframe verify``)."""
+"""Store health: :func:`store_status` (progress, also while a run writes), :func:`check_store`
+(every consistency and integrity problem, for ``freezeframe verify``) and
+:func:`repair_store` (``verify --repair``).
+
+What ``verify`` checks, store by store then shard by shard (guarantees:
+:mod:`pipeline.store.integrity`, docs/architecture.md):
+
+* the header, the root group (whose attributes repeat the header) and the ``shards`` group
+  are readable and agree; every marker is readable;
+* per completed shard: the marker's digest matches what it describes; the shard group's
+  ``videos`` attribute matches the marker; every file of the marker's file table is there
+  with its size and (full check) its SHA-256; every array's metadata is readable and its
+  length is the marker's frame count; videos are contiguous, stored once, with
+  non-decreasing timestamps; (full check) every shard file decodes (chunk CRC32C) and
+  float arrays hold no NaN/inf;
+* every planned shard is complete and stored + failed videos account for the manifest.
+
+A problem that damages a shard (anything a re-extraction of that shard would fix) names
+the shard, the file and the videos; ``--repair`` removes those shards' markers, then their
+data, so rerunning the same extract command re-extracts exactly them. Store-level metadata
+that is a copy of something intact (header <-> root group attributes, the ``shards`` group)
+is rewritten from that copy.
+"""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import zarr
 
 from pipeline.errors import StoreError
-from pipeline.store.header import read_header
-from pipeline.store.layout import read_markers, shard_dirs, shard_locked, shards_dir
+from pipeline.fileio import atomic_write_bytes, atomic_write_text
+from pipeline.provenance import sha256_file
+from pipeline.store.header import group_metadata_bytes, read_group_metadata, read_header, root_group_bytes
+from pipeline.store.integrity import (
+    INTEGRITY_VERSION,
+    expected_files,
+    frames_per_file,
+    has_chunk_checksums,
+    marker_digest,
+)
+from pipeline.store.layout import (
+    ATTR_KEY,
+    HEADER_FILE,
+    marker_path,
+    scan_markers,
+    shard_dirs,
+    shard_lock,
+    shard_locked,
+    shards_dir,
+)
+from pipeline.store.writer import STORAGE_DTYPES
 
 
 @dataclass
@@ -29,6 +72,8 @@ class StoreStatus:
     #: the in-progress shards whose writer is alive now (the others were abandoned by a
     #: crash and will be redone by the next run)
     writing_shards: list[str] = field(default_factory=list)
+    #: shards whose marker cannot be read (``freezeframe verify --repair`` removes them)
+    damaged_markers: list[str] = field(default_factory=list)
 
     @property
     def pending_shards(self) -> int:
@@ -37,94 +82,399 @@ class StoreStatus:
 
 
 def store_status(path: str | os.PathLike) -> StoreStatus:
-    """Progress of a store from its markers and shard folders (works while it is being written)."""
+    """Progress of a store from its markers and shard folders (works while it is being
+    written). A damaged marker is counted, not read (:class:`StoreError` only for a header
+    that cannot be read)."""
     root = Path(path)
     header = read_header(root)
-    markers = read_markers(root)
-    in_progress = [s for s in shard_dirs(root) if s not in markers]
-    stored = {v["video_id"] for m in markers.values() for v in m["videos"]}
-    failed = {f["video_id"] for m in markers.values() for f in m.get("failures", [])} - stored
+    markers, bad = scan_markers(root)
+    in_progress = [s for s in shard_dirs(root) if s not in markers and s not in bad]
+    stored = {v.get("video_id") for m in markers.values() for v in m["videos"] if isinstance(v, dict)}
+    failed = {f.get("video_id") for m in markers.values() for f in m.get("failures", [])
+              if isinstance(f, dict)} - stored
     return StoreStatus(
-        planned_shards=int(header["content"].get("num_shards", 0)),
+        planned_shards=_int(header["content"].get("num_shards")),
         complete_shards=sum(1 for s in markers if not s.startswith("retry")),
         in_progress_shards=in_progress,
         videos_stored=len(stored),
-        frames_stored=sum(int(m["num_frames"]) for m in markers.values()),
+        frames_stored=sum(_int(m.get("num_frames")) for m in markers.values()),
         failures=len(failed),
-        planned_videos=int(header["content"].get("num_videos", 0)),
+        planned_videos=_int(header["content"].get("num_videos")),
         writing_shards=[s for s in in_progress if shard_locked(root, s)],
+        damaged_markers=sorted(bad),
     )
 
 
-def verify_store(path: str | os.PathLike, *, scan_values: bool = True, block: int = 256) -> list[str]:
-    """Check a store against its markers; return the list of problems (empty = healthy).
-
-    Checks: every planned shard complete; no shard folder without a marker; array lengths
-    equal the marker's frame count; videos contiguous and inside the arrays; no video stored
-    twice; stored + failed videos account for the manifest; timestamps non-decreasing per
-    video; (``scan_values``) no NaN or inf in features or scales.
-    """
-    root = Path(path)
-    problems: list[str] = []
+def _int(x: Any) -> int:
     try:
-        header = read_header(root)
-    except StoreError as e:
-        return [str(e)]
+        return int(x)
+    except (TypeError, ValueError):
+        return 0
+
+
+# --------------------------------------------------------------------------------------
+# verify
+# --------------------------------------------------------------------------------------
+#: what fixes a problem: ``--repair`` removing the shard (the extract rerun re-extracts it) or
+#: rewriting a store-level metadata file from its intact copy; "extract": only a rerun of the
+#: extract command (incomplete shards); "": neither (the message says what to do)
+REPAIRS = ("shard", "header", "root", "shards_group", "extract", "")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem of a store: what, where (shard, file relative to the store), which videos
+    it affects, and what ``--repair`` does about it (:data:`REPAIRS`)."""
+
+    text: str
+    shard: str | None = None
+    file: str | None = None
+    videos: tuple[str, ...] = ()
+    repair: str = ""
+
+    def __str__(self) -> str:
+        out = (f"shard {self.shard}: " if self.shard else "") + (f"{self.file}: " if self.file else "") + self.text
+        if self.videos:
+            more = f" and {len(self.videos) - 8} more" if len(self.videos) > 8 else ""
+            out += f" (videos {', '.join(self.videos[:8])}{more})"
+        return out
+
+
+@dataclass
+class VerifyReport:
+    """Everything :func:`check_store` found: problems (verify fails) and notes (it does not)."""
+
+    root: Path
+    problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    #: videos of every completed shard (also of damaged ones), for the advice
+    shard_videos: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def damaged_shards(self) -> list[str]:
+        """Shards a re-extraction would fix (what ``--repair`` removes), sorted."""
+        return sorted({p.shard for p in self.problems if p.repair == "shard" and p.shard})
+
+    @property
+    def unfixable(self) -> list[Problem]:
+        """Problems neither ``--repair`` nor an extract rerun fixes."""
+        return [p for p in self.problems if not p.repair]
+
+    def advice(self) -> list[str]:
+        """What to do, in sentences, for the problems found."""
+        out = []
+        shards = self.damaged_shards
+        if shards:
+            listed = "; ".join(f"{s} ({', '.join(self.shard_videos.get(s, [])[:6]) or 'videos unknown'})"
+                               for s in shards[:10])
+            retry = (" (with --retry-failed for the retry shards)"
+                     if any(s.startswith("retry") for s in shards) else "")
+            out.append(f"damaged shard(s): {listed}{' ...' if len(shards) > 10 else ''}")
+            out.append(f"what to do: `freezeframe verify {self.root} --repair` removes these shards (markers, then "
+                       f"data), then rerun the same `freezeframe extract` command{retry}: it re-extracts exactly them")
+        if any(p.repair in ("header", "root", "shards_group") for p in self.problems):
+            out.append(f"`freezeframe verify {self.root} --repair` rewrites the damaged store metadata from its intact "
+                       "copy")
+        if any(p.repair == "extract" for p in self.problems) and not shards:
+            out.append("what to do: rerun the same `freezeframe extract` command to complete the store")
+        if self.unfixable:
+            out.append(f"{len(self.unfixable)} problem(s) need more than --repair and a rerun: see their messages")
+        return out
+
+
+def verify_store(path: str | os.PathLike, *, scan_values: bool = True) -> list[str]:
+    """Check a store; return its problems as lines (empty = healthy). See :func:`check_store`."""
+    return [str(p) for p in check_store(path, scan_values=scan_values).problems]
+
+
+def check_store(path: str | os.PathLike, *, scan_values: bool = True) -> VerifyReport:
+    """Every problem of the store at ``path`` (module docstring). ``scan_values=False``
+    (``verify --quick``) skips what reads every byte: file SHA-256s, chunk decoding, the
+    NaN/inf scan. Never raises on a damaged store: damage is a problem in the report."""
+    root = Path(path)
+    rep = VerifyReport(root)
+    header = _check_store_metadata(root, rep)
+    if header is None:
+        return rep
     content = header.get("content", {})
-    markers = read_markers(root)
+    markers, bad = scan_markers(root)
     present = set(shard_dirs(root))
-    for s in sorted(present - set(markers)):
+    for s, why in bad.items():
+        rep.problems.append(Problem(f"marker {why}; its shard cannot be trusted", s, f"markers/{s}.json",
+                                    repair="shard"))
+    for s in sorted(present - set(markers) - set(bad)):
         if shard_locked(root, s):
-            problems.append(f"shard {s}: incomplete, being written now by a running extraction")
+            rep.problems.append(Problem(f"shard {s}: incomplete, being written now by a running extraction",
+                                        repair="extract"))
         else:
-            problems.append(f"shard {s}: incomplete (no completion marker); rerun `freezeframe extract`")
+            rep.problems.append(Problem(f"shard {s}: incomplete (no completion marker); rerun `freezeframe extract`",
+                                        repair="extract"))
     for s in sorted(set(markers) - present):
-        problems.append(f"shard {s}: marker without arrays")
-    planned = int(content.get("num_shards", 0))
+        rep.problems.append(Problem("marker without arrays", s, f"shards/{s}/", _videos(markers[s]), "shard"))
+    planned = _int(content.get("num_shards"))
     base_done = {int(s) for s in markers if s.isdigit()}
     missing = sorted(set(range(planned)) - base_done)
     if missing:
-        problems.append(f"{len(missing)} planned shard(s) not complete: {missing[:20]}")
+        rep.problems.append(Problem(f"{len(missing)} planned shard(s) not complete: {missing[:20]}",
+                                    repair="extract"))
     seen: dict[str, str] = {}
+    dtype_name = content.get("dtype", "float16")
+    dtype = STORAGE_DTYPES.get(dtype_name if dtype_name in STORAGE_DTYPES.names() else "float16")
+    legacy: list[str] = []
     for s, m in markers.items():
+        rep.shard_videos[s] = list(_videos(m))
         if s not in present:
             continue
-        g = zarr.open_group(str(shards_dir(root) / s), mode="r")
-        arrays = {k: g[k] for k in g.array_keys()}
-        n = int(m["num_frames"])
+        try:
+            _check_shard(root, s, m, dtype.extras, rep, seen, legacy, scan_values)
+        except Exception as e:  # a marker with values of the wrong type, ...: damage, not a crash
+            rep.problems.append(Problem(f"cannot be checked ({type(e).__name__}: {e})", s, repair="shard",
+                                        videos=_videos(m)))
+    if legacy:
+        rep.notes.append(f"no checksums: {len(legacy)} of {len(markers)} shard(s) ({', '.join(legacy[:5])}"
+                         f"{' ...' if len(legacy) > 5 else ''}) were written before integrity version "
+                         f"{INTEGRITY_VERSION} (store header: {_int(header.get('integrity'))}), so bit flips and "
+                         "swapped files cannot be detected in them: re-extract to get them")
+    stored_failed = {f.get("video_id") for m in markers.values() for f in m.get("failures", [])
+                     if isinstance(f, dict)} - set(seen)
+    planned_videos = _int(content.get("num_videos"))
+    if not missing and not bad and planned_videos and len(seen) + len(stored_failed) != planned_videos:
+        rep.problems.append(Problem(
+            f"{len(seen)} stored + {len(stored_failed)} failed videos != {planned_videos} in the manifest"))
+    return rep
+
+
+def _videos(marker: dict, rows: tuple[int, int] | None = None) -> tuple[str, ...]:
+    """Ids of a marker's videos (those overlapping frame rows [start, stop) if given)."""
+    out = []
+    for v in marker.get("videos", []):
+        if not isinstance(v, dict):
+            continue
+        if rows is not None:
+            a, n = _int(v.get("offset")), _int(v.get("length"))
+            if not (a < rows[1] and a + n > rows[0]):
+                continue
+        out.append(str(v.get("video_id")))
+    return tuple(out)
+
+
+def _check_store_metadata(root: Path, rep: VerifyReport) -> dict | None:
+    """Header, root group and ``shards`` group; the header to check the rest against, or
+    None when there is none to trust."""
+    why = ""
+    try:
+        header: dict | None = read_header(root)
+    except StoreError as e:
+        header, why = None, str(e)
+    kept = (read_group_metadata(root / "zarr.json") or {}).get("attributes", {}).get(ATTR_KEY)
+    kept = kept if isinstance(kept, dict) and isinstance(kept.get("content"), dict) else None
+    if header is None:
+        if kept is None:
+            if not (root / HEADER_FILE).exists() and not (root / "zarr.json").exists():
+                rep.problems.append(Problem(why))
+            else:
+                rep.problems.append(Problem(
+                    f"{HEADER_FILE} and zarr.json are both missing or damaged: nothing tells how this store was "
+                    "made; delete it and re-extract", file=HEADER_FILE))
+            return None
+        rep.problems.append(Problem("missing or damaged; --repair restores it from the root zarr.json",
+                                    file=HEADER_FILE, repair="header"))
+        header = kept
+    elif kept is None:
+        rep.problems.append(Problem("root group metadata missing or damaged; --repair rewrites it from the header",
+                                    file="zarr.json", repair="root"))
+    elif kept != header:
+        rep.problems.append(Problem(f"root group attributes differ from {HEADER_FILE}; --repair rewrites them "
+                                    "from the header", file="zarr.json", repair="root"))
+    if read_group_metadata(shards_dir(root) / "zarr.json") is None:
+        rep.problems.append(Problem("shards group metadata missing or damaged; --repair rewrites it",
+                                    file="shards/zarr.json", repair="shards_group"))
+    return header
+
+
+def _check_shard(root: Path, s: str, m: dict, extras: dict[str, str], rep: VerifyReport,
+                 seen: dict[str, str], legacy: list[str], scan: bool) -> None:
+    """Everything about one completed shard (module docstring)."""
+    sdir = shards_dir(root) / s
+    n = int(m["num_frames"])
+    everyone = _videos(m)
+
+    def damaged(text: str, file: str | None = None, videos: tuple[str, ...] = everyone) -> None:
+        rep.problems.append(Problem(text, s, file, videos, "shard"))
+
+    # the marker itself, and the copy of its video table in the shard group
+    if "digest" in m and marker_digest(m) != m["digest"]:
+        damaged("edited or damaged: its digest does not match its videos, labels and files",
+                f"markers/{s}.json")
+    group = read_group_metadata(sdir / "zarr.json")
+    if group is None:
+        damaged("shard group metadata missing or damaged", f"shards/{s}/zarr.json")
+    else:
+        for line in _video_table_diffs(m.get("videos", []), group.get("attributes", {}).get("videos")):
+            damaged(f"marker and shard attributes disagree: {line}", f"markers/{s}.json")
+
+    # arrays: metadata, checksums, length
+    files: dict[str, dict] | None = m.get("files") if isinstance(m.get("files"), dict) else None
+    names = {"features", "timestamps", *extras}
+    if files is not None:
+        names |= {rel.split("/")[0] for rel in files if rel.count("/") == 1 and rel.endswith("/zarr.json")}
+    arrays: dict[str, Any] = {}
+    for k in sorted(names):
+        try:
+            arrays[k] = zarr.open_array(str(sdir / k), mode="r")
+        except Exception as e:  # missing or unreadable metadata
+            damaged(f"array metadata missing or damaged ({type(e).__name__})", f"shards/{s}/{k}/zarr.json")
+    if files is None or any(not has_chunk_checksums(a) for a in arrays.values()):
+        legacy.append(s)
+    for k, a in arrays.items():
+        if a.shape[0] != n:
+            rep.problems.append(Problem(f"shard {s}: array {k} has {a.shape[0]} frames, marker says {n}",
+                                        repair="shard"))
+
+    def file_videos(rel: str) -> tuple[str, ...]:
+        parts = rel.split("/")
+        if len(parts) > 2 and parts[1] == "c" and parts[0] in arrays and parts[2].isdigit():
+            per = frames_per_file(arrays[parts[0]])
+            return _videos(m, (int(parts[2]) * per, (int(parts[2]) + 1) * per))
+        return everyone
+
+    # the shard's files: against the marker's table, or the files the shapes imply
+    bad_files: set[str] = set()
+    if files is not None:
+        for rel, rec in files.items():
+            p = sdir / rel
+            size = p.stat().st_size if p.is_file() else None
+            if size is None:
+                why = f"missing (the marker records {rec['bytes']:,} bytes)"
+            elif size != rec["bytes"]:
+                why = f"{size:,} bytes, the marker records {rec['bytes']:,} (truncated, emptied or replaced)"
+            elif scan and sha256_file(p) != rec["sha256"]:
+                why = "content does not match the SHA-256 in the marker (damaged, or another shard's file)"
+            else:
+                continue
+            bad_files.add(rel)
+            damaged(why, f"shards/{s}/{rel}", file_videos(rel))
+    else:
         for k, a in arrays.items():
-            if a.shape[0] != n:
-                problems.append(f"shard {s}: array {k} has {a.shape[0]} frames, marker says {n}")
-        pos = 0
-        for v in m["videos"]:
-            vid = v["video_id"]
-            if vid in seen:
-                problems.append(f"video {vid!r} stored twice (shards {seen[vid]} and {s})")
-            seen[vid] = s
-            if int(v["offset"]) != pos:
-                problems.append(f"shard {s}: video {vid!r} offset {v['offset']} != {pos}")
-            if int(v["length"]) <= 0:
-                problems.append(f"shard {s}: video {vid!r} has no frames")
-            pos = int(v["offset"]) + int(v["length"])
-            ts = np.asarray(arrays["timestamps"][int(v["offset"]) : pos])
-            if ts.size and (np.any(~np.isfinite(ts)) or np.any(np.diff(ts) < 0)):
-                problems.append(f"shard {s}: video {vid!r} timestamps not finite/non-decreasing")
-        if pos != n:
-            problems.append(f"shard {s}: videos cover {pos} frames, arrays hold {n}")
-        if scan_values:
-            for k in ("features", "scales"):
-                if k not in arrays:
-                    continue
-                a = arrays[k]
-                for i in range(0, a.shape[0], block):
-                    x = np.asarray(a[i : i + block])
-                    if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
-                        bad = int(np.sum(~np.isfinite(x)))
-                        problems.append(f"shard {s}: {bad} NaN/inf values in {k} rows {i}..{i + len(x)}")
-    failed = {f["video_id"] for m in markers.values() for f in m.get("failures", [])} - set(seen)
-    planned_videos = int(content.get("num_videos", 0))
-    if not missing and planned_videos and len(seen) + len(failed) != planned_videos:
-        problems.append(
-            f"{len(seen)} stored + {len(failed)} failed videos != {planned_videos} in the manifest"
-        )
-    return problems
+            for key, a0, a1 in expected_files(a, min(n, a.shape[0])):
+                p = sdir / k / key
+                if not p.is_file() or p.stat().st_size == 0:
+                    bad_files.add(f"{k}/{key}")
+                    damaged("missing or empty (zarr would read it as zeros)", f"shards/{s}/{k}/{key}",
+                            _videos(m, (a0, a1)))
+
+    # videos: contiguous, stored once, timestamps in order
+    # (not where a timestamps file is already known bad: zarr would read zeros there)
+    ts = None if any(f.startswith("timestamps/") for f in bad_files) else _read_quiet(arrays.get("timestamps"))
+    pos = 0
+    for v in m["videos"]:
+        vid = v["video_id"]
+        if vid in seen:
+            rep.problems.append(Problem(f"video {vid!r} stored twice (shards {seen[vid]} and {s})"))
+        seen[vid] = s
+        if int(v["offset"]) != pos:
+            rep.problems.append(Problem(f"shard {s}: video {vid!r} offset {v['offset']} != {pos}", repair="shard"))
+        if int(v["length"]) <= 0:
+            rep.problems.append(Problem(f"shard {s}: video {vid!r} has no frames", repair="shard"))
+        pos = int(v["offset"]) + int(v["length"])
+        t = ts[int(v["offset"]) : pos] if ts is not None else np.empty(0)
+        if t.size and (np.any(~np.isfinite(t)) or np.any(np.diff(t) < 0)):
+            rep.problems.append(Problem(f"shard {s}: video {vid!r} timestamps not finite/non-decreasing",
+                                        repair=_value_repair(arrays["timestamps"])))
+    if pos != n:
+        rep.problems.append(Problem(f"shard {s}: videos cover {pos} frames, arrays hold {n}", repair="shard"))
+
+    # every shard file decodes (chunk checksums), float values are finite
+    if not scan:
+        return
+    for k, a in arrays.items():
+        for key, a0, a1 in expected_files(a, a.shape[0]):
+            if f"{k}/{key}" in bad_files:
+                continue
+            try:
+                x = np.asarray(a[a0:a1])
+            except Exception as e:  # bad checksum, cut file, undecodable bytes
+                damaged(f"cannot be read ({type(e).__name__}: {str(e)[:100]})", f"shards/{s}/{k}/{key}",
+                        _videos(m, (a0, a1)))
+                continue
+            if k != "timestamps" and x.dtype.kind == "f" and not np.all(np.isfinite(x)):
+                bad = int(np.sum(~np.isfinite(x)))
+                rep.problems.append(Problem(f"shard {s}: {bad} NaN/inf values in {k} rows {a0}..{a1}",
+                                            videos=_videos(m, (a0, a1)), repair=_value_repair(a)))
+
+
+def _value_repair(array: Any) -> str:
+    """Bad values in a checksummed array were written that way (the backbone produced them:
+    re-extracting gives them again); in one without checksums they may be damage."""
+    return "" if has_chunk_checksums(array) else "shard"
+
+
+def _read_quiet(array: Any) -> np.ndarray | None:
+    """The whole array, or None if it cannot be read (the decode scan names the file)."""
+    if array is None:
+        return None
+    try:
+        return np.asarray(array[...])
+    except Exception:
+        return None
+
+
+def _video_table_diffs(marker_videos: list, group_videos: Any) -> list[str]:
+    """Differences between the marker's video table and the shard group's ``videos``."""
+    if not isinstance(group_videos, list):
+        return ["the shard group has no video table"]
+    out = []
+    if len(marker_videos) != len(group_videos):
+        out.append(f"{len(marker_videos)} videos in the marker, {len(group_videos)} in the shard")
+    for mv, gv in zip(marker_videos, group_videos):
+        if mv != gv and isinstance(mv, dict) and isinstance(gv, dict):
+            keys = sorted(k for k in set(mv) | set(gv) if mv.get(k) != gv.get(k))
+            diffs = ", ".join(f"{k} {mv.get(k)!r} in the marker, {gv.get(k)!r} in the shard" for k in keys)
+            out.append(f"video {gv.get('video_id', mv.get('video_id'))!r}: {diffs}")
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# repair
+# --------------------------------------------------------------------------------------
+def repair_store(path: str | os.PathLike, report: VerifyReport | None = None,
+                 log: Callable[[str], None] = lambda s: None) -> list[str]:
+    """Fix what ``report`` (default: a full :func:`check_store`) says ``--repair`` can fix;
+    return one line per action.
+
+    Store metadata is rewritten from its intact copy; each damaged shard loses its marker
+    first (so it is incomplete from then on, even if this is interrupted), then its data,
+    under the shard's lock (a shard a running extraction is writing is left alone). A rerun
+    of the same extract command then re-extracts exactly the removed shards.
+    """
+    root = Path(path)
+    report = report or check_store(root)
+    kinds = {p.repair for p in report.problems}
+    actions: list[str] = []
+
+    def act(line: str) -> None:
+        actions.append(line)
+        log(line)
+
+    if "header" in kinds:
+        kept = json.loads((root / "zarr.json").read_bytes())["attributes"][ATTR_KEY]
+        atomic_write_text(root / HEADER_FILE, json.dumps(kept, indent=2, sort_keys=True))
+        act(f"{HEADER_FILE}: restored from the root zarr.json")
+    if "root" in kinds:
+        atomic_write_bytes(root / "zarr.json", root_group_bytes(read_header(root)))
+        act(f"zarr.json: rewritten from {HEADER_FILE}")
+    if "shards_group" in kinds:
+        atomic_write_bytes(shards_dir(root) / "zarr.json", group_metadata_bytes({}))
+        act("shards/zarr.json: rewritten")
+    for s in report.damaged_shards:
+        with shard_lock(root, s) as mine:
+            if not mine:
+                act(f"shard {s}: being written by a running extraction; left alone")
+                continue
+            marker_path(root, s).unlink(missing_ok=True)
+            shutil.rmtree(shards_dir(root) / s, ignore_errors=True)
+        vids = report.shard_videos.get(s)
+        what = (f"{len(vids)} videos: {', '.join(vids[:6])}{' ...' if len(vids) > 6 else ''}" if vids is not None
+                else "videos unknown: its marker was unreadable")
+        act(f"shard {s}: marker and data removed ({what}); the next extract run re-extracts it")
+    return actions

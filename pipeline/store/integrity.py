@@ -9,9 +9,12 @@ Integrity version 1 (``header["integrity"]``, ``marker["integrity"]``):
 * every chunk is written, even one equal to the fill value (``write_empty_chunks``), so the
   shard files of an array are exactly ``ceil(frames / frames_per_file)`` and a missing one
   is damage, never "all zeros";
-* the completion marker records every file of its shard (path, bytes, CRC32C) and a digest
+* the completion marker records every file of its shard (path, bytes, SHA-256) and a digest
   of what it describes (videos with offsets, lengths, labels, splits; failures; frame count;
-  the file table), so an edited marker or files swapped between shards are caught.
+  the file table), so an edited marker or files swapped between shards are caught. (Not a
+  CRC32C of the file: a shard file is a sequence of blocks that each end in their own
+  CRC32C, and the CRC32C of such a sequence depends only on the block lengths, so it would
+  not tell two shard files of the same layout apart.)
 
 Version 0 is a store written before all this: it reads as before, ``verify`` says it has no
 checksums. Checksum cost in bytes and write time: docs/benchmarks.md.
@@ -23,10 +26,10 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-import google_crc32c
 from zarr.codecs import Crc32cCodec, ShardingCodec
 
 from pipeline.config import config_hash
+from pipeline.provenance import sha256_file
 
 INTEGRITY_VERSION = 1
 
@@ -52,15 +55,6 @@ def has_chunk_checksums(array: Any) -> bool:
     return any(isinstance(c, Crc32cCodec) for c in codecs)
 
 
-def crc32c_file(path: str | os.PathLike, block: int = 1 << 22) -> str:
-    """CRC32C of a file's bytes as 8 hex digits."""
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            crc = google_crc32c.extend(crc, chunk)
-    return f"{crc:08x}"
-
-
 def _walk(folder: Path) -> Iterator[Path]:
     for p in sorted(folder.rglob("*")):
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts):
@@ -69,9 +63,9 @@ def _walk(folder: Path) -> Iterator[Path]:
 
 def file_table(shard_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """Every file of a shard folder (hidden temporaries excluded): relative POSIX path ->
-    ``{"bytes": size, "crc32c": hex}``, sorted by path."""
+    ``{"bytes": size, "sha256": hex}``, sorted by path."""
     root = Path(shard_dir)
-    return {p.relative_to(root).as_posix(): {"bytes": p.stat().st_size, "crc32c": crc32c_file(p)}
+    return {p.relative_to(root).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
             for p in _walk(root)}
 
 
