@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from pipeline.cli import flag_overrides
+from freezeframe.cli.common import flag_overrides
 
 console = Console(stderr=True)
 out = Console()

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.skipif(mobilenet_checkpoint() is None, reason="MobileNetV2 weights not cached: run `make weights`")
 def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path: Path) -> None:
-    from pipeline.demo import QUICK, run_demo
+    from freezeframe.demo import QUICK, run_demo
     from pipeline.store import open_store, verify_store
 
     report = run_demo(tmp_path / "demo", quick=True)

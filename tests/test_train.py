@@ -68,10 +68,8 @@ def _cli(args: list[str], monkeypatch: pytest.MonkeyPatch):
     """Run the real ``freezeframe`` typer app in-process (commands registered once)."""
     from typer.testing import CliRunner
 
-    from pipeline import cli
+    from freezeframe import cli
 
-    if not cli.app.registered_commands:
-        cli._register()
     monkeypatch.setenv("COLUMNS", "220")
     return CliRunner().invoke(cli.app, args)
 

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.cli import flag_overrides
+from freezeframe.cli.common import flag_overrides
 
 console = Console(stderr=True)
 out = Console()
@@ -180,6 +180,6 @@ def register(app: typer.Typer) -> None:
         quick: bool = typer.Option(False, "--quick", help="A much smaller run (smoke test, ~2 min)."),
     ) -> None:
         """The whole method on the embedded synthetic benchmark, with a Markdown report and plots."""
-        from pipeline.demo import run_demo
+        from freezeframe.demo import run_demo
 
         run_demo(out_dir, quick=quick, console=console)
