@@ -82,6 +82,12 @@ def flag_overrides(**flags: object) -> list[str]:
     return overrides
 
 
+def config_option(cls: type, key: str, help: str, *param_decls: str) -> Any:
+    """An option that overrides config field ``key`` of ``cls`` when given (value None when
+    left out, see :func:`flag_overrides`); its help shows the dataclass default."""
+    return typer.Option(None, *param_decls, help=help, show_default=config_default(cls, key))
+
+
 def config_default(cls: type, dotted: str) -> str:
     """The default of a (nested) dataclass field as help text, e.g. ``config_default(TrainConfig,
     "optim.epochs") == "800"``; ``None`` reads "none". Options whose value is None on the
