@@ -256,15 +256,18 @@ def _build(cls: type[C], d: Mapping, where: str, problems: _Problems) -> C:
     unknown = sorted(set(d) - set(fields))
     if unknown:
         problems.append(f"unknown config key(s) {[prefix + u for u in unknown]}; known: {sorted(fields)}")
-    kwargs = {k: _coerce(hints[k], v, prefix + k, problems) for k, v in d.items() if k in fields}
-    n = len(problems)
+    kwargs = {}
+    for k, v in d.items():
+        if k in fields:
+            n = len(problems)
+            value = _coerce(hints[k], v, prefix + k, problems)
+            if len(problems) == n:  # a value of the wrong type is reported once, not checked again
+                kwargs[k] = value
     try:
         base = cls()  # type: ignore[call-arg]
     except Exception as e:  # a default that fails its own check: report, do not crash
         problems.append(f"{where or cls.__name__}: {e}")
         return None  # type: ignore[return-value]
-    if len(problems) > n:
-        return base
     try:
         return dataclasses.replace(base, **kwargs)
     except ConfigError as e:

@@ -16,6 +16,7 @@ from freezeframe.cli import COMMANDS, app
 from pipeline.errors import ConfigError, ManifestError, StoreError
 from pipeline.manifest import ManifestRow, write_manifest
 from pipeline.registry import RegistryError
+from tests.stores import write_synthetic_store
 from tests.videos import make_h264_video, pattern_frames
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,8 +58,8 @@ def test_missing_manifest(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("flags, expected", [
     (["--backbone", "clip-b16"], "unknown backbone 'clip-b16'; choose one of: clip-vit-b16"),
-    (["--dtype", "bf16"], "'bf16'"),
-    (["--set", "fps=four"], "fps: expected float"),
+    (["--dtype", "bf16"], "unknown storage dtype 'bf16'; choose one of: float16, float32, int8"),
+    (["--set", "fps=four"], "fps: expected float or none, got 'four'"),
 ])
 def test_bad_extract_values(manifest: Path, tmp_path: Path, flags: list[str], expected: str) -> None:
     store = tmp_path / "s.zarr"
@@ -68,12 +69,48 @@ def test_bad_extract_values(manifest: Path, tmp_path: Path, flags: list[str], ex
 
 
 def test_bad_extract_values_raise_the_library_errors_with_debug(manifest: Path, tmp_path: Path) -> None:
-    """The line above is the message of the library's own error (RegistryError, ConfigError)."""
+    """The line above is the message of the library's own error (a ConfigError, every bad value
+    in one message: a value of the wrong type is reported once)."""
     base = ["--debug", "extract", "--manifest", str(manifest), "--store", str(tmp_path / "s.zarr"), *FAST]
     r = invoke([*base, "--backbone", "clip-b16"])
-    assert isinstance(r.exception, RegistryError) and isinstance(r.exception, KeyError)
-    r = invoke([*base, "--set", "fps=four"])
+    assert isinstance(r.exception, ConfigError) and "unknown backbone 'clip-b16'" in str(r.exception)
+    r = invoke([*base, "--set", "fps=four", "--dtype", "bf16"])
     assert isinstance(r.exception, ConfigError)
+    assert str(r.exception).count("fps") == 1 and "unknown storage dtype 'bf16'" in str(r.exception)
+    r = invoke([*base, "--set", "fps=four"])
+    assert str(r.exception) == "invalid config: fps: expected float or none, got 'four'"
+
+
+def test_unknown_model_arch_in_training(tmp_path: Path) -> None:
+    """An unknown name in a registry of stage 2 (MODELS, through --arch): one line, nothing written."""
+    store = write_synthetic_store(tmp_path / "s.zarr").path
+    args = ["pretrain", "--store", str(store), "--run-dir", str(tmp_path / "run"), "--arch", "transformer",
+            "--set", "model.tmm.in_channels=16", "--set", "data.workers=0", "--set", "optim.batch_size=2"]
+    msg = one_error_line(invoke(args))
+    assert msg == "unknown model.arch 'transformer'; choose one of: avgpool, tmm"
+    assert not (tmp_path / "run").exists()
+
+
+def test_registry_error_is_one_line_unquoted() -> None:
+    """A RegistryError (a KeyError too, whose str() would quote the message) from a real registry,
+    raised in any command of an app made by ``new_app``."""
+    from extract.backbones import BACKBONES
+    from freezeframe.cli.common import new_app
+
+    tool = new_app("test app")
+
+    @tool.command()
+    def look(name: str) -> None:
+        BACKBONES.get(name)
+
+    @tool.command()
+    def other() -> None:
+        pass
+
+    msg = one_error_line(CliRunner().invoke(tool, ["look", "clip-b16"]))
+    assert msg == f"unknown backbone 'clip-b16'; choose one of: {', '.join(BACKBONES.names())}"
+    assert isinstance(CliRunner().invoke(tool, ["look", "clip-b16"], env={"FREEZEFRAME_DEBUG": "1"}).exception,
+                      RegistryError)
 
 
 def test_missing_store_and_run_dir(tmp_path: Path) -> None:
@@ -126,22 +163,21 @@ def test_the_installed_script_prints_one_line(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------
 # help
 # --------------------------------------------------------------------------------------
-def test_extract_help_keeps_brackets_shows_defaults_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_extract_help_keeps_brackets_shows_defaults_and_flags() -> None:
     from extract.config import ExtractConfig
 
-    monkeypatch.setenv("COLUMNS", "200")  # one line per option
     r = invoke(["extract", "--help"])
     assert r.exit_code == 0, r.output
-    lines = {ln.split()[0]: ln for ln in r.stdout.splitlines() if ln.strip().startswith("--")}
-    assert "([extract] table or top level)" in lines["--config"]  # not eaten as markup
-    assert f"[default: ({ExtractConfig().dtype})]" in lines["--dtype"]
-    assert f"[default: ({ExtractConfig().batch_size})]" in lines["--batch-size"]
-    for flag in ("--random-weights", "--retry-failed", "--no-progress"):
-        assert lines[flag].split()[0] == flag and "bool" not in lines[flag].lower(), lines[flag]
+    flat = " ".join(r.stdout.split())  # wrapping undone
+    assert "--config <path> TOML config file ([extract] table or top level)." in flat  # not eaten as markup
+    assert f"--dtype <str> float16 | float32 | int8 (int8: per-token scale). [default: ({ExtractConfig().dtype})]" in flat
+    assert f"--batch-size <int> Frames per backbone forward. [default: ({ExtractConfig().batch_size})]" in flat
+    for flag, text in (("--random-weights", "Random init"), ("--retry-failed", "Retry only"), ("--no-progress", "No")):
+        assert f"{flag} {text}" in flat  # a flag: no value type between the flag and its help
+    assert "bool" not in flat.lower()
 
 
-def test_every_command_has_help_with_its_options(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("COLUMNS", "200")
+def test_every_command_has_help_with_its_options() -> None:
     r = invoke(["--help"])
     assert r.exit_code == 0 and "--debug" in r.stdout
     assert [ln.split()[0] for ln in r.stdout.split("Commands:")[1].splitlines() if ln.strip()] == list(COMMANDS)

@@ -1,4 +1,4 @@
-"""Stage-2 training on tiny cached-feature stores (train/loop.py, train/tasks/, train/cli.py).
+"""Stage-2 training on tiny cached-feature stores (train/loop.py, train/tasks/, freezeframe/cli/train.py).
 
 Resume equality (a real SIGKILL of `freezeframe pretrain`, and a fine-tuning run from a PRP
 init stopped mid-epoch), refusals before any training step, the stats/evaluate/report
