@@ -170,7 +170,8 @@ def test_extract_help_keeps_brackets_shows_defaults_and_flags() -> None:
     assert r.exit_code == 0, r.output
     flat = " ".join(r.stdout.split())  # wrapping undone
     assert "--config <path> TOML config file ([extract] table or top level)." in flat  # not eaten as markup
-    assert f"--dtype <str> float16 | float32 | int8 (int8: per-token scale). [default: ({ExtractConfig().dtype})]" in flat
+    dtype_help = "float16 | float32 | int8 (int8: per-token scale)."
+    assert f"--dtype <str> {dtype_help} [default: ({ExtractConfig().dtype})]" in flat
     assert f"--batch-size <int> Frames per backbone forward. [default: ({ExtractConfig().batch_size})]" in flat
     for flag, text in (("--random-weights", "Random init"), ("--retry-failed", "Retry only"), ("--no-progress", "No")):
         assert f"{flag} {text}" in flat  # a flag: no value type between the flag and its help

@@ -26,7 +26,7 @@ class RunEvaluation:
     plots: list[Path] = field(default_factory=list)
 
 
-def evaluate_run(run_dir: str | Path, *, store: str | None = None, split: str | None = None,
+def evaluate_run(run_dir: str | Path, *, store: str | Path | None = None, split: str | None = None,
                  evaluation: str = "multiview", device: str = "cpu") -> RunEvaluation:
     """Rebuild the run's model from ``config.json``, load its final (else last) checkpoint and
     run ``evaluation`` on ``store`` / ``split`` (default: the run's ``data.store`` and

@@ -67,7 +67,8 @@ def new_app(help: str, *, cls: type[AppGroup] = AppGroup, **kwargs: Any) -> type
 
 def flag_overrides(**flags: object) -> list[str]:
     """Turn CLI flags that were given (not None) into dotted ``key=value`` overrides
-    (the syntax of :func:`pipeline.config.parse_overrides`)."""
+    (the syntax of :func:`pipeline.config.parse_overrides`); paths and other values become
+    quoted strings."""
     overrides = []
     for key, value in flags.items():
         if value is None:

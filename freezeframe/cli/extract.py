@@ -22,8 +22,8 @@ from pipeline.store import store_status
 
 app = new_app("Stage 1: plan and extract.")
 
-_SET = typer.Option([], "--set", help="Override any config field: key=value (e.g. --set codec=blosc).",
-                    show_default=False)
+_SET = typer.Option([], "--set", metavar="KEY=VALUE", show_default=False,
+                    help="Override any config field (repeatable; e.g. --set codec=blosc).")
 _DATASET = typer.Option(None, help="Dataset defaults: the [extract] table of manifests/configs/<name>.toml.")
 _CONFIG = typer.Option(None, help="TOML config file ([extract] table or top level).")
 
@@ -38,10 +38,6 @@ def _human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return str(n)
-
-
-def _path(p: Optional[Path]) -> Optional[str]:
-    return str(p) if p else None
 
 
 @app.command()
@@ -60,7 +56,7 @@ def plan(
 ) -> None:
     """Dry run: frames, bytes and shards an extraction would produce (headers only, no decoding)."""
     cfg = resolve_extract_config(dataset, config, flag_overrides(
-        manifest=str(manifest), backbone=backbone, image_size=image_size, fps=fps, dtype=dtype,
+        manifest=manifest, backbone=backbone, image_size=image_size, fps=fps, dtype=dtype,
         spatial_pool=spatial_pool, channel_pool=channel_pool, videos_per_shard=videos_per_shard) + list(set_))
     p = plan_extraction(cfg)
     t = Table(title=f"plan for {escape(str(cfg.manifest))}")
@@ -114,7 +110,7 @@ def extract(
 ) -> None:
     """Extract frozen-backbone patch features of every video into a sharded zarr v3 store."""
     cfg = resolve_extract_config(dataset, config, flag_overrides(
-        manifest=_path(manifest), store=_path(store), backbone=backbone, weights=_path(weights),
+        manifest=manifest, store=store, backbone=backbone, weights=weights,
         random_weights=random_weights, image_size=image_size, fps=fps, geometry=geometry, dtype=dtype, codec=codec,
         spatial_pool=spatial_pool, channel_pool=channel_pool, videos_per_shard=videos_per_shard,
         batch_size=batch_size, workers=workers, threads=threads, streams=streams, decode_timeout=decode_timeout,

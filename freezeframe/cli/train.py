@@ -31,8 +31,8 @@ _EPOCHS = config_option(TrainConfig, "optim.epochs", "Epochs (overrides optim.ep
 _SEED = config_option(TrainConfig, "seed", "Seed.")
 _KT = config_option(TrainConfig, "model.tmm.temporal_kernel", "TMM temporal kernel kt (1 = released code, 3 = paper).")
 _ARCH = config_option(TrainConfig, "model.arch", "tmm | avgpool.")
-_SET = typer.Option([], "--set", help="Override any config field: key=value (e.g. optim.base_lr=5e-4).",
-                    show_default=False)
+_SET = typer.Option([], "--set", metavar="KEY=VALUE", show_default=False,
+                    help="Override any config field (repeatable; e.g. --set optim.base_lr=5e-4).")
 
 
 def _train(task: str, dataset: Optional[str], config: Optional[Path], set_: list[str], **flags: object) -> None:
@@ -42,10 +42,6 @@ def _train(task: str, dataset: Optional[str], config: Optional[Path], set_: list
     if res.top1 is not None:
         msg += f", test top-1 {100 * res.top1:.2f}% top-5 {100 * (res.top5 or 0):.2f}%"
     out.print(msg)
-
-
-def _path(p: Optional[Path]) -> Optional[str]:
-    return str(p) if p else None
 
 
 @app.command()
@@ -58,7 +54,7 @@ def pretrain(
 ) -> None:
     """PRP pretraining of the TMM + head on cached features (torchrun for several GPUs/ranks)."""
     _train("prp", dataset, config, set_, **{
-        "data.store": _path(store), "run_dir": _path(run_dir), "optim.epochs": epochs, "seed": seed,
+        "data.store": store, "run_dir": run_dir, "optim.epochs": epochs, "seed": seed,
         "model.tmm.temporal_kernel": temporal_kernel, "model.arch": arch})
 
 
@@ -74,7 +70,7 @@ def finetune(
 ) -> None:
     """Fine-tune TMM + a new head on labels, then evaluate with the multi-view test protocol."""
     _train("finetune", dataset, config, set_, **{
-        "data.store": _path(store), "run_dir": _path(run_dir), "init": _path(init), "optim.epochs": epochs,
+        "data.store": store, "run_dir": run_dir, "init": init, "optim.epochs": epochs,
         "seed": seed, "model.tmm.temporal_kernel": temporal_kernel, "model.arch": arch})
 
 
@@ -87,7 +83,7 @@ def evaluate(
                                         show_default=False),
 ) -> None:
     """Top-1, top-5, per-class accuracy and a confusion-matrix PNG of a run's final checkpoint."""
-    ev = evaluate_run(run_dir, store=_path(store), split=split)
+    ev = evaluate_run(run_dir, store=store, split=split)
     res = ev.output
     t = Table(title=f"evaluation of {run_dir} on {ev.store}:{ev.split}")
     t.add_column("class")
