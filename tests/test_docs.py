@@ -9,7 +9,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "architecture.md"
-PACKAGES = ("pipeline", "manifests", "extract", "train", "freezeframe")
+PACKAGES = ("pipeline", "manifests", "synth", "extract", "train", "freezeframe")
 
 
 def _definitions() -> set[str]:

@@ -10,7 +10,7 @@ import typer
 
 from extract.weights import fetch_mobilenet
 from freezeframe.cli.common import config_option, new_app, out
-from manifests.synthetic import SynthConfig, write_synthetic
+from synth.benchmark import SynthConfig, write_synthetic
 
 app = new_app("The embedded synthetic benchmark and the offline backbone weights.")
 
