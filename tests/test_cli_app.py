@@ -69,14 +69,11 @@ def test_bad_extract_values(manifest: Path, tmp_path: Path, flags: list[str], ex
 
 
 def test_bad_extract_values_raise_the_library_errors_with_debug(manifest: Path, tmp_path: Path) -> None:
-    """The line above is the message of the library's own error (a ConfigError, every bad value
-    in one message: a value of the wrong type is reported once)."""
+    """The line above is the message of the library's own error (a ConfigError; a value of the
+    wrong type is reported once, not checked again by ExtractConfig's validation)."""
     base = ["--debug", "extract", "--manifest", str(manifest), "--store", str(tmp_path / "s.zarr"), *FAST]
     r = invoke([*base, "--backbone", "clip-b16"])
     assert isinstance(r.exception, ConfigError) and "unknown backbone 'clip-b16'" in str(r.exception)
-    r = invoke([*base, "--set", "fps=four", "--dtype", "bf16"])
-    assert isinstance(r.exception, ConfigError)
-    assert str(r.exception).count("fps") == 1 and "unknown storage dtype 'bf16'" in str(r.exception)
     r = invoke([*base, "--set", "fps=four"])
     assert str(r.exception) == "invalid config: fps: expected float or none, got 'four'"
 
