@@ -360,7 +360,7 @@ def create_then_die(*args, **kwargs):
 
 header.create_once = create_then_die
 sys.argv = ["freezeframe", *sys.argv[1:]]
-from pipeline.cli import main
+from freezeframe.cli import main
 main()
 """
 
