@@ -74,7 +74,8 @@ def main() -> None:
                     verify_best[version] = min(verify_best[version], time.process_time() - t0)
             for version in (0, 1):
                 root = Path(tmp) / f"{dtype}-{codec}-{version}-0"
-                nbytes = sum(p.stat().st_size for p in (root / "shards").rglob("*") if p.is_file())
+                nbytes = sum(p.stat().st_size for p in (root / "shards").rglob("*")  # chunk files only
+                             if p.is_file() and p.name != "zarr.json")
                 row[f"v{version}"] = {"bytes_per_frame": nbytes / args.frames, "write_cpu_s": best[version],
                                       "verify_cpu_s": verify_best[version],
                                       "marker_bytes": (root / "markers" / "00000.json").stat().st_size}

@@ -416,3 +416,19 @@ def test_a_bad_value_leaves_no_store_behind(flags: list[str], real: Real, tmp_pa
     r = invoke([*real.args(store), *flags])
     assert r.exit_code != 0 and isinstance(r.exception, ConfigError), r.exception
     assert not store.exists()  # so the corrected rerun is a fresh extraction
+
+
+def test_integrity_bench_counts_4_bytes_per_chunk(tmp_path: Path) -> None:
+    """``bench.integrity`` runs, and the checksums cost exactly 4 bytes per chunk: one chunk per
+    frame of features (and scales), one per shard file of timestamps."""
+    out = tmp_path / "bench.json"
+    p = subprocess.run([sys.executable, "-m", "bench.integrity", "--frames", "40", "--grid", "2", "--channels", "8",
+                        "--frames-per-file", "16", "--repeats", "1", "--out", str(out)], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = {r["dtype"]: r for r in json.loads(out.read_text())["rows"]}
+    per_frame_arrays = {"float16": 1, "int8": 2, "float32": 1}
+    for dtype, row in rows.items():
+        extra = round((row["v1"]["bytes_per_frame"] - row["v0"]["bytes_per_frame"]) * 40)
+        assert extra == 4 * (40 * per_frame_arrays[dtype] + 3), (dtype, extra)  # 3 timestamps files of 16
+        assert row["v1"]["marker_bytes"] > row["v0"]["marker_bytes"]
