@@ -1,7 +1,10 @@
 """The extraction config (stage 1) and the parts of it that define a store's content."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+from pipeline.errors import ConfigError
 
 
 @dataclass
@@ -39,6 +42,9 @@ class ExtractConfig:
     threads: int = 0  # CPU threads of the backbone; 0 = this rank's cores (cores / local ranks)
     streams: int = 0  # batches encoded at once (see extract.runner.ThreadPlan); 0 = auto
     decode_timeout: float = 120.0  # seconds a video may stall the pipeline before its worker is killed
+    # at a set fps, a gap (seconds) between two frames longer than this quarantines the video
+    # (stage too_long) instead of storing one frame for all of it; None: no limit
+    max_gap: float | None = 60.0
     chunk_size: int = 32  # frames per decoded chunk sent from a worker
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # autocast on CUDA (features are stored in the declared dtype anyway)
@@ -46,3 +52,9 @@ class ExtractConfig:
     num_shards: int | None = None  # number of independent jobs
     retry_failed: bool = False  # only retry videos recorded as failures
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_gap is not None and not (isinstance(self.max_gap, (int, float)) and math.isfinite(self.max_gap)
+                                             and self.max_gap > 0):
+            raise ConfigError(f"max_gap must be a positive number of seconds or None (no limit), "
+                              f"got {self.max_gap!r}")
