@@ -282,7 +282,18 @@ class _Worker:
         return f"exit code {code}"
 
 
-_DEATH_HINT = ("SIGKILL usually means the out-of-memory killer (see `dmesg`; use fewer --workers or "
+@dataclass(frozen=True)
+class _Fault:
+    """A worker that died or stalled on a video: ``reason`` is the short form
+    (``worker_died: SIGKILL``), ``advice`` what the user can do."""
+
+    stage: str  # worker_died | timeout
+    error_type: str
+    reason: str
+    advice: str
+
+
+_DEATH_ADVICE = ("SIGKILL usually means the out-of-memory killer (see `dmesg`; use fewer --workers or "
                "smaller chunks), SIGSEGV/SIGABRT a crash inside the native decoder (re-encode the file, "
                "e.g. ffmpeg -i IN -c:v libx264 OUT.mp4, or drop it); then rerun with --retry-failed")
 
@@ -294,7 +305,7 @@ class _Attempt:
 
     times: list[np.ndarray] = field(default_factory=list)  # each (n,) float64 seconds
     crcs: list[np.ndarray] = field(default_factory=list)  # each (n,) uint32
-    faults: list[tuple[str, str, str]] = field(default_factory=list)  # (stage, error type, message) per death/stall
+    faults: list[_Fault] = field(default_factory=list)  # each death or stall, in order
 
     def delivered(self, times: np.ndarray, crcs: np.ndarray) -> None:
         self.times.append(np.asarray(times))
@@ -403,19 +414,19 @@ class DecodePool:
         while True:
             w = self.workers[k]
             t0 = time.monotonic()
-            fault: tuple[str, str, str] | None = None  # (stage, error type, message)
+            fault: _Fault | None = None
             try:
                 msg = w.inbox.recv(timeout=min(1.0, max(self.timeout_s - waited, 0.01)))
             except EOFError:
                 msg = None
                 sig = w.death()
-                fault = ("worker_died", "WorkerDied", f"worker_died: {sig}")
+                fault = _Fault("worker_died", "WorkerDied", f"worker_died: {sig}", _DEATH_ADVICE)
             if w.ready:
                 waited += time.monotonic() - t0
             if msg is None and fault is None and waited >= self.timeout_s:
-                fault = ("timeout", "TimeoutError",
-                         f"decoding made the pipeline wait over {self.timeout_s:g} s; the worker was killed "
-                         "(raise --decode-timeout for very long videos)")
+                fault = _Fault("timeout", "TimeoutError",
+                               f"timeout: decoding made the pipeline wait over {self.timeout_s:g} s",
+                               "the worker was killed (raise --decode-timeout for very long videos)")
             if fault is not None:
                 attempt.faults.append(fault)
                 if len(attempt.faults) <= self.retries:  # again from the start on a fresh worker
@@ -461,17 +472,17 @@ class DecodePool:
                 return
 
     def _failed(self, job: DecodeJob, attempt: _Attempt, mismatch: str | None = None) -> FailedEvent:
-        """The failure of a video whose worker died or stalled (``attempt.faults``, the last one
-        decides the stage), or whose retry did not reproduce the frames delivered (``mismatch``)."""
-        stage, error_type, message = attempt.faults[-1]
+        """The failure of a video whose worker died or stalled on every try (``attempt.faults``,
+        the last one gives the stage), or whose retry did not reproduce the frames already
+        delivered (``mismatch``). The message starts with the reason, e.g. ``worker_died: SIGKILL``."""
+        first, last = attempt.faults[0], attempt.faults[-1]
         if mismatch is not None:
-            error_type, message = "RetryMismatch", f"{message.split(';')[0]}, then {mismatch}"
-        elif len(attempt.faults) > 1:
-            message = f"{message} (tries: {', '.join(f[2].split(';')[0] for f in attempt.faults)}; " \
-                      "the last on a fresh worker)"
-        if stage == "worker_died":
-            message = f"{message}; {_DEATH_HINT}"
-        return FailedEvent(job.index, Failure(job.video_id, stage, error_type, message))
+            return FailedEvent(job.index, Failure(job.video_id, last.stage, "RetryMismatch",
+                                                  f"{last.reason}, then {mismatch}; {last.advice}"))
+        tries = "" if len(attempt.faults) == 1 else \
+            f" on a fresh worker, after {first.reason} on the first try"
+        return FailedEvent(job.index, Failure(job.video_id, last.stage, last.error_type,
+                                              f"{last.reason}{tries}; {last.advice}"))
 
     def _replace(self, k: int, jobs: Sequence[DecodeJob], *, first: int) -> None:
         """Kill worker k, start a new one and give it k's jobs from index ``first`` on."""
