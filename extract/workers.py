@@ -294,8 +294,8 @@ class _Fault:
 
 
 _DEATH_ADVICE = ("SIGKILL usually means the out-of-memory killer (see `dmesg`; use fewer --workers or "
-               "smaller chunks), SIGSEGV/SIGABRT a crash inside the native decoder (re-encode the file, "
-               "e.g. ffmpeg -i IN -c:v libx264 OUT.mp4, or drop it); then rerun with --retry-failed")
+                 "smaller chunks), SIGSEGV/SIGABRT a crash inside the native decoder (re-encode the file, "
+                 "e.g. ffmpeg -i IN -c:v libx264 OUT.mp4, or drop it); then rerun with --retry-failed")
 
 
 @dataclass
