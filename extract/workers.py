@@ -18,7 +18,8 @@ died, since the main process holds a copy of the write end.)
 
 Timeout: a video may keep the main process waiting for its next message for at most
 ``timeout_s`` seconds in total. A new worker's start-up (its imports, seconds on a busy
-machine) is not counted: the worker says when it is ready. A worker that exceeds it (a hung
+machine) is not counted: the worker says when it is ready; a start-up longer than
+``startup_s`` counts as a stall. A worker that exceeds it (a hung
 native decoder, which can hold the GIL so no in-process alarm would fire, or a worker
 stopped in the middle of a message) is killed. A video producing frames without end is
 stopped in the worker by the decoder's frame cap (stage ``too_long``).
@@ -248,6 +249,7 @@ class _Worker:
         self.inbox = _Inbox(reader)
         self.videos_done = 0
         self.ready = False  # its first message, "ready", says its imports are done
+        self.started = time.monotonic()
 
     @property
     def pid(self) -> int | None:
@@ -350,6 +352,7 @@ class DecodePool:
         decode_kwargs: keyword arguments of ``extract.decode.iter_frames`` (geometry, fps,
             chunk_size, threads, min_frames, max_gap).
         timeout_s: total seconds a video may keep the consumer waiting (see module doc).
+        startup_s: seconds a new worker may take to start (imports) before it is replaced.
         queue_chunks: chunks each worker may decode ahead.
         recycle_after: replace a worker after this many videos (caps slow leaks in native
             decoders, like ``maxtasksperchild``).
@@ -363,6 +366,7 @@ class DecodePool:
         decode_kwargs: dict,
         *,
         timeout_s: float = 120.0,
+        startup_s: float = 300.0,
         queue_chunks: int = 4,
         recycle_after: int = 500,
         retries: int = 1,
@@ -370,6 +374,7 @@ class DecodePool:
         self.ctx = mp.get_context("spawn")
         self.decode_kwargs = decode_kwargs
         self.timeout_s = timeout_s
+        self.startup_s = startup_s
         self.queue_chunks = queue_chunks
         self.recycle_after = recycle_after
         self.retries = retries
@@ -427,6 +432,11 @@ class DecodePool:
                 fault = _Fault("timeout", "TimeoutError",
                                f"timeout: decoding made the pipeline wait over {self.timeout_s:g} s",
                                "the worker was killed (raise --decode-timeout for very long videos)")
+            if msg is None and fault is None and not w.ready and time.monotonic() - w.started > self.startup_s:
+                fault = _Fault("timeout", "TimeoutError",
+                               f"timeout: the decode worker did not start within {self.startup_s:g} s",
+                               "it was killed; check that the machine is not swapping or stuck on a network "
+                               "file system")
             if fault is not None:
                 attempt.faults.append(fault)
                 if len(attempt.faults) <= self.retries:  # again from the start on a fresh worker

@@ -114,6 +114,18 @@ def test_worker_killed_mid_message_is_retried_and_the_video_is_exact(videos: dic
     assert time.monotonic() - t0 < 40
 
 
+def test_a_worker_stuck_in_its_start_up_is_replaced(videos: dict[str, Path]) -> None:
+    """Start-up (imports) is not charged to the video, but is bounded by ``startup_s``."""
+    kwargs = dict(geometry=Geometry(size=32), fps=None, chunk_size=8, threads=1, min_frames=1)
+    with DecodePool(1, kwargs, timeout_s=30.0, startup_s=2.0) as pool:
+        stuck = pool.workers[0].pid
+        os.kill(stuck, signal.SIGSTOP)
+        events = list(pool.run([DecodeJob(0, "short", str(videos["short"]))]))
+        assert pool.workers[0].pid != stuck
+    assert isinstance(events[-1], DoneEvent)
+    np.testing.assert_array_equal(collect(events, 0)[0], decode_all(videos["short"], **kwargs).frames)
+
+
 def test_a_video_whose_worker_dies_twice_is_quarantined_with_the_signal(videos: dict[str, Path]) -> None:
     """Killed on the first try (SIGKILL, as the out-of-memory killer does) and again on the
     fresh worker (SIGSEGV, as a crashing decoder does): the video fails at stage
