@@ -428,15 +428,8 @@ class DecodePool:
                 fault = _Fault("worker_died", "WorkerDied", f"worker_died: {sig}", _DEATH_ADVICE)
             if w.ready:
                 waited += time.monotonic() - t0
-            if msg is None and fault is None and waited >= self.timeout_s:
-                fault = _Fault("timeout", "TimeoutError",
-                               f"timeout: decoding made the pipeline wait over {self.timeout_s:g} s",
-                               "the worker was killed (raise --decode-timeout for very long videos)")
-            if msg is None and fault is None and not w.ready and time.monotonic() - w.started > self.startup_s:
-                fault = _Fault("timeout", "TimeoutError",
-                               f"timeout: the decode worker did not start within {self.startup_s:g} s",
-                               "it was killed; check that the machine is not swapping or stuck on a network "
-                               "file system")
+            if msg is None and fault is None:
+                fault = self._stall(w, waited)
             if fault is not None:
                 attempt.faults.append(fault)
                 if len(attempt.faults) <= self.retries:  # again from the start on a fresh worker
@@ -480,6 +473,20 @@ class DecodePool:
                 w.videos_done += 1
                 yield FailedEvent(index, Failure(job.video_id, msg[2], msg[3], msg[4]))
                 return
+
+    def _stall(self, w: _Worker, waited: float) -> _Fault | None:
+        """A stall, if the video has waited ``timeout_s`` in total (``waited`` seconds, start-up
+        excluded) or the worker's start-up has taken over ``startup_s``."""
+        if waited >= self.timeout_s:
+            return _Fault("timeout", "TimeoutError",
+                          f"timeout: decoding made the pipeline wait over {self.timeout_s:g} s",
+                          "the worker was killed (raise --decode-timeout for very long videos)")
+        if not w.ready and time.monotonic() - w.started > self.startup_s:
+            return _Fault("timeout", "TimeoutError",
+                          f"timeout: the decode worker did not start within {self.startup_s:g} s",
+                          "it was killed; check that the machine is not swapping or stuck on a network "
+                          "file system")
+        return None
 
     def _failed(self, job: DecodeJob, attempt: _Attempt, mismatch: str | None = None) -> FailedEvent:
         """The failure of a video whose worker died or stalled on every try (``attempt.faults``,

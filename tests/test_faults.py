@@ -212,11 +212,11 @@ def test_extraction_goes_on_after_a_worker_sigkill_and_caps_the_vfr_gap(videos: 
     killed: list[int] = []
     stop = threading.Event()
 
-    def killer() -> None:  # SIGKILL the first worker seen decoding the long video for 0.5 s
+    def killer() -> None:  # SIGKILL the first worker seen decoding the long video for 0.2 s
         seen: dict[int, float] = {}
         while not stop.is_set() and not killed:
             for pid in _decoding(videos["long"].resolve()):
-                if time.monotonic() - seen.setdefault(pid, time.monotonic()) > 0.5:
+                if time.monotonic() - seen.setdefault(pid, time.monotonic()) > 0.2:
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
                     break
