@@ -41,6 +41,9 @@ class ExtractConfig:
     geometry: str = "short_side_crop"  # short_side_crop | squash
     interpolation: str | None = None  # None = the backbone's own
     min_frames: int = 1  # fewer decoded frames -> failure "too_short"
+    # at a set fps, two consecutive frames further apart (seconds) -> failure "too_long" instead
+    # of storing one frame for the whole gap; None: no limit
+    max_gap: float | None = 60.0
     # storage (content)
     dtype: str = "float16"  # float16 | float32 | int8 (per-token scale)
     codec: str = "zstd"  # zstd | blosc | none
@@ -55,9 +58,6 @@ class ExtractConfig:
     threads: int = runtime(0)  # CPU threads of the backbone; 0 = this rank's cores (cores / local ranks)
     streams: int = runtime(0)  # batches encoded at once (see extract.encode.ThreadPlan); 0 = auto
     decode_timeout: float = runtime(120.0)  # seconds a video may stall the pipeline before its worker is killed
-    # at a set fps, a gap (seconds) between two frames longer than this quarantines the video
-    # (stage too_long) instead of storing one frame for all of it; None: no limit
-    max_gap: float | None = runtime(60.0)
     chunk_size: int = runtime(32)  # frames per decoded chunk sent from a worker
     device: str = runtime("auto")  # auto | cpu | cuda | cuda:N
     amp: bool = runtime(True)  # autocast on CUDA (features are stored in the declared dtype anyway)

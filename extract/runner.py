@@ -86,6 +86,7 @@ def store_header(cfg: ExtractConfig, backbone: Backbone, rows: Sequence[Manifest
         "geometry": geometry.to_dict(),
         "fps": cfg.fps,
         "min_frames": cfg.min_frames,
+        "max_gap": cfg.max_gap,
         "dtype": cfg.dtype,
         "codec": cfg.codec,
         "spatial_pool": cfg.spatial_pool,
