@@ -120,6 +120,9 @@ def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
     :class:`ManifestError`, one ``line N: field: problem`` entry each)."""
     rows: list[ManifestRow] = []
     problems: list[str] = []
+    if not os.path.isfile(path):
+        raise ManifestError(f"manifest {path} does not exist; build one with "
+                            f"`freezeframe manifest FORMAT ... --out {path}`")
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             line = line.strip()
