@@ -195,29 +195,30 @@ def sequential_order(clips: ClipSet, streams: int, seed: int, epoch: int) -> np.
     """Time order; round-robin over ``streams`` parallel streams (seed and epoch are unused)."""
     if streams == 1:
         return np.arange(len(clips), dtype=np.int64)
+    # The same rules as a live stream (train.online.OnlineClipStream), which learns that a
+    # video is over only when it asks for the next clip: a stream takes the next unread video
+    # at its first turn after its video ended (a video with no clip yields nothing).
     queues = [clips.clips_of(n) for n in range(len(clips.video_ids))]
-    queues = [q for q in queues if len(q)]
-    pending = iter(queues)
-    slots: list[list] = []  # [clip ids of the stream's current video, next position]
-    for _ in range(streams):
-        q = next(pending, None)
-        if q is None:
-            break
-        slots.append([q, 0])
-    out: list[np.ndarray] = []
+    next_video = 0
+    slots: list[list] = []  # per stream: [clip ids of its current video, next position]
+    while len(slots) < streams and next_video < len(queues):
+        slots.append([queues[next_video], 0])
+        next_video += 1
+    out: list[int] = []
+    turn = 0
     while slots:
-        survivors = []
-        for slot in slots:
-            out.append(slot[0][slot[1]: slot[1] + 1])
-            slot[1] += 1
-            if slot[1] == len(slot[0]):
-                q = next(pending, None)
-                if q is None:
-                    continue  # this stream is done: no unread video is left
-                slot[0], slot[1] = q, 0
-            survivors.append(slot)
-        slots = survivors
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+        turn %= len(slots)
+        slot = slots[turn]
+        while slot[1] >= len(slot[0]) and next_video < len(queues):
+            slot[0], slot[1] = queues[next_video], 0
+            next_video += 1
+        if slot[1] >= len(slot[0]):  # no unread video left: this stream ends
+            del slots[turn]
+            continue
+        out.append(int(slot[0][slot[1]]))
+        slot[1] += 1
+        turn += 1
+    return np.asarray(out, dtype=np.int64)
 
 
 @CLIP_ORDERS.register("random")
