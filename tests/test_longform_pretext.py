@@ -15,7 +15,7 @@ from tests.stores import write_synthetic_store
 from train.losses_longform import distill_kl, info_nce, masked_feature_loss
 from train.models import ModelConfig, TMMConfig, build_model
 from train.models.distill import DistillConfig, FrozenTeacher, StoreTeacher, align_by_time, distill_loss
-from train.models.mfm import MaskedFeatureModel, MaskError, MFMConfig, tube_mask
+from train.models.mfm import MaskedFeatureModel, MaskError, MFMConfig, mfm_loss, tube_mask, tube_mask_np
 from train.models.moco import MoCoConfig, MoCoState, NegativeQueue, ema_update, momentum_at
 
 
@@ -173,20 +173,20 @@ def test_tube_mask_counts(ratio: float, expect: int) -> None:
 
 @pytest.mark.parametrize("hide", ["token", "drop"])
 def test_masked_positions_are_never_visible_to_the_student(hide: str) -> None:
-    mfm = MaskedFeatureModel(_model(), decoder_hidden=16)
+    mfm = MaskedFeatureModel(_model(), decoder_hidden=16, hide=hide)
     mfm.train()
     x = _clips(b=3, t=5, h=4, w=4)
     z = mfm.prepare(x).requires_grad_(True)
     mask = tube_mask(3, 4, 4, 0.5, torch.Generator().manual_seed(1))
-    pred = mfm.predict(z, mask, hide)
+    pred = mfm.predict(z, mask)
     (grad,) = torch.autograd.grad(pred.pow(2).sum(), z)
     m = mask[:, None, None].expand_as(z)
     assert torch.all(grad[m] == 0) and torch.any(grad[~m] != 0)
     # perturbation: anything at masked positions leaves every prediction unchanged
     z2 = torch.where(m, 100 * torch.randn_like(z), z.detach())
-    assert torch.equal(mfm.predict(z2, mask, hide), pred.detach())
+    assert torch.equal(mfm.predict(z2, mask), pred.detach())
     z3 = torch.where(~m, z.detach() + 1.0, z.detach())
-    assert not torch.allclose(mfm.predict(z3, mask, hide), pred.detach())
+    assert not torch.allclose(mfm.predict(z3, mask), pred.detach())
 
 
 def test_mfm_loss_counts_masked_positions_only() -> None:
@@ -208,14 +208,21 @@ def test_mfm_trains_and_target_is_layer_normalised() -> None:
     g = torch.Generator().manual_seed(0)
     first = None
     for _ in range(12):
-        out = mfm.mfm_loss(x, cfg, g)
-        first = float(out["loss"]) if first is None else first
+        out = mfm_loss(mfm, x, tube_mask(4, 4, 4, cfg.mask_ratio, g), cfg)
+        first = float(out["loss"].detach()) if first is None else first
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
     assert float(out["loss"]) < first
     assert float(out["masked"]) == pytest.approx(0.5)
-    assert set(mfm.state_dict()) >= set(_model().state_dict())  # a VideoModel's keys + extras
+    tmm_keys = {k for k in _model().state_dict() if k.startswith("tmm.")}
+    assert tmm_keys <= set(mfm.state_dict()) and not any(k.startswith("head.") for k in mfm.state_dict())
+
+
+def test_numpy_tube_mask() -> None:
+    m = tube_mask_np(4, 4, 0.75, np.random.default_rng(0))
+    assert m.shape == (4, 4) and m.sum() == 12
+    assert np.array_equal(m, tube_mask_np(4, 4, 0.75, np.random.default_rng(0)))
 
 
 # --------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -32,7 +33,7 @@ from train.losses_longform import REGRESSION_LOSSES, masked_feature_loss
 
 from .video_model import VideoModel
 
-__all__ = ["MFMConfig", "HIDE_MODES", "tube_mask", "masked_count", "token_targets", "MaskedFeatureModel"]
+__all__ = ["MFMConfig", "HIDE_MODES", "tube_mask", "tube_mask_np", "masked_count", "token_targets", "MaskedFeatureModel", "mfm_loss"]
 
 
 class MaskError(FreezeframeError, ValueError):
@@ -91,6 +92,14 @@ def tube_mask(batch: int, h: int, w: int, ratio: float, generator: torch.Generat
     return mask.view(batch, h, w).to(device)
 
 
+def tube_mask_np(h: int, w: int, ratio: float, rng: np.random.Generator) -> np.ndarray:
+    """One clip's tube mask (H, W) bool from a numpy generator (datasets draw masks per item)."""
+    n = masked_count(h * w, ratio)
+    mask = np.zeros(h * w, dtype=bool)
+    mask[rng.choice(h * w, size=n, replace=False)] = True
+    return mask.reshape(h, w)
+
+
 def token_targets(z: Tensor) -> Tensor:
     """Layer-normalised tokens over channels, no affine: (B, C, T, H, W) -> same shape, no grad."""
     with torch.no_grad():
@@ -98,51 +107,62 @@ def token_targets(z: Tensor) -> Tensor:
 
 
 class MaskedFeatureModel(VideoModel):
-    """A :class:`VideoModel` plus a mask token and a pointwise decoder.
+    """A :class:`VideoModel`'s compression and temporal module, a mask token and a pointwise decoder.
 
-    Its ``tmm.*`` and ``head.*`` keys are a VideoModel's, so a fine-tuning run can start from it
-    (the head is not used by MFM and is re-initialised for fine-tuning anyway).
+    There is no classification head (``head`` is an identity): a fine-tuning run loads the
+    ``tmm.*`` weights and makes a fresh head. ``forward(x, mask)`` does the whole MFM pass, so
+    DistributedDataParallel sees every parameter used in one forward.
 
     Args:
-        base: the student VideoModel (its modules are taken over, not copied).
+        base: the student VideoModel (its temporal module is taken over, not copied).
         decoder_hidden: hidden width of the decoder Conv3d(1x1x1) -> GELU -> Conv3d(1x1x1).
+        hide: "token" or "drop" (:data:`HIDE_MODES`).
     """
 
-    def __init__(self, base: VideoModel, decoder_hidden: int = 512) -> None:
-        super().__init__(base.tmm, base.head, base.in_channels, base.spatial_pool, base.channel_pool)
+    def __init__(self, base: VideoModel, decoder_hidden: int = 512, hide: str = "token") -> None:
         c_in, c_out = base.in_channels, base.head.in_channels
+        super().__init__(base.tmm, nn.Identity(), c_in, base.spatial_pool, base.channel_pool)  # type: ignore[arg-type]
+        HIDE_MODES.get(hide)
+        self.hide_mode = hide
         self.mask_token = nn.Parameter(torch.zeros(c_in))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.decoder = nn.Sequential(
             nn.Conv3d(c_out, decoder_hidden, 1), nn.GELU(), nn.Conv3d(decoder_hidden, c_in, 1)
         )
 
-    def hide(self, z: Tensor, mask: Tensor, mode: str = "token") -> Tensor:
+    def hide(self, z: Tensor, mask: Tensor) -> Tensor:
         """Replace masked positions of ``z`` (B, C, T, H, W) by the mask token or 0.
 
         ``mask`` (B, H, W) bool (a tube: the same for every frame). ``torch.where`` selects,
         so the values at masked positions reach neither the output nor its gradient.
         """
-        HIDE_MODES.get(mode)
         m = mask[:, None, None, :, :]  # (B, 1, 1, H, W)
-        fill = self.mask_token.to(z.dtype)[None, :, None, None, None] if mode == "token" else torch.zeros((), dtype=z.dtype, device=z.device)
+        if self.hide_mode == "token":
+            fill = self.mask_token.to(z.dtype)[None, :, None, None, None]
+        else:
+            fill = torch.zeros((), dtype=z.dtype, device=z.device)
         return torch.where(m, fill, z)
 
-    def predict(self, z: Tensor, mask: Tensor, mode: str = "token") -> Tensor:
+    def predict(self, z: Tensor, mask: Tensor) -> Tensor:
         """Predictions (B, C, T, H, W) for prepared tokens ``z`` with ``mask`` hidden."""
-        return self.decoder(self.tmm(self.hide(z, mask, mode)))
+        return self.decoder(self.tmm(self.hide(z, mask)))
 
-    def mfm_loss(self, x: Tensor, cfg: MFMConfig, generator: torch.Generator | None = None,
-                 mask: Tensor | None = None) -> dict[str, Tensor]:
-        """Loss of one batch of store features ``x`` (B, T, H, W, C); a tube mask is drawn
-        from ``generator`` unless given as (B, H', W') bool. Returns ``loss`` and ``masked``
-        (the fraction of positions masked)."""
+    def forward(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
+        """Store features ``x`` (B, T, H, W, C) and a tube ``mask`` (B, H', W') bool on the
+        compressed grid -> ``(pred, target, masked)``: (B, T, H', W', C') predictions,
+        layer-normalised frozen targets, and (B, T, H', W') bool masked positions."""
         z = self.prepare(x)
         b, _, t, h, w = z.shape
-        if mask is None:
-            mask = tube_mask(b, h, w, cfg.mask_ratio, generator, z.device)
-        pred = self.predict(z, mask, cfg.hide)
+        if mask.shape != (b, h, w):
+            raise MaskError(f"mask {tuple(mask.shape)} does not match the token grid ({b}, {h}, {w})")
+        pred = self.predict(z, mask)
         target = token_targets(z)
-        full = mask[:, None, :, :].expand(b, t, h, w)  # (B, T, H, W)
-        loss = masked_feature_loss(pred.movedim(1, -1), target.movedim(1, -1), full, cfg.loss, cfg.beta)
-        return {"loss": loss, "masked": full.float().mean()}
+        return pred.movedim(1, -1), target.movedim(1, -1), mask[:, None, :, :].expand(b, t, h, w)
+
+
+def mfm_loss(model: nn.Module, x: Tensor, mask: Tensor, cfg: MFMConfig) -> dict[str, Tensor]:
+    """The MFM loss of store features ``x`` (B, T, H, W, C) with tube ``mask`` (B, H', W'):
+    ``loss`` (masked positions only) and ``masked`` (fraction of positions masked)."""
+    pred, target, masked = model(x, mask)
+    loss = masked_feature_loss(pred.float(), target.float(), masked, cfg.loss, cfg.beta)
+    return {"loss": loss, "masked": masked.float().mean()}

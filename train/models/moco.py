@@ -190,6 +190,13 @@ class MoCoState:
         self.queue = NegativeQueue(cfg.queue_size, cfg.proj_dim, device)
         self._pending: tuple[Tensor, Tensor] | None = None
 
+    def to(self, device: torch.device | str) -> "MoCoState":
+        """Move the key encoder and the queue to ``device``."""
+        self.key.to(device)
+        self.queue.keys = self.queue.keys.to(device)
+        self.queue.vids = self.queue.vids.to(device)
+        return self
+
     def loss(self, query: nn.Module, view_q: Tensor, view_k: Tensor, vids: Tensor) -> dict[str, Tensor]:
         """InfoNCE of one batch against the current queue; the keys wait for :meth:`after_step`.
 
