@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from pipeline.errors import ConfigMismatchError
 from pipeline.registry import Registry
 from pipeline.store import FeatureStore
-from train.losses_longform import REGRESSION_LOSSES, distill_kl, feature_regression
+from train.losses import REGRESSION_LOSSES, distill_kl, feature_regression
 
 __all__ = ["DistillConfig", "DISTILL_LOSSES", "distill_loss", "FrozenTeacher", "StoreTeacher", "align_by_time"]
 

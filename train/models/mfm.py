@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from pipeline.errors import FreezeframeError
 from pipeline.registry import Registry
-from train.losses_longform import REGRESSION_LOSSES, masked_feature_loss
+from train.losses import REGRESSION_LOSSES, masked_feature_loss
 
 from .video_model import VideoModel
 

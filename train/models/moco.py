@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from pipeline.errors import FreezeframeError
 from pipeline.registry import Registry
-from train.losses_longform import info_nce
+from train.losses import info_nce
 
 __all__ = [
     "MoCoConfig",
