@@ -15,7 +15,8 @@ Resume: every clip carries the stream position right after it (:attr:`StreamClip
 trainer saves the position of the last clip it trained on, and
 ``OnlineClipStream(..., position=saved)`` continues with the next clip. Frames before the
 resumed clip are decoded again (containers are read from the start; seeking is not exact for
-every codec) but are not sent through the backbone.
+every codec) but only the decode chunk holding the resumed clip's first frame goes through the
+backbone again.
 
 :class:`ClipFeed` runs a stream in a background thread behind a bounded FIFO of clips and
 hands out batches; :class:`ReplayBuffer` optionally keeps past clips and draws several
@@ -70,8 +71,9 @@ def store_chunks(store: FeatureStore, chunk: int = 32) -> ChunkFn:
 
 
 def decoded_chunks(source: "OnlineFeatureSource", *, as_stored: bool = False) -> ChunkFn:
-    """Decode with PyAV and run the frozen backbone, chunk by chunk (frames before ``skip``
-    are decoded but never encoded). ``as_stored`` rounds features through the store dtype."""
+    """Decode with PyAV and run the frozen backbone, chunk by chunk (``source.cfg.chunk_size``
+    frames). Chunks wholly before ``skip`` are decoded but never encoded; ``as_stored`` rounds
+    features through the store dtype."""
     from extract.decode import iter_frames  # lazy: keeps `import train.online` light (no PyAV)
 
     def chunks(video_id: str, skip: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
@@ -84,7 +86,11 @@ def decoded_chunks(source: "OnlineFeatureSource", *, as_stored: bool = False) ->
                 n = len(c.frames)
                 lo = max(0, skip - pos)
                 if lo < n:
-                    yield pos + lo, source.encode(c.frames[lo:], as_stored=as_stored), c.timestamps[lo:]
+                    # the whole decode chunk goes through the backbone, so every frame is always
+                    # encoded in the same batch (float reductions depend on the batch): a resumed
+                    # stream gives bit-identical features
+                    feats = source.encode(c.frames, as_stored=as_stored)
+                    yield pos + lo, feats[lo:], c.timestamps[lo:]
                 pos += n
         finally:
             frames.close()

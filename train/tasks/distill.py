@@ -2,9 +2,9 @@
 
 Teachers (``distill.teacher``, :mod:`train.models.distill`):
 
-* ``store`` — the pooled features of a second store (``distill.teacher_store``; empty = the
-  training store itself: the frozen, temporally pooled image features) over each clip's time
-  span, computed in the dataset; the student's head has the teacher store's width C_t.
+* ``store`` — the pooled features of a second store (``distill.teacher_store``) over each
+  clip's time span, or (``teacher_store`` empty) the clip's own frozen features pooled over its
+  valid frames and grid; computed in the dataset; the student's head has the teacher's width C_t.
 * ``run`` — a trained run's model (``distill.teacher_run``: its directory or checkpoint; any
   task whose weights are a plain VideoModel: finetune, prp, moco), frozen; the student's head
   has the teacher's number of outputs and learns its logits (``kl``) or outputs (regression).
@@ -26,9 +26,10 @@ from torch import Tensor, nn
 
 from pipeline.config import from_dict
 from pipeline.errors import ConfigMismatchError, FreezeframeError
-from pipeline.store import open_store
+from pipeline.store import FeatureStore, open_store
 from train.clipdata import StreamClipDataset, view
 from train.models import ModelConfig, build_model
+from train.online import StreamClip
 from train.models.distill import DistillConfig, FrozenTeacher, StoreTeacher, distill_loss
 from train.rundir import load_init
 from train.streams import StreamConfig
@@ -59,12 +60,16 @@ class DistillTask(Task):
     def preflight(self) -> None:
         super().preflight()
         opts = self.options
-        if opts.teacher == "store":
-            teacher_store = open_store(opts.teacher_store) if opts.teacher_store else self.store
-            missing = [v for v in self.store.split_ids(self.cfg.data.train_split) if v not in teacher_store]
-            if missing:
-                raise ConfigMismatchError(f"{len(missing)} training videos are not in the teacher store "
-                                          f"{teacher_store.path} (e.g. {missing[0]!r}); extract it from the same manifest")
+        if opts.teacher == "store" and not opts.teacher_store:
+            self.out_dim = int(self.store.feature_shape[-1])  # the clip's own pooled features
+        elif opts.teacher == "store":
+            teacher_store = open_store(opts.teacher_store)
+            if isinstance(self.store, FeatureStore):
+                missing = [v for v in self.store.split_ids(self.cfg.data.train_split) if v not in teacher_store]
+                if missing:
+                    raise ConfigMismatchError(
+                        f"{len(missing)} training videos are not in the teacher store {teacher_store.path} "
+                        f"(e.g. {missing[0]!r}); extract it from the same manifest")
             self.store_teacher = StoreTeacher(teacher_store)
             self.out_dim = self.store_teacher.dim
         else:
@@ -88,15 +93,23 @@ class DistillTask(Task):
             self.out_dim = model.num_classes
 
     def _item(self, ds: StreamClipDataset, k: int, rng: np.random.Generator) -> dict[str, Any]:
-        clip = ds.features(k)
+        return self.make_item(ds.features(k), ds.clips.mask(k), ds.clips.video_ids[ds.clips.video[k]],
+                              ds.timestamps(k), rng)
+
+    def make_item(self, clip: np.ndarray, mask: np.ndarray, video_id: str, timestamps: np.ndarray,
+                  rng: np.random.Generator) -> dict[str, Any]:
+        """Item of clip features (T, H, W, C) with (T,) valid-frame ``mask`` and (T,) ``timestamps``."""
         item: dict[str, Any] = {"clip": view(clip, self.options.views, rng)}
-        if self.store_teacher is not None:
-            vid = ds.clips.video_ids[ds.clips.video[k]]
-            ts = ds.timestamps(k)[ds.clips.mask(k)]
-            item["target"] = torch.from_numpy(self.store_teacher.target(vid, ts))
-        else:
-            item["teacher_clip"] = torch.from_numpy(clip)
+        if self.teacher is not None:
+            item["teacher_clip"] = torch.from_numpy(np.ascontiguousarray(clip, dtype=np.float32))
+        elif self.store_teacher is not None:
+            item["target"] = torch.from_numpy(self.store_teacher.target(video_id, timestamps[mask]))
+        else:  # the frozen features of the clip, pooled over its valid frames and the grid
+            item["target"] = torch.from_numpy(clip[mask].mean(axis=(0, 1, 2)).astype(np.float32))
         return item
+
+    def online_item(self, clip: StreamClip, rng: np.random.Generator) -> dict[str, Any]:
+        return self.make_item(clip.features, clip.mask, clip.video_id, clip.timestamps, rng)
 
     def train_dataset(self, seed: int) -> StreamClipDataset:
         return StreamClipDataset(self.store, self.cfg.data.train_split, self.options.stream, seed, self._item)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from train.clipdata import StreamClipDataset, view
 from train.models import build_model
+from train.online import StreamClip
 from train.models.mfm import MaskedFeatureModel, MFMConfig, masked_count, mfm_loss, tube_mask_np
 from train.streams import StreamConfig
 from train.tasks.base import Task
@@ -48,9 +49,16 @@ class MFMTask(Task):
         masked_count(h * w, self.options.mask_ratio)  # refuses a ratio this grid cannot realise
 
     def _item(self, ds: StreamClipDataset, k: int, rng: np.random.Generator) -> dict[str, Any]:
+        return self.make_item(ds.features(k), rng)
+
+    def make_item(self, features: np.ndarray, rng: np.random.Generator) -> dict[str, Any]:
+        """Item of clip features (T, H, W, C): the (augmented) clip and a tube mask."""
         h, w = self._grid()
-        return {"clip": view(ds.features(k), self.options.views, rng),
+        return {"clip": view(features, self.options.views, rng),
                 "mask": torch.from_numpy(tube_mask_np(h, w, self.options.mask_ratio, rng))}
+
+    def online_item(self, clip: StreamClip, rng: np.random.Generator) -> dict[str, Any]:
+        return self.make_item(clip.features, rng)
 
     def train_dataset(self, seed: int) -> StreamClipDataset:
         return StreamClipDataset(self.store, self.cfg.data.train_split, self.options.stream, seed, self._item)

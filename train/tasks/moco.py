@@ -20,11 +20,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pipeline.errors import ConfigMismatchError
+from pipeline.errors import ConfigMismatchError, FreezeframeError
 from pipeline.registry import Registry
 from train.clipdata import StreamClipDataset, view
 from train.models import build_model
 from train.models.moco import MoCoConfig, MoCoState
+from train.online import StreamClip
 from train.streams import StreamConfig
 from train.tasks.base import Task
 from train.tasks.registry import register_task
@@ -59,6 +60,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def planned_steps(cfg: Any, items: int) -> int:
     """Optimiser steps of the whole run (for momentum schedules): per-rank batches x epochs."""
+    if items == 0:  # a stream (train.online_fit): no planned length but max_steps
+        return cfg.max_steps or 1
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     per_epoch = max(1, items // max(1, cfg.optim.batch_size * world))
     return per_epoch * cfg.optim.epochs
@@ -81,10 +84,24 @@ class MoCoTask(Task):
                                       f"({self.cfg.optim.batch_size}); use a queue of several batches")
 
     def _item(self, ds: StreamClipDataset, k: int, rng: np.random.Generator) -> dict[str, Any]:
-        opts = self.options
-        a, b = POSITIVES.get(opts.positive)(ds, k, rng, opts)
-        b = a if b is None else b
-        return {"q": view(a, opts.views, rng), "k": view(b, opts.views, rng), "video": int(ds.clips.video[k])}
+        a, b = POSITIVES.get(self.options.positive)(ds, k, rng, self.options)
+        return self.make_item(a, b, int(ds.clips.video[k]), rng)
+
+    def make_item(self, a: np.ndarray, b: np.ndarray | None, video: int, rng: np.random.Generator) -> dict[str, Any]:
+        """Item of clip features ``a`` (T, H, W, C) and its positive partner ``b`` (None: ``a``)."""
+        views = self.options.views
+        return {"q": view(a, views, rng), "k": view(a if b is None else b, views, rng), "video": video}
+
+    def online_item(self, clip: StreamClip, rng: np.random.Generator) -> dict[str, Any]:
+        """Item of a clip read from a stream (positive = two views of it)."""
+        return self.make_item(clip.features, None, clip.video, rng)
+
+    def online_preflight(self) -> None:
+        if self.options.positive != "views":
+            raise FreezeframeError("online MoCo takes its positives as two views of a clip; set moco.positive='views'")
+        if self.options.momentum_schedule != "constant" and self.cfg.max_steps is None:
+            raise FreezeframeError("a stream has no planned length: the cosine momentum schedule needs max_steps "
+                                   "(or set moco.momentum_schedule='constant')")
 
     def train_dataset(self, seed: int) -> StreamClipDataset:
         ds = StreamClipDataset(self.store, self.cfg.data.train_split, self.options.stream, seed, self._item)
