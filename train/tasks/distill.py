@@ -49,6 +49,7 @@ class DistillTaskConfig(DistillConfig):
 @register_task("distill")
 class DistillTask(Task):
     section = "distill"
+    command = "longform"  # dataset configs: [common] + [longform] (with [longform.distill] options)
     Config = DistillTaskConfig
 
     def __init__(self, cfg: Any, store: Any, device: torch.device) -> None:

@@ -36,6 +36,7 @@ class MFMTaskConfig(MFMConfig):
 @register_task("mfm")
 class MFMTask(Task):
     section = "mfm"
+    command = "longform"  # dataset configs: [common] + [longform] (with [longform.mfm] options)
     Config = MFMTaskConfig
 
     def _grid(self) -> tuple[int, int]:

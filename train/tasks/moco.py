@@ -70,6 +70,7 @@ def planned_steps(cfg: Any, items: int) -> int:
 @register_task("moco")
 class MoCoTask(Task):
     section = "moco"
+    command = "longform"  # dataset configs: [common] + [longform] (with [longform.moco] options)
     Config = MoCoTaskConfig
 
     def __init__(self, cfg: Any, store: Any, device: torch.device) -> None:
