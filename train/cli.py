@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.cli import flag_overrides
+from train.cli_longform import register as register_longform
 
 # command bodies import the training stack lazily: `freezeframe --help` must not load torch
 console = Console(stderr=True)
@@ -31,6 +32,7 @@ def _train_command(task: str, dataset, config, store, run_dir, init, epochs, see
 
 
 def register(app: typer.Typer) -> None:
+    register_longform(app)
     common = dict(
         dataset=typer.Option(None, help="Training config in train/configs (e.g. ucf101, synth-motion)."),
         config=typer.Option(None, help="TOML config file ([common], [pretrain], [finetune] tables)."),
