@@ -16,7 +16,7 @@ applied to every run of that stage (e.g. ``optim.epochs=10`` for UCF101 as in th
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 

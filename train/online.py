@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from pipeline.errors import FreezeframeError
 from pipeline.store import FeatureStore
 from train.streams import LAST_CLIP_POLICIES, StreamError
 
@@ -329,7 +328,3 @@ class ReplayBuffer:
     def load_state_dict(self, state: dict) -> None:
         self.items = [StreamClip(**{k: (v.numpy() if k in self._ARRAYS else v) for k, v in d.items()})
                       for d in state["items"]]
-
-
-class OnlineError(FreezeframeError):
-    """An online source cannot be used as asked."""

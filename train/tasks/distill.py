@@ -29,8 +29,8 @@ from pipeline.errors import ConfigMismatchError, FreezeframeError
 from pipeline.store import FeatureStore, open_store
 from train.clipdata import StreamClipDataset, view
 from train.models import ModelConfig, build_model
-from train.online import StreamClip
 from train.models.distill import DistillConfig, FrozenTeacher, StoreTeacher, distill_loss
+from train.online import StreamClip
 from train.rundir import load_init
 from train.streams import StreamConfig
 from train.tasks.base import Task

@@ -17,8 +17,8 @@ from torch import Tensor, nn
 
 from train.clipdata import StreamClipDataset, view
 from train.models import build_model
-from train.online import StreamClip
 from train.models.mfm import MaskedFeatureModel, MFMConfig, masked_count, mfm_loss, tube_mask_np
+from train.online import StreamClip
 from train.streams import StreamConfig
 from train.tasks.base import Task
 from train.tasks.registry import register_task
