@@ -58,7 +58,7 @@ def register(app: typer.Typer) -> None:
         """Pre-train from videos read once in time order (decode + frozen backbone, no store)."""
         import numpy as np
 
-        from extract.cli import resolve_extract_config
+        from extract.config import resolve_extract_config
         from extract.source import OnlineFeatureSource
         from pipeline.cli import flag_overrides
         from pipeline.errors import FreezeframeError
