@@ -80,6 +80,17 @@ class StreamConfig:
     streams: int = 1
     last_clip: str = "drop"
 
+    def __post_init__(self) -> None:
+        CLIP_ORDERS.get(self.order)
+        LAST_CLIP_POLICIES.get(self.last_clip)
+        for name in ("clip_frames", "stride_frames", "streams"):
+            if getattr(self, name) < 1:
+                raise StreamError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("clip_seconds", "stride_seconds"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise StreamError(f"{name} must be > 0 seconds, got {v}")
+
 
 # --------------------------------------------------------------------------------------
 # the clip set
