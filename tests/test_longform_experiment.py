@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pipeline.config import load_toml
+from pipeline.errors import FreezeframeError
 from tests.stores import write_synthetic_store
 from train.config import CONFIG_DIR, resolve_train_config
 from train.longform_experiment import LongformExperiment, load_experiment, plan_runs, read_results, run_experiment
@@ -84,6 +85,10 @@ def test_experiment_runs_every_cell_and_reports(tmp_path: Path) -> None:
     again = run_experiment(exp)
     assert [r.top1 for r in again] == [r.top1 for r in runs]
     assert all((r.finetune_dir / "summary.json").stat().st_mtime_ns == stamp[r.finetune_dir] for r in again)
+    # a finished run made with another config is refused, not silently reported
+    with pytest.raises(FreezeframeError, match="another config"):
+        run_experiment(LongformExperiment(out=exp.out, pretrain_dataset=str(cfg_file), finetune_dataset=str(cfg_file),
+                                          strides=(4,), finetune_set=("optim.epochs=2",)))
 
 
 def test_shipped_experiment_configs_resolve() -> None:

@@ -22,10 +22,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.config import from_dict, load_toml, merge, parse_overrides, to_dict
+from pipeline.config import diff_dicts, from_dict, load_toml, merge, parse_overrides, to_dict
 from pipeline.errors import FreezeframeError
 from pipeline.fileio import atomic_write_json, atomic_write_text
-from train.config import resolve_train_config
+from train.config import content_of, load_train_config, resolve_train_config
 from train.loop import fit
 from train.plots import ComparisonRow, plot_comparison
 from train.rundir import RunDir
@@ -100,7 +100,13 @@ def plan_runs(exp: LongformExperiment) -> list[ExperimentRun]:
 def _fit_or_read(cfg: Any, console: Any) -> dict[str, Any]:
     """The run's summary: read back when the run finished earlier, else trained (or resumed) now."""
     run = RunDir(cfg.run_dir)
-    if not run.complete:
+    if run.complete:
+        diffs = diff_dicts(content_of(load_train_config(run.read_config())), content_of(cfg),
+                           have_name="finished run has", want_name="the experiment asks")
+        if diffs:
+            raise FreezeframeError(f"{run.path} holds a finished run with another config; use another "
+                                   "experiment.out or delete it:\n" + "\n".join(f"  - {d}" for d in diffs))
+    else:
         fit(cfg, console)
     summary = run.read_summary()
     if summary is None:
