@@ -9,6 +9,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -146,7 +149,7 @@ def test_sections_are_type_checked_at_parse_time(store: SynthStore, tmp_path: Pa
     # a wrong type in any task's section is refused, even for another task
     with pytest.raises(ConfigError, match=r"prp.num_frames: expected an integer, got 'four'"):
         _cfg("finetune", store, tmp_path, "prp.num_frames=four")
-    with pytest.raises(ConfigError, match=r"unknown config key 'anchor.wieght'"):
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['anchor.wieght'\]"):
         _cfg("prp", store, tmp_path, "anchor.wieght=1")
     with pytest.raises(ConfigError, match=r"optim.base_lr: expected a number"):
         _cfg("prp", store, tmp_path, "optim.base_lr=fast")
@@ -220,3 +223,14 @@ def test_same_weights_as_before_the_refactor(tmp_path: Path) -> None:
     if got != BEFORE and not torch.__version__.startswith(TORCH_RECORDED):
         pytest.skip(f"digests recorded with torch {TORCH_RECORDED}, this is {torch.__version__}")
     assert got == BEFORE
+
+
+def test_cli_refuses_a_wrong_type_in_one_line(store: SynthStore, tmp_path: Path) -> None:
+    """``--set`` values are type-checked when parsed; the CLI prints the error without a traceback."""
+    cmd = [str(Path(sys.executable).parent / "freezeframe"), "finetune", "--store", str(store.path),
+           "--run-dir", str(tmp_path / "run"), "--set", "clip.stride=two"]
+    res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "220"}, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert "clip.stride: expected an integer, got 'two'" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "run").exists()
