@@ -210,3 +210,38 @@ def test_vip_miou_by_hand():
     assert math.isnan(only.iou()[3]) and only.miou() == pytest.approx(conf.miou())
     with pytest.raises(DenseEvalError):
         conf.add(gt, np.full_like(pred, 5))
+
+
+#: F of :func:`_random_cases` as computed by the official ``davis2017-evaluation`` ``f_measure``
+#: (cv2.dilate with skimage's disk), run once outside this repository.
+OFFICIAL_F = [
+    0.3895649611727125, 0.14184397163120568, 0.04285714285714286, 0.3894543951623683,
+    0.08359659781287972, 0.1717557251908397, 0.38634075751310637, 0.11928780389387673,
+    0.0, 0.4018555653222714, 0.029895366218236175, 0.1177570093457944,
+]
+
+
+def _random_cases() -> list[tuple[np.ndarray, np.ndarray]]:
+    """Pairs (gt, pred) of random ellipse unions plus sparse noise at DAVIS and odd sizes."""
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(12):
+        h, w = [(480, 854), (120, 200), (37, 53)][i % 3]
+
+        def blob() -> np.ndarray:
+            m = np.zeros((h, w), bool)
+            for _ in range(rng.integers(0, 4)):
+                cy, cx = rng.integers(0, h), rng.integers(0, w)
+                ry, rx = rng.integers(1, h // 3 + 2), rng.integers(1, w // 3 + 2)
+                yy, xx = np.ogrid[:h, :w]
+                m |= ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+            m ^= rng.random((h, w)) < 0.002
+            return m
+
+        out.append((blob(), blob()))
+    return out
+
+
+def test_boundary_f_matches_the_official_implementation():
+    got = [boundary_f(g, p) for g, p in _random_cases()]
+    assert got == pytest.approx(OFFICIAL_F, abs=1e-12)
