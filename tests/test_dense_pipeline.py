@@ -75,3 +75,43 @@ def test_propagation_with_oracle_features_beats_copying_the_first_mask(synth, tm
     copy = score_davis(videos, tmp_path / "copy")
     assert prop.JF_mean > copy.JF_mean
     assert prop.J_mean > 0.7 and prop.F_mean > 0.85
+
+
+def test_grid_pixel_mapping_round_trip():
+    from train.dense.adapters import grid_to_pixels, pixels_to_grid
+
+    xy = np.array([[0.0, 0.0], [159.0, 95.0], [7.5, 7.5]])
+    g = pixels_to_grid(xy, (96, 160), (6, 10))
+    assert g[2].tolist() == [0.0, 0.0]  # centre of the first 16-pixel cell
+    assert np.allclose(grid_to_pixels(g, (96, 160), (6, 10)), xy)
+
+
+def test_jhmdb_joints_read_back_and_scored(tmp_path):
+    from tests.test_dense_manifests import jhmdb_root
+    from train.dense.adapters import JointAdapter
+    from train.dense.results import score_jhmdb, write_joints
+    from manifests.jhmdb import read_joints
+
+    root = jhmdb_root(tmp_path, {"v1": (4, "2")})
+    (v,) = build_dense("jhmdb", root=root)
+    ad = JointAdapter()
+    grid = (12, 20)  # 2 px per cell at 24 x 40
+    heat = ad.first_grid(v, grid, PropagationConfig())
+    assert heat.shape == (12, 20, 15)
+    joints = read_joints(v.labels[0])
+    inside = (joints[0, :, 0] < 40) & (joints[0, :, 1] < 24)
+    back = ad.coords(heat[None], v.size)[0]
+    assert np.abs(back - joints[0])[inside].max() < 2.0  # within one cell
+    write_joints(tmp_path / "res", v, joints)
+    assert score_jhmdb([v], tmp_path / "res").mean == 1.0
+    write_joints(tmp_path / "bad", v, joints + 50)
+    assert score_jhmdb([v], tmp_path / "bad").mean == 0.0
+
+
+def test_vip_scoring_of_ground_truth(tmp_path):
+    from tests.test_dense_manifests import vip_root
+    from train.dense.results import score_vip
+
+    videos = build_dense("vip", root=vip_root(tmp_path, {"videos1": 3}))
+    write_video_labels(tmp_path / "res", videos[0], read_ground_truth(videos[0]))
+    assert score_vip(videos, tmp_path / "res").miou() == 1.0

@@ -146,18 +146,18 @@ def _propagate_frame(
     keys = x[torch.as_tensor(uniq, device=x.device)]  # (U, N, C)
     inv_t = torch.as_tensor(inv, device=x.device)
     ctx_labels = labels[torch.as_tensor(np.asarray(ctx), device=x.device)].reshape(k_len * n, -1)  # (K*N, L)
-    restricted = torch.ones(k_len, dtype=torch.bool, device=x.device)
-    restricted[0] = cfg.radius_on_first
+    identity = bool(np.array_equal(inv, np.arange(k_len)))  # no repeated frame: skip the gather
+    first_slot = 0 if cfg.radius_on_first else 1  # slots from here on are radius-restricted
     chunk = max(1, cfg.max_affinity_elements // max(1, k_len * n))
     out = torch.empty(n, labels.shape[-1], dtype=torch.float32, device=x.device)
     for q0 in range(0, n, chunk):
         q = x[t, q0 : q0 + chunk]  # (m, C)
-        a = torch.einsum("mc,unc->mun", q, keys)[:, inv_t]  # (m, K, N)
-        a = a / cfg.temperature
-        excl = far[q0 : q0 + chunk][:, None, :] & restricted[None, :, None]  # (m, K, N)
-        a = a.masked_fill(excl, float("-inf")).reshape(q.shape[0], k_len * n)
-        top, idx = torch.topk(a, cfg.topk, dim=1)  # (m, k)
-        wts = torch.softmax(top, dim=1)
+        a = torch.einsum("mc,unc->mun", q, keys)  # (m, U, N)
+        if not identity:
+            a = a[:, inv_t]  # (m, K, N): repeated frames are distinct context slots
+        a[:, first_slot:].masked_fill_(far[q0 : q0 + chunk][:, None, :], float("-inf"))
+        top, idx = torch.topk(a.reshape(q.shape[0], k_len * n), cfg.topk, dim=1)  # (m, k)
+        wts = torch.softmax(top / cfg.temperature, dim=1)  # dividing after top-k selects the same cells
         out[q0 : q0 + chunk] = torch.einsum("mk,mkl->ml", wts, ctx_labels[idx])
     return out
 
