@@ -143,7 +143,7 @@ def _propagate_frame(
     n = x.shape[1]
     k_len = len(ctx)
     uniq, inv = np.unique(np.asarray(ctx), return_inverse=True)
-    keys = x[torch.as_tensor(uniq, device=x.device)]  # (U, N, C)
+    keys = x[torch.as_tensor(uniq, device=x.device)].reshape(len(uniq) * n, -1)  # (U*N, C)
     inv_t = torch.as_tensor(inv, device=x.device)
     ctx_labels = labels[torch.as_tensor(np.asarray(ctx), device=x.device)].reshape(k_len * n, -1)  # (K*N, L)
     identity = bool(np.array_equal(inv, np.arange(k_len)))  # no repeated frame: skip the gather
@@ -152,7 +152,7 @@ def _propagate_frame(
     out = torch.empty(n, labels.shape[-1], dtype=torch.float32, device=x.device)
     for q0 in range(0, n, chunk):
         q = x[t, q0 : q0 + chunk]  # (m, C)
-        a = torch.einsum("mc,unc->mun", q, keys)  # (m, U, N)
+        a = (q @ keys.T).view(q.shape[0], len(uniq), n)  # (m, U, N): one GEMM
         if not identity:
             a = a[:, inv_t]  # (m, K, N): repeated frames are distinct context slots
         a[:, first_slot:].masked_fill_(far[q0 : q0 + chunk][:, None, :], float("-inf"))
