@@ -13,7 +13,9 @@ their own propagated soft labels).
 
 Memory is bounded: affinities are computed for chunks of query cells so that one chunk's
 ``(n, K, N)`` block never exceeds ``max_affinity_elements`` floats, and each distinct
-context frame is multiplied once per chunk (frame 0 repeats early in the video).
+context frame is multiplied once per chunk (frame 0 repeats early in the video). Beyond the
+features themselves (``T x N x C`` floats, normalised row by row when used), the peak is
+the context keys (``K x N x C``) plus two affinity blocks.
 
 Layouts: features ``(T, h, w, C)`` float (any scale; normalised here), labels on the grid
 ``(T, h, w, L)`` float distributions over ``L`` labels, label maps in pixels ``(H, W)``
@@ -126,24 +128,29 @@ def propagate(
     n = h * w
     if cfg.topk > n:
         raise ValueError(f"topk {cfg.topk} exceeds the {n} cells of one frame")
-    x = F.normalize(feats.to(dev, torch.float32).reshape(t_len, n, c), dim=-1)
+    x = feats.to(dev, torch.float32).reshape(t_len, n, c)  # no copy when already float32 there
+    norms = x.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # (T, N, 1): L2 normalisation on the fly
     labels = torch.zeros(t_len, n, first_labels.shape[-1], dtype=torch.float32, device=dev)
     labels[0] = first_labels.to(dev, torch.float32).reshape(n, -1)
     far = ~radius_mask(h, w, cfg.radius, dev)  # (n, n) True = excluded
     for t in range(1, t_len):
         ctx = context_indices(t, cfg.context)
-        labels[t] = _propagate_frame(x, labels, t, ctx, far, cfg)
+        labels[t] = _propagate_frame(x, norms, labels, t, ctx, far, cfg)
     return labels.reshape(t_len, h, w, -1).cpu()
 
 
 def _propagate_frame(
-    x: Tensor, labels: Tensor, t: int, ctx: Sequence[int], far: Tensor, cfg: PropagationConfig
+    x: Tensor, norms: Tensor, labels: Tensor, t: int, ctx: Sequence[int], far: Tensor, cfg: PropagationConfig
 ) -> Tensor:
-    """``(N, L)`` labels of frame ``t`` from context frames ``ctx`` (``ctx[0]`` is long-term)."""
+    """``(N, L)`` labels of frame ``t`` from context frames ``ctx`` (``ctx[0]`` is long-term).
+
+    ``x`` ``(T, N, C)`` raw features and ``norms`` ``(T, N, 1)`` their L2 norms: only the
+    context and query rows are normalised, so no normalised copy of the video is held."""
     n = x.shape[1]
     k_len = len(ctx)
     uniq, inv = np.unique(np.asarray(ctx), return_inverse=True)
-    keys = x[torch.as_tensor(uniq, device=x.device)].reshape(len(uniq) * n, -1)  # (U*N, C)
+    u = torch.as_tensor(uniq, device=x.device)
+    keys = (x[u] / norms[u]).reshape(len(uniq) * n, -1)  # (U*N, C) unit rows
     inv_t = torch.as_tensor(inv, device=x.device)
     ctx_labels = labels[torch.as_tensor(np.asarray(ctx), device=x.device)].reshape(k_len * n, -1)  # (K*N, L)
     identity = bool(np.array_equal(inv, np.arange(k_len)))  # no repeated frame: skip the gather
@@ -151,7 +158,7 @@ def _propagate_frame(
     chunk = max(1, cfg.max_affinity_elements // max(1, k_len * n))
     out = torch.empty(n, labels.shape[-1], dtype=torch.float32, device=x.device)
     for q0 in range(0, n, chunk):
-        q = x[t, q0 : q0 + chunk]  # (m, C)
+        q = x[t, q0 : q0 + chunk] / norms[t, q0 : q0 + chunk]  # (m, C) unit rows
         a = (q @ keys.T).view(q.shape[0], len(uniq), n)  # (m, U, N): one GEMM
         if not identity:
             a = a[:, inv_t]  # (m, K, N): repeated frames are distinct context slots
