@@ -11,7 +11,8 @@ from pipeline.errors import FreezeframeError
 app = typer.Typer(
     name="freezeframe",
     help="Video SSL on cached features of frozen image models. Stage 1: manifest, synth, weights, "
-    "plan, extract, status, verify. Stage 2: stats, pretrain, finetune, evaluate, report, demo.",
+    "plan, extract, status, verify. Stage 2: stats, pretrain, finetune, evaluate, report, demo. "
+    "Dense evaluation: synth-davis, dense-extract, propagate, davis-eval, jhmdb-eval, vip-eval.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -39,10 +40,12 @@ def _register() -> None:
     from extract.cli import register as register_extract
     from manifests.cli import app as manifest_app
     from train.cli import register as register_train
+    from train.dense.cli import register as register_dense
 
     app.add_typer(manifest_app, name="manifest", help="Build a JSONL manifest from a dataset's official annotation files.")
     register_extract(app)
     register_train(app)
+    register_dense(app)
 
 
 def main() -> None:

@@ -34,9 +34,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.config import runtime
+from pipeline.errors import FreezeframeError
 
 __all__ = [
     "PropagationConfig",
+    "PropagationError",
     "context_indices",
     "radius_mask",
     "propagate",
@@ -46,6 +48,10 @@ __all__ = [
 ]
 
 Upsample = Literal["bilinear", "nearest"]
+
+
+class PropagationError(FreezeframeError, ValueError):
+    """Propagation parameters that do not fit the features (e.g. top-k above the grid's cells)."""
 
 
 @dataclass(frozen=True)
@@ -127,7 +133,9 @@ def propagate(
     dev = torch.device(device) if device is not None else feats.device
     n = h * w
     if cfg.topk > n:
-        raise ValueError(f"topk {cfg.topk} exceeds the {n} cells of one frame")
+        raise PropagationError(
+            f"topk {cfg.topk} exceeds the {n} cells of one {h}x{w} frame; lower --topk or extract at a larger size"
+        )
     x = feats.to(dev, torch.float32).reshape(t_len, n, c)  # no copy when already float32 there
     norms = x.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # (T, N, 1): L2 normalisation on the fly
     labels = torch.zeros(t_len, n, first_labels.shape[-1], dtype=torch.float32, device=dev)
