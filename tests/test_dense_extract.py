@@ -76,3 +76,37 @@ def test_store_of_other_frames_is_refused(dense_store, tmp_path):
         propagate_store(store_path, other, tmp_path / "r")
     msg = str(info.value)
     assert "synth002: not in the store" in msg and "synth000: the store holds frames" in msg
+
+
+def test_propagation_is_a_registered_evaluation(dense_store, tmp_path):
+    from pipeline.errors import FreezeframeError
+    from train.evals import get_evaluation
+    from train.evals.propagation import PropagationEvalConfig
+    from train.schema import TrainConfig
+
+    tmp, videos, store_path, _ = dense_store
+    ev = get_evaluation("propagation")
+    root = str(tmp / "DAVIS")
+    calls = []
+
+    class Identity(torch.nn.Module):
+        def forward(self, x):  # (T, h, w, C) tokens
+            calls.append(tuple(x.shape))
+            return x
+
+    def run(tokens: str, out: str):
+        cfg = TrainConfig(run_dir=str(tmp_path))
+        cfg.eval_cfg = {"propagation": PropagationEvalConfig(root=root, store=str(store_path), tokens=tokens, out=out)}
+        ev.preflight(open_store(store_path), cfg)
+        return ev.run(Identity(), open_store(store_path), cfg, torch.device("cpu"))
+
+    raw = run("raw", str(tmp_path / "raw"))
+    assert calls == []
+    mapped = run("model", str(tmp_path / "mapped"))
+    assert calls == [(6, 3, 5, 1280)] * 2  # the model saw every video's tokens
+    assert mapped.to_json()["JF_mean"] == raw.to_json()["JF_mean"]
+    assert set(raw.summary()) == {"JF_mean"} and raw.to_json()["benchmark"] == "davis2017"
+    cfg = TrainConfig()
+    cfg.eval_cfg = {"propagation": PropagationEvalConfig()}
+    with pytest.raises(FreezeframeError, match="propagation.root"):
+        ev.preflight(open_store(store_path), cfg)
