@@ -163,6 +163,9 @@ def _header(cfg: DenseExtractConfig, backbone: Backbone, videos: Sequence[DenseV
             "channels": backbone.channels,
             "feature_shape": None,  # per video: see each video's geometry
             "manifest_sha256": manifest_sha256([v.row() for v in videos]),
+            "num_videos": len(videos),
+            "num_shards": len(videos),  # shard k = video k, so status/verify see what is missing
+            "videos_per_shard": 1,
         },
         "backbone": desc,
     }

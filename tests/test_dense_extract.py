@@ -110,3 +110,12 @@ def test_propagation_is_a_registered_evaluation(dense_store, tmp_path):
     cfg.eval_cfg = {"propagation": PropagationEvalConfig()}
     with pytest.raises(FreezeframeError, match="propagation.root"):
         ev.preflight(open_store(store_path), cfg)
+
+
+def test_dense_store_status_and_verify(dense_store):
+    from pipeline.store import store_status, verify_store
+
+    _, videos, store_path, _ = dense_store
+    st = store_status(store_path)
+    assert (st.complete_shards, st.planned_shards) == (len(videos), len(videos))
+    assert verify_store(store_path) == []
