@@ -8,7 +8,7 @@ import torch
 from extract.backbones import create_backbone
 from extract.dense import DenseExtractConfig, extract_dense, input_size, prepare_frames, read_frame_folder, video_geometry
 from manifests.dense import build_dense
-from manifests.synth_davis import SynthDavisConfig, write_synth_davis
+from synth.davis import SynthDavisConfig, write_synth_davis
 from pipeline.store import open_store
 from train.dense.evaluate import GeometryMismatchError, propagate_store, score_results
 from train.dense.propagate import PropagationConfig

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from manifests.dense import build_dense
-from manifests.synth_davis import SynthDavisConfig, render_sequence, write_synth_davis
+from synth.davis import SynthDavisConfig, render_sequence, write_synth_davis
 from pipeline.labels import read_label_png
 from train.dense.adapters import adapter_for, propagate_labels_of
 from train.dense.metrics import DenseEvalError

@@ -69,7 +69,7 @@ def synth_davis_cmd(
     seed: int = typer.Option(0, help="Seed."),
 ) -> None:
     """Synthetic DAVIS-layout data: textured objects that move, turn and occlude, exact masks."""
-    from manifests.synth_davis import SynthDavisConfig, write_synth_davis
+    from synth.davis import SynthDavisConfig, write_synth_davis
 
     cfg = SynthDavisConfig(val_sequences=sequences, frames=frames, height=height, width=width, seed=seed)
     root = write_synth_davis(out_dir, cfg)

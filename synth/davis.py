@@ -27,6 +27,7 @@ from PIL import Image
 
 from pipeline.fileio import atomic_write_bytes, atomic_write_lines
 from pipeline.labels import write_label_png
+from synth.render import _periodic_noise
 
 __all__ = ["SynthDavisConfig", "render_sequence", "write_synth_davis"]
 
@@ -65,15 +66,11 @@ class SynthDavisConfig:
 
 
 def _smooth_noise(rng: np.random.Generator, h: int, w: int, sigma: float) -> np.ndarray:
-    """``(h, w, 3)`` periodic smooth noise in [0, 1] (white noise low-passed in Fourier space)."""
-    fy = np.fft.fftfreq(h)[:, None]
-    fx = np.fft.fftfreq(w)[None, :]
-    gain = np.exp(-2 * (np.pi * sigma) ** 2 * (fx**2 + fy**2))
-    out = np.empty((h, w, 3))
-    for c in range(3):
-        n = np.real(np.fft.ifft2(np.fft.fft2(rng.standard_normal((h, w))) * gain))
-        out[..., c] = (n - n.min()) / max(n.max() - n.min(), 1e-9)
-    return out
+    """``(h, w, 3)`` smooth noise in [0, 1]: :func:`synth.render._periodic_noise` per channel,
+    cut to ``h x w`` and min-max scaled."""
+    side = max(h, w)
+    out = np.stack([_periodic_noise(rng, side, sigma)[:h, :w] for _ in range(3)], axis=-1)
+    return (out - out.min(axis=(0, 1))) / np.maximum(out.max(axis=(0, 1)) - out.min(axis=(0, 1)), 1e-9)
 
 
 def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
