@@ -1,4 +1,4 @@
-"""Dense-evaluation commands: synth-davis, dense-extract, propagate, davis-eval, jhmdb-eval, vip-eval.
+"""Dense evaluation: synth-davis, dense-extract, propagate, davis-eval, jhmdb-eval, vip-eval.
 
 ``propagate`` writes results in the official layout and prints the benchmark's scores;
 ``*-eval`` scores any results folder in that layout (ours or another method's). ``--json``
@@ -12,14 +12,13 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from freezeframe.cli.common import console as err
+from freezeframe.cli.common import new_app, out
 from pipeline.errors import FreezeframeError
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-err = Console(stderr=True)
-out = Console()
+app = new_app("Dense evaluation: label propagation on DAVIS-2017, JHMDB and VIP from cached features.")
 
 _DAVIS = typer.Option(None, "--davis", help="DAVIS-2017 folder (ImageSets/, JPEGImages/480p/, Annotations/480p/).")
 _JHMDB = typer.Option(None, "--jhmdb", help="JHMDB folder (Rename_Images/, joint_positions/, splits/).")
@@ -69,7 +68,7 @@ def synth_davis_cmd(
     seed: int = typer.Option(0, help="Seed."),
 ) -> None:
     """Synthetic DAVIS-layout data: textured objects that move, turn and occlude, exact masks."""
-    from synth.davis import SynthDavisConfig, write_synth_davis
+    from synth.davis import SynthDavisConfig, write_synth_davis  # lazy: keeps the CLI start-up light
 
     cfg = SynthDavisConfig(val_sequences=sequences, frames=frames, height=height, width=width, seed=seed)
     root = write_synth_davis(out_dir, cfg)
@@ -92,7 +91,7 @@ def dense_extract_cmd(
     device: str = typer.Option("cpu", help="Device of the backbone."),
 ) -> None:
     """Every frame of a benchmark's videos through the backbone at the protocol's input size."""
-    from extract.dense import DenseExtractConfig, extract_dense
+    from extract.dense import DenseExtractConfig, extract_dense  # lazy: torch only when the command runs
     from train.dense.evaluate import BENCHMARKS
 
     name, videos = _benchmark(davis, jhmdb, vip, split)
@@ -121,7 +120,7 @@ def propagate_cmd(
     as_json: bool = _JSON,
 ) -> None:
     """Propagate the first frame's labels through every video, write results, print scores."""
-    from train.dense.evaluate import BENCHMARKS, propagate_store, score_results
+    from train.dense.evaluate import BENCHMARKS, propagate_store, score_results  # lazy: torch
     from train.dense.propagate import PropagationConfig
 
     name, videos = _benchmark(davis, jhmdb, vip, split)
@@ -142,7 +141,7 @@ def _load_projection(run: Path):
 
 
 def _eval(name: str, root: Path, results: Path, split: Optional[str], as_json: bool) -> None:
-    from manifests.dense import build_dense
+    from manifests.dense import build_dense  # lazy: torch via the scorers
     from train.dense.evaluate import score_results
 
     videos = build_dense(name, root=root, split=split or _DEFAULT_SPLIT[name])
@@ -181,7 +180,3 @@ def vip_eval_cmd(
     """VIP part mIoU of any results folder."""
     _eval("vip", vip, results, split, as_json)
 
-
-def register(root: typer.Typer) -> None:
-    """Add these commands to the root ``freezeframe`` app."""
-    root.registered_commands.extend(app.registered_commands)
