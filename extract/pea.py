@@ -26,6 +26,8 @@ size). Anything else (the CNN) raises :class:`PEAError`.
 """
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable
 
@@ -40,6 +42,7 @@ __all__ = [
     "DEFAULT_PEA_RATIO",
     "PEAError",
     "draw_offsets",
+    "frame_offsets",
     "patch_pe",
     "pea_forward",
     "pea_patch_pe",
@@ -72,6 +75,23 @@ def draw_offsets(n: int, grid: tuple[int, int], ratio: float, generator: torch.G
     oy = torch.randint(0, uh - grid[0] + 1, (n,), generator=generator)
     ox = torch.randint(0, uw - grid[1] + 1, (n,), generator=generator)
     return torch.stack([oy, ox], dim=1)
+
+
+def frame_offsets(seed: int, video_id: str, frames: Sequence[int], views: int, grid: tuple[int, int],
+                  ratio: float) -> Tensor:
+    """The offsets of the ``views`` stored PEA views of frames ``frames`` of ``video_id``.
+
+    ``(len(frames), views, 2)`` int64. Frame ``j`` draws its ``views`` offsets from a generator
+    seeded by ``sha256(f"{seed}/{video_id}/{j}")``, so they do not depend on how frames were
+    batched, on the rank or on a resume, and anyone can recompute them from the store header's
+    seed.
+    """
+    out = torch.empty(len(frames), views, 2, dtype=torch.long)
+    for i, j in enumerate(frames):
+        digest = hashlib.sha256(f"{seed}/{video_id}/{int(j)}".encode()).digest()
+        g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+        out[i] = draw_offsets(views, grid, ratio, g)
+    return out
 
 
 def pea_patch_pe(pe: Tensor, grid: tuple[int, int], ratio: float, offsets: Tensor) -> Tensor:

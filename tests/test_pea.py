@@ -148,3 +148,13 @@ def test_the_cnn_is_refused_with_the_plain_return_view_named() -> None:
     x = torch.zeros(1, 3, 64, 64)
     with pytest.raises(PEAError, match=r"no positional embedding.*A' = A"):
         pea_forward(cnn, x, torch.zeros(1, 2, dtype=torch.long))
+
+
+def test_frame_offsets_are_seeded_per_video_and_frame() -> None:
+    from extract.pea import frame_offsets
+
+    a = frame_offsets(3, "vid-a", [0, 1, 2, 7], 4, (14, 14), 10.0)
+    assert a.shape == (4, 4, 2) and a.min() >= 0 and a.max() <= 140
+    assert torch.equal(frame_offsets(3, "vid-a", [7], 4, (14, 14), 10.0)[0], a[3])  # independent of batching
+    assert not torch.equal(frame_offsets(3, "vid-b", [0, 1, 2, 7], 4, (14, 14), 10.0), a)
+    assert not torch.equal(frame_offsets(4, "vid-a", [0, 1, 2, 7], 4, (14, 14), 10.0), a)
