@@ -156,3 +156,21 @@ def test_intra_equals_the_scripts_cdist_on_random_tokens() -> None:
         d = torch.cdist(x[t:t + 1], x[t + 1:t + 2], compute_mode="donot_use_mm_for_euclid_dist")[0]
         ref.append(torch.topk(d.min(-1).values, 12, largest=False).values.mean())
     assert intra_distance(v) == pytest.approx(float(torch.stack(ref).mean()), rel=1e-5)
+
+
+def test_measure_store_reads_a_real_store(tmp_path) -> None:
+    from pipeline.store import open_store
+    from tests.stores import write_synthetic_store
+    from train.represent import measure_store
+
+    s = write_synthetic_store(tmp_path / "s.zarr", splits={"train": 5, "test": 2}, lengths=(9, 12), grid=(4, 4),
+                              channels=8)
+    store = open_store(s.path)
+    m = measure_store(store, videos=4, split="train")
+    ids = store.split_ids("train")[:4]
+    ref = RepresentationAccumulator()
+    for v in ids:
+        ref.add(torch.from_numpy(store.features(v)))
+    assert m.to_json() == ref.result().to_json() and m.videos == 4
+    with pytest.raises(RepresentationError, match="at least 2"):
+        measure_store(store, videos=1)

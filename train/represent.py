@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from pipeline.errors import FreezeframeError
+from pipeline.store import FeatureStore
 from train.losses_cosettle import CYCLE_EPS, pool_nodes, walk
 
 __all__ = [
@@ -57,6 +58,7 @@ __all__ = [
     "inter_positions",
     "intra_distance",
     "measure",
+    "measure_store",
     "video_diameters",
 ]
 
@@ -275,3 +277,24 @@ def measure(videos: Iterable[Tensor], total: int | None = None,
                 acc.add(transform(video) if transform is not None else video)
                 bar.advance(task)
     return acc.result()
+
+
+def store_videos(store: FeatureStore, videos: int | None = None, split: str | None = None) -> list[str]:
+    """The first ``videos`` video ids of ``split`` (all splits when None), in store order."""
+    ids = store.split_ids(split) if split else store.video_ids
+    if split and not ids:
+        raise RepresentationError(f"split {split!r} of {store.path} has no videos (splits: {store.splits()})")
+    if videos is not None:
+        if videos < 2:
+            raise RepresentationError(f"--videos must be at least 2 (D_inter compares pairs), got {videos}")
+        ids = ids[:videos]
+    return ids
+
+
+def measure_store(store: FeatureStore, videos: int | None = None, split: str | None = None,
+                  transform: Callable[[Tensor], Tensor] | None = None, console=None) -> RepresentationMetrics:
+    """:func:`measure` over the stored tokens of :func:`store_videos` (read one video at a time)."""
+    ids = store_videos(store, videos, split)
+    stream = (torch.from_numpy(store.features(v)) for v in ids)
+    return measure(stream, total=len(ids), transform=transform, console=console,
+                   description=f"measuring {len(ids)} videos of {store.path.name}")
