@@ -5,7 +5,7 @@ For each input size (112 and 224 px), in one process and one run:
 * **model only**: frames/s of the backbone forward (``prepare`` + ``forward``) on frames that
   are already decoded and in memory, same batch size, measured two ways: the plain loop (one
   batch at a time on every core, torch's default) and with the pipeline's own thread plan
-  (``extract.runner.thread_plan``: on a 2-core CPU, two batches at once on one thread each),
+  (``extract.encode.thread_plan``: on a 2-core CPU, two batches at once on one thread each),
   so that the ratio is not flattered by a better threading than the baseline's;
 * **decode only**: frames/s of ``extract.decode.iter_frames`` in the main process (what one
   decode worker costs in CPU time);
@@ -38,7 +38,8 @@ from pipeline.manifest import ManifestRow, write_manifest
 
 if TYPE_CHECKING:
     from extract.decode import Geometry
-    from extract.runner import ExtractSummary, ThreadPlan
+    from extract.encode import ThreadPlan
+    from extract.runner import ExtractSummary
 
 # torch, the backbones and the runner are imported inside the functions: the decode workers
 # are *spawned*, and a spawned child imports the main module first, so heavy imports here
@@ -143,7 +144,7 @@ def main() -> None:
     from extract.backbones import create_backbone
     from extract.config import ExtractConfig
     from extract.decode import Geometry, decode_all
-    from extract.runner import thread_plan
+    from extract.encode import thread_plan
     from extract.weights import mobilenet_checkpoint
 
     weights = mobilenet_checkpoint() is not None

@@ -431,7 +431,7 @@ def _run_cached(spec: RegimeSpec, device: torch.device, *, in_memory: bool) -> d
 
 def _run_online(spec: RegimeSpec, device: torch.device) -> dict:
     from extract.decode import Geometry
-    from extract.runner import build_backbone
+    from extract.encode import build_backbone
     from pipeline.store import open_store
 
     bench = spec.bench
@@ -598,7 +598,8 @@ def count_flops(backbone: Any, model_cfg: ModelConfig, num_frames: int) -> dict:
 # one backbone
 # --------------------------------------------------------------------------------------
 def bench_backbone(name: str, cfg: BenchConfig, manifest: Path, tmp: Path, log: Callable[[str], None]) -> dict:
-    from extract.runner import build_backbone, run_extract
+    from extract.encode import build_backbone
+    from extract.runner import run_extract
     from extract.weights import mobilenet_checkpoint
 
     real = name == "mobilenetv2-imagenet" and mobilenet_checkpoint() is not None

@@ -17,35 +17,6 @@ from pipeline.cli import flag_overrides
 console = Console(stderr=True)
 out = Console()
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "manifests" / "configs"
-
-
-def dataset_config(name: str) -> dict:
-    """The ``[extract]`` table of ``manifests/configs/<name>.toml`` (dataset defaults)."""
-    from pipeline.config import load_toml
-    from pipeline.errors import FreezeframeError
-
-    path = CONFIG_DIR / f"{name}.toml"
-    if not path.exists():
-        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml")))
-        raise FreezeframeError(f"no dataset config {path}; known datasets: {known}")
-    return load_toml(path).get("extract", {})
-
-
-def resolve_extract_config(dataset: Optional[str], config: Optional[Path], overrides: list[str]):
-    from extract.config import ExtractConfig
-    from pipeline.config import from_dict, load_toml, merge, parse_overrides
-
-    d: dict = {}
-    if dataset:
-        d = merge(d, dataset_config(dataset))
-    if config:
-        t = load_toml(config)
-        d = merge(d, t.get("extract", t))
-    d = merge(d, parse_overrides(overrides))
-    return from_dict(ExtractConfig, d)
-
-
 def _human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -100,8 +71,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Dry run: frames, bytes and shards an extraction would produce (headers only, no decoding)."""
         from extract.backbones import create_backbone
+        from extract.config import resolve_extract_config
+        from extract.encode import feature_shape
         from extract.plan import make_plan
-        from extract.runner import feature_shape
         from pipeline.manifest import read_manifest
 
         cfg = resolve_extract_config(dataset, config, flag_overrides(
@@ -155,6 +127,7 @@ def register(app: typer.Typer) -> None:
         set_: list[str] = typer.Option([], "--set", help="Override any config field: key=value."),
     ) -> None:
         """Extract frozen-backbone patch features of every video into a sharded zarr v3 store."""
+        from extract.config import resolve_extract_config
         from extract.runner import run_extract
         from pipeline.errors import FreezeframeError
         from pipeline.store import store_status

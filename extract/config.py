@@ -1,22 +1,38 @@
-"""The extraction config (stage 1) and the parts of it that define a store's content."""
+"""The extraction config (stage 1): its fields, which of them are runtime knobs, its checks,
+and the one way to build it from a dataset's defaults, a TOML file and ``key=value`` overrides.
+
+Every field not declared ``runtime(...)`` decides the stored values (through the store
+header's ``content``, see :func:`extract.runner.store_header`): a rerun into an existing store
+must match them. Runtime knobs (batch size, workers, device, this job's shard index, the
+manifest and store *paths*: the manifest is identified by its sha256) may change between runs.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from extract.backbones import BACKBONES
+from extract.decode import GEOMETRIES, INTERPOLATIONS
+from manifests import dataset_config as dataset_file
+from pipeline.config import load_toml, resolve, runtime
+from pipeline.errors import ConfigError
+from pipeline.registry import Registry
+from pipeline.store import CODECS, STORAGE_DTYPES
 
 
 @dataclass
 class ExtractConfig:
     """Everything ``freezeframe extract`` needs.
 
-    Fields marked *content* decide the stored values: a rerun into an existing store must
-    match them exactly (see :func:`extract.runner.store_header`). The others are runtime
-    knobs that may change between runs (batch size, workers, device...).
+    Invalid values (unknown names, sizes below 1...) are refused at construction with one
+    :class:`~pipeline.errors.ConfigError` listing every problem, before any store is touched.
     """
 
-    manifest: str = ""  # path of the JSONL manifest
-    store: str = ""  # path of the zarr store to create or complete
+    manifest: str = runtime("")  # path of the JSONL manifest (its rows' sha256 is content)
+    store: str = runtime("")  # path of the zarr store to create or complete
     # backbone (content)
-    backbone: str = "mobilenetv2-imagenet"
+    backbone: str = "mobilenetv2-imagenet"  # a name of extract.backbones.BACKBONES
     weights: str | None = None  # local checkpoint file; None = library pretrained tag / cache
     random_weights: bool = False  # random init (tests, smoke runs)
     image_size: int | None = None  # input side in px; None = the backbone's default
@@ -33,16 +49,82 @@ class ExtractConfig:
     videos_per_shard: int = 64  # videos per store shard (unit of work, one writer)
     frames_per_file: int = 256  # frames per zarr shard file
     # runtime
-    batch_size: int = 32  # frames per backbone forward
-    workers: int = 0  # decode worker processes; 0 = auto (this rank's cores - 1, at least 1)
-    decode_threads: int = 0  # codec threads per worker; 0 = library default
-    threads: int = 0  # CPU threads of the backbone; 0 = this rank's cores (cores / local ranks)
-    streams: int = 0  # batches encoded at once (see extract.runner.ThreadPlan); 0 = auto
-    decode_timeout: float = 120.0  # seconds a video may stall the pipeline before its worker is killed
-    chunk_size: int = 32  # frames per decoded chunk sent from a worker
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: bool = True  # autocast on CUDA (features are stored in the declared dtype anyway)
-    shard_index: int | None = None  # this job's index among independent jobs (Slurm array)
-    num_shards: int | None = None  # number of independent jobs
-    retry_failed: bool = False  # only retry videos recorded as failures
-    progress: bool = True
+    batch_size: int = runtime(32)  # frames per backbone forward
+    workers: int = runtime(0)  # decode worker processes; 0 = auto (this rank's cores - 1, at least 1)
+    decode_threads: int = runtime(0)  # codec threads per worker; 0 = library default
+    threads: int = runtime(0)  # CPU threads of the backbone; 0 = this rank's cores (cores / local ranks)
+    streams: int = runtime(0)  # batches encoded at once (see extract.encode.ThreadPlan); 0 = auto
+    decode_timeout: float = runtime(120.0)  # seconds a video may stall the pipeline before its worker is killed
+    chunk_size: int = runtime(32)  # frames per decoded chunk sent from a worker
+    device: str = runtime("auto")  # auto | cpu | cuda | cuda:N
+    amp: bool = runtime(True)  # autocast on CUDA (features are stored in the declared dtype anyway)
+    shard_index: int | None = runtime(None)  # this job's index among independent jobs (Slurm array)
+    num_shards: int | None = runtime(None)  # number of independent jobs
+    retry_failed: bool = runtime(False)  # only retry videos recorded as failures
+    progress: bool = runtime(True)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise one :class:`ConfigError` listing every invalid value (fields may have been
+        assigned since construction: the runner checks again before touching a store)."""
+        problems = self.problems()
+        if len(problems) == 1:
+            raise ConfigError(f"extract config: {problems[0]}")
+        if problems:
+            raise ConfigError(f"extract config has {len(problems)} problems:\n"
+                              + "\n".join(f"  - {p}" for p in problems))
+
+    def problems(self) -> list[str]:
+        """Every invalid value, one line each (empty: valid)."""
+        out: list[str] = []
+        names: list[tuple[str, Registry, Any]] = [
+            ("backbone", BACKBONES, self.backbone), ("dtype", STORAGE_DTYPES, self.dtype),
+            ("codec", CODECS, self.codec), ("geometry", GEOMETRIES, self.geometry),
+            ("interpolation", INTERPOLATIONS, self.interpolation),
+        ]
+        for key, registry, value in names:
+            if value is not None and value not in registry:
+                out.append(f"{key}: unknown {registry.kind} {value!r}; choose one of: {', '.join(registry.names())}")
+        at_least = [
+            ("image_size", self.image_size, 1, True), ("spatial_pool", self.spatial_pool, 1, True),
+            ("channel_pool", self.channel_pool, 1, True), ("min_frames", self.min_frames, 1, False),
+            ("videos_per_shard", self.videos_per_shard, 1, False),
+            ("frames_per_file", self.frames_per_file, 1, False), ("batch_size", self.batch_size, 1, False),
+            ("chunk_size", self.chunk_size, 1, False), ("workers", self.workers, 0, False),
+            ("decode_threads", self.decode_threads, 0, False), ("threads", self.threads, 0, False),
+            ("streams", self.streams, 0, False),
+        ]
+        for key, value, low, optional in at_least:
+            if value is None and optional:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                hint = " or unset (null)" if optional else ""
+                out.append(f"{key}: must be an integer >= {low}{hint}, got {value!r}")
+        for key, value, optional in (("fps", self.fps, True), ("decode_timeout", self.decode_timeout, False)):
+            if value is None and optional:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                hint = " or unset (null: every native frame)" if optional else ""
+                out.append(f"{key}: must be a number > 0{hint}, got {value!r}")
+        return out
+
+
+def dataset_config(name: str) -> dict:
+    """The ``[extract]`` table of ``manifests/configs/<name>.toml`` (the dataset's defaults)."""
+    return dict(dataset_file(name).get("extract", {}))
+
+
+def resolve_extract_config(dataset: str | None = None, config_file: str | Path | None = None,
+                           overrides: Sequence[str] = ()) -> ExtractConfig:
+    """Defaults <- the dataset's ``[extract]`` table <- ``config_file`` (its ``[extract]``
+    table, or its top level) <- dotted ``key=value`` overrides; type-checked and validated
+    (one :class:`~pipeline.errors.ConfigError` listing every problem)."""
+    layers: list[dict] = []
+    if dataset:
+        layers.append(dataset_config(dataset))
+    if config_file:
+        table = load_toml(config_file)
+        layers.append(table.get("extract", table))
+    return resolve(ExtractConfig, layers, overrides)

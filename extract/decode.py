@@ -69,7 +69,6 @@ __all__ = [
     "VideoProbe",
     "decode_all",
     "iter_frames",
-    "open_video",
     "opened_video",
     "probe",
     "video_stream",
@@ -315,23 +314,14 @@ def video_stream(
     )
 
 
-def open_video(path: str | os.PathLike) -> av.container.InputContainer:
-    """Open a local path or an fsspec URL (e.g. ``"tar://member.mp4::/x/shard.tar"``) for reading.
-
-    URLs are opened with fsspec and the file object is handed to PyAV. The caller must
-    close the container; for URLs the fsspec file is released when the container is
-    garbage-collected. Prefer :func:`opened_video`, which closes everything at once.
+@contextmanager
+def opened_video(path: str | os.PathLike) -> Iterator[av.container.InputContainer]:
+    """Open a local path or an fsspec URL (e.g. ``"tar://member.mp4::/x/shard.tar"``) for
+    reading; the container and any fsspec files are closed on exit.
 
     Raises:
         DecodeError(stage="open"): missing file, not a media file, or no video stream.
     """
-    container, _release = _open_container(str(path))
-    return container
-
-
-@contextmanager
-def opened_video(path: str | os.PathLike) -> Iterator[av.container.InputContainer]:
-    """Context manager around :func:`open_video` that closes the container and any fsspec files."""
     container, release = _open_container(str(path))
     try:
         yield container

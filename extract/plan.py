@@ -1,15 +1,20 @@
-"""``freezeframe plan``: what an extraction would produce, from container headers only."""
+"""``freezeframe plan``: what an extraction would produce, from container headers only.
+
+It takes the same :class:`~extract.config.ExtractConfig` as ``freezeframe extract`` (built
+by :func:`extract.config.resolve_extract_config`) and plans shards with the same
+:func:`extract.runner.plan_shards`.
+"""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from extract.config import ExtractConfig
 from extract.decode import DecodeError, probe
+from extract.runner import plan_shards
 from pipeline.manifest import ManifestRow
 from pipeline.store import STORAGE_DTYPES
-
-_ITEMSIZE = {"float16": 2, "float32": 4, "int8": 1}
 
 
 @dataclass
@@ -31,8 +36,8 @@ def bytes_per_frame(shape: tuple[int, int, int], dtype: str) -> int:
     """Uncompressed bytes stored per frame (features + extras + float64 timestamp)."""
     h, w, c = shape
     sd = STORAGE_DTYPES.get(dtype)
-    extra = sum(h * w * 4 for _ in sd.extras)
-    return h * w * c * _ITEMSIZE[sd.feature_dtype] + extra + 8
+    extra = sum(h * w * np.dtype(dt).itemsize for dt in sd.extras.values())
+    return h * w * c * np.dtype(sd.feature_dtype).itemsize + extra + np.dtype(np.float64).itemsize
 
 
 def make_plan(rows: list[ManifestRow], cfg: ExtractConfig, shape: tuple[int, int, int]) -> Plan:
@@ -54,7 +59,7 @@ def make_plan(rows: list[ManifestRow], cfg: ExtractConfig, shape: tuple[int, int
         seconds += max(hi - lo, 0.0)
     return Plan(
         videos=len(rows),
-        shards=math.ceil(len(rows) / max(1, cfg.videos_per_shard)),
+        shards=len(plan_shards(rows, cfg.videos_per_shard)),
         frames=frames,
         seconds_of_video=seconds,
         feature_shape=shape,

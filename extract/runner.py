@@ -1,9 +1,9 @@
-"""Stage 1 orchestration: manifest -> store shards -> decode workers -> backbone -> zarr.
+"""Stage 1 scheduling: manifest -> store shards -> decode workers -> :mod:`extract.encode` -> zarr.
 
 The unit of work is a store shard (``videos_per_shard`` consecutive manifest rows) with
 exactly one writer. A process takes the shards ``k`` with ``k % world == rank`` where
 (rank, world) come from ``--shard-index/--num-shards`` (independent jobs, e.g. a Slurm
-array) or from torchrun's ``RANK``/``WORLD_SIZE``. Completed shards (marker present) are
+array) or from the launcher (torchrun, srun: :func:`pipeline.dist.discover_rank`). Completed shards (marker present) are
 skipped, incomplete ones are deleted and redone, so rerunning the same command resumes. A
 shard is only touched under its lock (:func:`pipeline.store.shard_lock`): a second run
 started on the same store by mistake skips the shards the first is writing.
@@ -11,32 +11,29 @@ started on the same store by mistake skips the shards the first is writing.
 from __future__ import annotations
 
 import json
-import os
 import time
-from collections import deque
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
-from extract.backbones import Backbone, create_backbone
+from extract.backbones import Backbone
 from extract.config import ExtractConfig
 from extract.decode import Geometry
+from extract.encode import BatchingSink, FeatureEncoder, build_backbone, feature_shape, thread_plan
 from extract.workers import ChunkEvent, DecodeJob, DecodePool, DoneEvent, FailedEvent
 from pipeline.config import config_hash, to_dict
+from pipeline.dist import RankInfo, discover_rank, local_cores, resolve_device
 from pipeline.errors import FreezeframeError
 from pipeline.manifest import ManifestRow, manifest_sha256, read_manifest, validate_manifest
-from pipeline.pooling import compress
 from pipeline.provenance import environment
 from pipeline.store import (
-    STORAGE_DTYPES,
     Failure,
     FeatureStore,
     ShardWriter,
+    create_once,
     init_store,
     lock_path,
     marker_path,
@@ -49,18 +46,10 @@ from pipeline.store import (
 # --------------------------------------------------------------------------------------
 # who does what
 # --------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Rank:
-    """This process's place among the extraction jobs."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    torchrun: bool = False
-
-
-def discover_rank(cfg: ExtractConfig) -> Rank:
-    """``--shard-index/--num-shards`` win; else torchrun's env vars; else a single process."""
+def job_rank(cfg: ExtractConfig) -> RankInfo:
+    """This process's (rank, world) among the extraction jobs: ``--shard-index/--num-shards``
+    win (independent jobs, e.g. a Slurm array); else the launcher's
+    (:func:`pipeline.dist.discover_rank`: torchrun, srun); else a single process."""
     if cfg.shard_index is not None and cfg.num_shards is None:
         # every job would do every shard, and two writers would delete each other's work
         raise FreezeframeError(f"--shard-index {cfg.shard_index} needs --num-shards (the number of jobs)")
@@ -68,11 +57,8 @@ def discover_rank(cfg: ExtractConfig) -> Rank:
         idx = cfg.shard_index or 0
         if not 0 <= idx < cfg.num_shards:
             raise FreezeframeError(f"--shard-index {idx} must be in [0, {cfg.num_shards})")
-        return Rank(idx, cfg.num_shards)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return Rank(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
-                    int(os.environ.get("LOCAL_RANK", 0)), torchrun=True)
-    return Rank()
+        return RankInfo(idx, cfg.num_shards, launcher="shard-index")
+    return discover_rank()
 
 
 def plan_shards(rows: Sequence[ManifestRow], videos_per_shard: int) -> list[list[ManifestRow]]:
@@ -81,85 +67,14 @@ def plan_shards(rows: Sequence[ManifestRow], videos_per_shard: int) -> list[list
     return [list(rows[i : i + v]) for i in range(0, len(rows), v)]
 
 
-#: Seed of random-init backbones (``random_weights``), so that every rank, every resumed run
-#: and a direct forward in a test all compute features with the same weights.
-RANDOM_INIT_SEED = 0
-
-
-def build_backbone(cfg: ExtractConfig) -> Backbone:
-    """The run's frozen backbone. A random init is seeded with :data:`RANDOM_INIT_SEED` (in a
-    forked RNG, the caller's global RNG state is untouched): an unseeded init would differ
-    per process, and a resumed or multi-rank store would mix features of different networks
-    under one header."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_INIT_SEED)
-        return create_backbone(cfg.backbone, weights=cfg.weights, pretrained=not cfg.random_weights,
-                               image_size=cfg.image_size)
-
-
-@dataclass(frozen=True)
-class ThreadPlan:
-    """How the backbone uses the CPU: ``streams`` batches in flight at once, each forward
-    running on ``threads_per_stream`` intra-op threads.
-
-    On a CPU, small-batch convolutions scale poorly across intra-op threads (MobileNetV2 at
-    112 px runs 1.3x faster on 2 threads than on 1), while independent batches on
-    single-threaded streams scale almost linearly, and a stream never waits at a thread
-    barrier for a core the decoder took. On CUDA, two streams overlap one batch's host-side
-    work (uint8 upload, float16 download) with the other's kernels.
-    """
-
-    streams: int
-    threads_per_stream: int
-
-
-def local_cores() -> int:
-    """CPU cores this process may use: those of its affinity mask (a Slurm or container
-    cpuset, not the whole machine), shared evenly among torchrun's ranks on this node."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-
-
 def decode_workers(cfg: ExtractConfig) -> int:
     """``cfg.workers`` decode processes, or (0) one per local core but one, at least 1."""
     return cfg.workers or max(1, local_cores() - 1)
 
 
-def thread_plan(cfg: ExtractConfig, device: torch.device) -> ThreadPlan:
-    """``cfg.threads`` CPU threads (0 = this rank's cores, :func:`local_cores`) split into
-    ``cfg.streams`` streams (0 = auto: 2 on CUDA; on CPU one per thread, at most 4, so a
-    many-core machine gives each stream several threads instead of holding dozens of
-    batches in memory)."""
-    threads = cfg.threads if cfg.threads > 0 else local_cores()
-    if cfg.streams > 0:
-        streams = cfg.streams
-    else:
-        streams = 2 if device.type == "cuda" else min(threads, 4)
-    return ThreadPlan(streams, max(1, threads // streams))
-
-
-def resolve_device(name: str, rank: Rank) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", rank.local_rank % torch.cuda.device_count())
-        return torch.device("cpu")
-    return torch.device(name)
-
-
 # --------------------------------------------------------------------------------------
 # store header
 # --------------------------------------------------------------------------------------
-def feature_shape(backbone: Backbone, cfg: ExtractConfig) -> tuple[int, int, int]:
-    """(H, W, C) stored per frame after optional spatial/channel pooling."""
-    h, w = backbone.grid()
-    c = backbone.channels
-    if cfg.channel_pool:
-        c = cfg.channel_pool
-    if cfg.spatial_pool:
-        h = w = cfg.spatial_pool
-    return (h, w, c)
-
-
 def store_header(cfg: ExtractConfig, backbone: Backbone, rows: Sequence[ManifestRow],
                  geometry: Geometry) -> dict:
     """The header written into the store: ``content`` must match on every later run."""
@@ -190,121 +105,6 @@ def store_header(cfg: ExtractConfig, backbone: Backbone, rows: Sequence[Manifest
         "manifest_path": str(Path(cfg.manifest).resolve()),
         "environment": environment(),
     }
-
-
-# --------------------------------------------------------------------------------------
-# the backbone side: batches across videos, results back in video order
-# --------------------------------------------------------------------------------------
-class FeatureEncoder:
-    """Runs the frozen backbone on uint8 frame batches; returns float32 numpy features.
-
-    (N, S, S, 3) uint8 -> (N, H, W, C) float32, after optional pooling. On CUDA it uses
-    pinned host memory, non-blocking copies and autocast. Safe to call from several threads
-    at once (inference only: no module state changes).
-    """
-
-    def __init__(self, backbone: Backbone, device: torch.device, cfg: ExtractConfig) -> None:
-        self.backbone = backbone.to(device).eval()
-        self.device = device
-        self.cfg = cfg
-        self.cuda = device.type == "cuda"
-
-    @torch.inference_mode()
-    def __call__(self, frames: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(frames)
-        if self.cuda:
-            x = x.pin_memory().to(self.device, non_blocking=True)
-        amp = torch.autocast("cuda", dtype=torch.bfloat16) if (self.cuda and self.cfg.amp) else nullcontext()
-        with amp:
-            feats = self.backbone(self.backbone.prepare(x))
-        feats = compress(feats.float(), self.cfg.spatial_pool, self.cfg.channel_pool)
-        return feats.cpu().numpy()
-
-
-class BatchingSink:
-    """Collects frames of consecutive videos into model batches and writes results in order.
-
-    Videos are begun/ended on the writer in job order; frames are encoded ``batch_size`` at
-    a time even across video boundaries, so short videos still fill the batch. A full batch
-    is handed to ``executor`` (the inference streams) and the caller goes back to receiving
-    decoded frames; up to ``max_in_flight`` batches are being encoded at once, and a batch's
-    results (already cast to the storage dtype on the stream) reach the writer (compression,
-    zarr writes: done here, while the streams compute) only after every earlier batch's did.
-    """
-
-    def __init__(self, encoder: FeatureEncoder, writer: ShardWriter, batch_size: int,
-                 executor: Executor, max_in_flight: int = 2) -> None:
-        self.encoder, self.writer, self.batch_size = encoder, writer, batch_size
-        self.executor, self.max_in_flight = executor, max(1, max_in_flight)
-        self.ops: list[tuple] = []  # ("begin", entry) | ("frames", frames, ts) | ("end",)
-        self.in_flight: deque[tuple[list[tuple], Future | None]] = deque()
-        self.pending = 0
-        self.frames_encoded = 0
-
-    def begin(self, entry: dict) -> None:
-        self.ops.append(("begin", entry))
-
-    def add(self, frames: np.ndarray, timestamps: np.ndarray) -> None:
-        self.ops.append(("frames", frames, timestamps))
-        self.pending += len(frames)
-        if self.pending >= self.batch_size:
-            self.submit()
-
-    def end(self) -> None:
-        self.ops.append(("end",))
-
-    def abort(self) -> None:
-        """Drop the current video (its pending frames are not encoded)."""
-        while self.ops and self.ops[-1][0] == "frames":
-            self.pending -= len(self.ops.pop()[1])
-        if self.ops and self.ops[-1][0] == "begin":
-            self.ops.pop()
-        else:  # part of the video was already submitted: let it reach the writer, roll back
-            self.drain()
-            self.writer.abort_video()
-
-    def _encode(self, frames: np.ndarray) -> dict[str, np.ndarray]:
-        """On a stream: (n, S, S, 3) uint8 -> the storage arrays of (n, H, W, C) features."""
-        return self.writer.dtype.encode(self.encoder(frames))
-
-    def submit(self) -> None:
-        """Send the pending frames to the streams as one batch (blocks while too many are in flight)."""
-        frames = [op[1] for op in self.ops if op[0] == "frames"]
-        fut = self.executor.submit(self._encode, np.concatenate(frames)) if frames else None
-        self.in_flight.append((self.ops, fut))
-        self.ops, self.pending = [], 0
-        while len(self.in_flight) > self.max_in_flight:
-            self._retire()
-
-    def drain(self) -> None:
-        """Submit what is pending and write every batch's results."""
-        if self.ops:
-            self.submit()
-        while self.in_flight:
-            self._retire()
-
-    def _retire(self) -> None:
-        ops, fut = self.in_flight.popleft()
-        arrays = fut.result() if fut is not None else {}
-        pos = 0
-        for op in ops:
-            if op[0] == "begin":
-                self.writer.begin_video(op[1])
-            elif op[0] == "frames":
-                n = len(op[1])
-                self.writer.append_encoded({k: a[pos : pos + n] for k, a in arrays.items()}, op[2])
-                pos += n
-            else:
-                self.writer.end_video()
-        self.frames_encoded += pos
-
-    def cancel(self) -> None:
-        """After an error: wait for the batches in flight, write nothing."""
-        for _, fut in self.in_flight:
-            if fut is not None and not fut.cancel():
-                fut.exception()  # a batch already running: wait for it, drop its result
-        self.in_flight.clear()
-        self.ops, self.pending = [], 0
 
 
 # --------------------------------------------------------------------------------------
@@ -374,14 +174,8 @@ def retry_plan(store_root: Path, rows: Sequence[ManifestRow], videos_per_shard: 
     if not videos:
         return gen + 1, []
     target = rdir / f"retry{gen + 1:02d}.json"
-    tmp = rdir / f".{target.name}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({"generation": gen + 1, "videos": videos}, indent=1))
-    try:
-        os.link(tmp, target)  # atomic: a job that loses the race uses the winner's plan
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink(missing_ok=True)
+    # created once: a job that loses the race uses the winner's plan
+    create_once(target, {"generation": gen + 1, "videos": videos}, indent=1)
     plan = json.loads(target.read_text())
     return int(plan["generation"]), list(plan["videos"])
 
@@ -391,7 +185,9 @@ def run_extract(cfg: ExtractConfig, console: object | None = None) -> ExtractSum
     from rich.console import Console
 
     con: Console = console or Console(stderr=True)  # type: ignore[assignment]
-    rank = discover_rank(cfg)
+    cfg.validate()
+    rank = job_rank(cfg)
+    device = resolve_device(cfg.device, rank)  # a bad name is refused before the store is touched
     rows = read_manifest(cfg.manifest)
     if not rows:
         raise FreezeframeError(f"manifest {cfg.manifest} has no rows")
@@ -400,7 +196,6 @@ def run_extract(cfg: ExtractConfig, console: object | None = None) -> ExtractSum
     backbone = build_backbone(cfg)
     geometry = Geometry(size=backbone.preprocess.size, mode=cfg.geometry,
                         interpolation=cfg.interpolation or backbone.preprocess.interpolation)
-    STORAGE_DTYPES.get(cfg.dtype)  # refuse unknown names before any work
     header = store_header(cfg, backbone, rows, geometry)
     root = Path(cfg.store)
     init_store(root, header)  # refuses a mismatching store before any work
@@ -415,7 +210,6 @@ def run_extract(cfg: ExtractConfig, console: object | None = None) -> ExtractSum
         con.print(f"[green]nothing to do[/]: {len(todo)} shard(s) of rank {rank.rank} already complete in {root}")
         return summary
 
-    device = resolve_device(cfg.device, rank)
     encoder = FeatureEncoder(backbone, device, cfg)
     workers = decode_workers(cfg)
     plan = thread_plan(cfg, device)

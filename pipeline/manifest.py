@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from pipeline.errors import ManifestError
-
-MANIFEST_SUFFIX = ".jsonl"
+from pipeline.fileio import atomic_write_lines
 
 
 @dataclass(frozen=True)
@@ -73,14 +72,7 @@ class ManifestRow:
 
 def write_manifest(rows: Iterable[ManifestRow], path: str | os.PathLike) -> Path:
     """Write rows as JSON Lines (atomically: temp file then rename). Returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(row.to_json() + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_lines(path, (row.to_json() for row in rows))
 
 
 def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:

@@ -11,7 +11,7 @@ import pytest
 import typer
 from typer.testing import CliRunner, Result
 
-from pipeline.errors import ConfigMismatchError
+from pipeline.errors import ConfigError, ConfigMismatchError
 from pipeline.manifest import ManifestRow, write_manifest
 from pipeline.store import marker_path, open_store, store_status
 from tests.videos import make_h264_video, make_non_video, pattern_frames
@@ -149,3 +149,15 @@ def test_extract_into_a_store_made_with_other_settings_is_refused(extracted: Ext
     assert r.exit_code != 0 and isinstance(r.exception, ConfigMismatchError)
     assert "dtype: store has 'float16', this run asks 'int8'" in str(r.exception)
     assert json.loads((extracted.store / "freezeframe.json").read_text()) == before
+
+
+def test_extract_with_invalid_values_lists_them_all_and_creates_nothing(extracted: Extracted,
+                                                                        tmp_path: Path) -> None:
+    store = tmp_path / "new"
+    r = invoke(["extract", "--manifest", str(extracted.manifest), "--store", str(store), *FLAGS,
+                "--codec", "lz4", "--dtype", "bf16", "--set", "spatial_pool=0", "--no-progress"])
+    assert r.exit_code != 0 and isinstance(r.exception, ConfigError)
+    msg = str(r.exception)
+    assert "codec: unknown codec 'lz4'" in msg and "dtype: unknown storage dtype 'bf16'" in msg
+    assert "spatial_pool: must be an integer >= 1" in msg
+    assert not store.exists()

@@ -25,7 +25,8 @@ import zarr
 
 from extract.config import ExtractConfig
 from extract.decode import Geometry, decode_all
-from extract.runner import build_backbone, run_extract
+from extract.encode import build_backbone
+from extract.runner import run_extract
 from pipeline.errors import ConfigMismatchError, FreezeframeError, ManifestError
 from pipeline.manifest import ManifestRow, write_manifest
 from pipeline.pooling import compress

@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from extract.config import ExtractConfig
-from extract.runner import BatchingSink, ThreadPlan, decode_workers, local_cores, thread_plan
+from extract.encode import BatchingSink, ThreadPlan, thread_plan
+from extract.runner import decode_workers
+from pipeline.dist import local_cores
 from pipeline.store import STORAGE_DTYPES, ShardWriter, init_store, open_store, read_markers
 
 S = 4  # frame side, px
@@ -124,7 +126,8 @@ def test_an_encoder_error_reaches_the_caller_and_no_marker_is_written(tmp_path: 
 
 def test_thread_plan_splits_this_ranks_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "SLURM_PROCID"):
+        monkeypatch.delenv(var, raising=False)
     cores = len(os.sched_getaffinity(0))
     assert local_cores() == cores
     assert thread_plan(ExtractConfig(), cpu) == ThreadPlan(min(cores, 4), max(1, cores // min(cores, 4)))
@@ -136,7 +139,8 @@ def test_thread_plan_splits_this_ranks_cores(monkeypatch: pytest.MonkeyPatch) ->
     assert thread_plan(ExtractConfig(threads=8), cuda).streams == 2
     assert decode_workers(ExtractConfig(workers=5)) == 5
     # torchrun with 4 ranks on this node: each takes a quarter of the cores (at least 1)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    for var, value in (("RANK", "1"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "1"), ("LOCAL_WORLD_SIZE", "4")):
+        monkeypatch.setenv(var, value)
     assert local_cores() == max(1, cores // 4)
     assert thread_plan(ExtractConfig(), cpu).streams * thread_plan(ExtractConfig(), cpu).threads_per_stream \
         <= max(1, cores // 4)

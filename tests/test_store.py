@@ -1,4 +1,4 @@
-"""pipeline/store.py on real zarr v3 files: writer/reader round trips for every dtype x codec,
+"""pipeline/store/ on real zarr v3 files: writer/reader round trips for every dtype x codec,
 rollback of aborted videos across flushed blocks, frame selection, plain-zarr readability,
 header checks, status while writing and the problems verify_store must catch."""
 from __future__ import annotations

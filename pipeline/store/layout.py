@@ -1,0 +1,154 @@
+"""Where things are in a store: paths, shard names, completion markers and shard locks.
+
+Layout (see docs/architecture.md)::
+
+    STORE/zarr.json                  root group, attributes["freezeframe"] = header
+    STORE/freezeframe.json           the same header, created atomically by the first writer
+    STORE/shards/<name>/features     (N, H, W, C) float16 | float32 | int8, chunks (1, H, W, C), sharded
+    STORE/shards/<name>/scales       (N, H, W) float32 (int8 stores only; x = q * scale)
+    STORE/shards/<name>/timestamps   (N,) float64, seconds
+    STORE/markers/<name>.json        completion marker, written last
+    STORE/locks/<name>.lock          advisory lock held by the process writing shard <name>
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+FORMAT_VERSION = 1
+HEADER_FILE = "freezeframe.json"
+ATTR_KEY = "freezeframe"
+
+
+# --------------------------------------------------------------------------------------
+# what the markers record
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VideoEntry:
+    """Where a video's frames are in the store, with its labels."""
+
+    video_id: str
+    shard: str
+    offset: int  # first frame row in the shard's arrays
+    length: int  # number of stored frames
+    split: str
+    label: int | None = None
+    label_name: str | None = None
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A video that could not be turned into features, and why."""
+
+    video_id: str
+    stage: str  # open | probe | decode | empty | too_short | timeout | preprocess | encode | write
+    error_type: str
+    message: str
+    shard: str = ""
+
+
+# --------------------------------------------------------------------------------------
+# paths
+# --------------------------------------------------------------------------------------
+def shard_name(index: int, retry: int = 0) -> str:
+    """``00003`` for planned shard 3; ``retry01-00003`` for shard 3 of retry generation 1."""
+    return f"{index:05d}" if retry == 0 else f"retry{retry:02d}-{index:05d}"
+
+
+def shards_dir(root: str | os.PathLike) -> Path:
+    return Path(root) / "shards"
+
+
+def shard_dirs(root: str | os.PathLike) -> list[str]:
+    """Names of the shard folders present (complete or not), sorted."""
+    d = shards_dir(root)
+    return sorted(p.name for p in d.iterdir() if p.is_dir()) if d.exists() else []
+
+
+def marker_path(root: str | os.PathLike, shard: str) -> Path:
+    return Path(root) / "markers" / f"{shard}.json"
+
+
+def read_markers(root: str | os.PathLike) -> dict[str, dict]:
+    """All completion markers of a store, by shard name (sorted)."""
+    mdir = Path(root) / "markers"
+    if not mdir.exists():
+        return {}
+    out = {}
+    for p in sorted(mdir.glob("*.json")):
+        out[p.stem] = json.loads(p.read_text())
+    return out
+
+
+def create_once(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> bool:
+    """Publish ``obj`` as JSON at ``path`` unless the file exists; True if this call created it.
+
+    Many processes may race: the file is written whole under a private name, then hard-linked
+    to ``path`` (atomic, fails if ``path`` exists), so every loser reads the winner's file
+    whole (store headers, retry plans).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=indent, sort_keys=True))
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------
+# locks
+# --------------------------------------------------------------------------------------
+def lock_path(root: str | os.PathLike, shard: str) -> Path:
+    return Path(root) / "locks" / f"{shard}.lock"
+
+
+@contextmanager
+def shard_lock(root: str | os.PathLike, shard: str) -> Iterator[bool]:
+    """Try to become the writer of ``shard``: yields True while this process holds its lock,
+    False (at once, without waiting) when another process holds it.
+
+    An advisory ``flock`` on ``STORE/locks/<shard>.lock``: the kernel drops it when its holder
+    exits, even by SIGKILL, so a crashed run never leaves a stale lock. The file names the
+    holder (host, pid) for people looking. (``flock`` is reliable on local disks and most
+    cluster file systems; torchrun ranks and ``--shard-index`` jobs never need it, since their
+    shards are disjoint.)
+    """
+    path = lock_path(root, shard)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{socket.gethostname()} pid {os.getpid()}\n".encode())
+        yield True
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def shard_locked(root: str | os.PathLike, shard: str) -> bool:
+    """Whether a live process holds ``shard``'s lock (i.e. is writing it now)."""
+    path = lock_path(root, shard)
+    if not path.exists():
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)

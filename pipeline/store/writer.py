@@ -1,0 +1,247 @@
+"""Writing a store shard: storage dtypes (float32 -> stored arrays and back), codecs, and
+:class:`ShardWriter`, the single writer of one shard.
+
+A store shard has exactly one writer. Frames are buffered and written in blocks aligned to
+the zarr shard files, so no zarr shard is ever partially rewritten by two writers. The
+completion marker is written last; a shard without a marker is incomplete and is redone.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from pipeline.errors import StoreError
+from pipeline.fileio import atomic_write_json
+from pipeline.registry import Registry
+from pipeline.store.layout import Failure, marker_path, shards_dir
+
+
+# --------------------------------------------------------------------------------------
+# storage dtypes and codecs (registries: the name is what users type)
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StorageDtype:
+    """How float32 features (n, H, W, C) are stored and read back.
+
+    ``encode`` returns the arrays to write (``features`` and optional extras such as
+    ``scales``); ``decode`` turns what was read back into float32 (n, H, W, C).
+    """
+
+    name: str
+    feature_dtype: str
+    extras: dict[str, str] = field(default_factory=dict)  # extra array name -> dtype; shape (n, H, W)
+    bytes_note: str = ""
+
+    def encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        return _ENCODERS[self.name](x)
+
+    def decode(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        return _DECODERS[self.name](arrays)
+
+
+def _encode_int8(x: np.ndarray) -> dict[str, np.ndarray]:
+    """Symmetric per-token int8: scale = max|x| over C / 127, q = round(x / scale)."""
+    amax = np.abs(x).max(axis=-1)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(x / scale[..., None]), -127, 127).astype(np.int8)
+    return {"features": q, "scales": scale}
+
+
+_ENCODERS: dict[str, Callable[[np.ndarray], dict[str, np.ndarray]]] = {
+    "float32": lambda x: {"features": np.ascontiguousarray(x, dtype=np.float32)},
+    "float16": lambda x: {"features": np.ascontiguousarray(x, dtype=np.float16)},
+    "int8": _encode_int8,
+}
+_DECODERS: dict[str, Callable[[dict[str, np.ndarray]], np.ndarray]] = {
+    "float32": lambda a: np.asarray(a["features"], dtype=np.float32),
+    "float16": lambda a: np.asarray(a["features"], dtype=np.float32),
+    "int8": lambda a: a["features"].astype(np.float32) * a["scales"][..., None],
+}
+
+STORAGE_DTYPES: Registry[StorageDtype] = Registry("storage dtype")
+STORAGE_DTYPES.add("float16", StorageDtype("float16", "float16"))
+STORAGE_DTYPES.add("float32", StorageDtype("float32", "float32"))
+STORAGE_DTYPES.add("int8", StorageDtype("int8", "int8", {"scales": "float32"}))
+
+#: zstd level 1: on patch features it compresses as well as level 3 (MobileNetV2 float16:
+#: 22.3 vs 22.5 KB per 4x4x1280 frame) at 1.6x the speed, which matters when compression
+#: shares the CPU with the backbone (see docs/benchmarks.md).
+CODECS: Registry[Callable[[], list]] = Registry("codec")
+CODECS.add("zstd", lambda: [ZstdCodec(level=1)])
+CODECS.add("blosc", lambda: [BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")])
+CODECS.add("none", lambda: [])
+
+
+# --------------------------------------------------------------------------------------
+# writer
+# --------------------------------------------------------------------------------------
+class ShardWriter:
+    """The single writer of one store shard.
+
+    Usage::
+
+        w = ShardWriter.create(root, "00003", feature_shape=(7, 7, 1280), dtype="float16",
+                               codec="zstd", frames_per_file=256)
+        w.begin_video(entry_fields)
+        w.append(feats, timestamps)   # (n, H, W, C) float32, (n,) seconds; any number of times
+        w.end_video()                 # or w.abort_video() if decoding failed midway
+        ...
+        w.finish(failures, stats)     # writes group attrs, then the marker (last)
+
+    Frames are buffered until a whole zarr shard file (``frames_per_file`` frames) can be
+    written at once; aborting a video rolls the write position back to its first frame.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        name: str,
+        group: zarr.Group,
+        dtype: StorageDtype,
+        feature_shape: tuple[int, int, int],
+        frames_per_file: int,
+    ) -> None:
+        self.root, self.name, self.group = root, name, group
+        self.dtype, self.feature_shape, self.block = dtype, feature_shape, frames_per_file
+        self.arrays: dict[str, zarr.Array] = {k: group[k] for k in group.array_keys()}  # type: ignore[misc]
+        self.videos: list[dict] = []
+        self._committed = 0  # frames of finished videos
+        self._pos = 0  # frames appended so far (including the open video)
+        self._flushed = 0  # frames written to zarr (a multiple of block, except at finish)
+        self._buffer: dict[str, list[np.ndarray]] = {k: [] for k in self.arrays}
+        self._current: dict | None = None
+
+    @classmethod
+    def create(
+        cls,
+        root: str | os.PathLike,
+        name: str,
+        *,
+        feature_shape: tuple[int, int, int],
+        dtype: str = "float16",
+        codec: str = "zstd",
+        frames_per_file: int = 256,
+    ) -> "ShardWriter":
+        """Start the shard from scratch (an incomplete previous attempt is deleted)."""
+        root = Path(root)
+        if marker_path(root, name).exists():
+            raise StoreError(f"shard {name} of {root} is already complete")
+        shard_dir = shards_dir(root) / name
+        if shard_dir.exists():
+            shutil.rmtree(shard_dir)
+        sd = STORAGE_DTYPES.get(dtype)
+        compressors = CODECS.get(codec)()
+        h, w, c = feature_shape
+        group = zarr.open_group(str(root), mode="a").require_group("shards").create_group(name)
+        spec = {"features": ((h, w, c), sd.feature_dtype), "timestamps": ((), "float64")}
+        spec.update({k: ((h, w), dt) for k, dt in sd.extras.items()})
+        for key, (tail, dt) in spec.items():
+            group.create_array(
+                key,
+                shape=(0, *tail),
+                chunks=(1, *tail) if tail else (frames_per_file,),
+                shards=(frames_per_file, *tail),
+                dtype=dt,
+                compressors=compressors if key == "features" else CODECS.get("zstd")(),
+                fill_value=0,
+                dimension_names=("frame", "h", "w", "c")[: 1 + len(tail)],
+            )
+        return cls(root, name, group, sd, feature_shape, frames_per_file)
+
+    def begin_video(self, entry: dict) -> None:
+        """``entry``: video_id, split, label, label_name (offset/length are filled in)."""
+        if self._current is not None:
+            raise StoreError("begin_video() called twice without end_video()")
+        self._current = {**entry, "offset": self._committed}
+
+    def append(self, features: np.ndarray, timestamps: np.ndarray) -> None:
+        """Add frames of the open video: features (n, H, W, C) float32, timestamps (n,) s."""
+        self.append_encoded(self.dtype.encode(features), timestamps)
+
+    def append_encoded(self, arrays: dict[str, np.ndarray], timestamps: np.ndarray) -> None:
+        """:meth:`append` for features already passed through ``self.dtype.encode`` (the
+        extraction does that on its inference threads, off the writer's critical path)."""
+        if self._current is None:
+            raise StoreError("append() outside begin_video()/end_video()")
+        features = arrays["features"]
+        if features.shape[1:] != self.feature_shape or features.dtype != np.dtype(self.dtype.feature_dtype):
+            raise StoreError(f"encoded features {features.dtype}{list(features.shape[1:])} != store "
+                             f"{self.dtype.feature_dtype}{list(self.feature_shape)}")
+        if set(arrays) != {"features", *self.dtype.extras}:
+            raise StoreError(f"encoded arrays {sorted(arrays)} != {sorted(['features', *self.dtype.extras])}")
+        if len(features) != len(timestamps):
+            raise StoreError("features and timestamps differ in length")
+        for k, v in arrays.items():
+            self._buffer[k].append(v)
+        self._buffer["timestamps"].append(np.asarray(timestamps, dtype=np.float64))
+        self._pos += len(features)
+        while self._pos - self._flushed >= self.block:
+            self._flush(self.block)
+
+    def end_video(self) -> dict:
+        assert self._current is not None
+        entry = {**self._current, "length": self._pos - self._committed}
+        self.videos.append(entry)
+        self._committed = self._pos
+        self._current = None
+        return entry
+
+    def abort_video(self) -> None:
+        """Drop the open video's frames; the next video starts where it started."""
+        self._current = None
+        if self._flushed > self._committed:
+            # part of it reached zarr: reload the block's head so the block is rewritten whole
+            start = (self._committed // self.block) * self.block
+            self._buffer = {
+                k: [np.asarray(a[start : self._committed])] for k, a in self.arrays.items()
+            }
+            self._flushed = start
+        else:
+            keep = self._committed - self._flushed
+            self._buffer = {k: [_concat(v)[:keep]] for k, v in self._buffer.items()}
+        self._pos = self._committed
+
+    def _flush(self, n: int) -> None:
+        start, stop = self._flushed, self._flushed + n
+        for k, a in self.arrays.items():
+            data = _concat(self._buffer[k])
+            block, rest = data[:n], data[n:]
+            if a.shape[0] < stop:
+                a.resize((stop, *a.shape[1:]))
+            a[start:stop] = block
+            self._buffer[k] = [rest]
+        self._flushed = stop
+
+    def finish(self, failures: Sequence[Failure] = (), stats: dict | None = None) -> dict:
+        """Write the last block, the shard attributes, then the completion marker."""
+        if self._current is not None:
+            raise StoreError("finish() with a video still open")
+        if self._pos > self._flushed:
+            self._flush(self._pos - self._flushed)
+        for a in self.arrays.values():
+            if a.shape[0] != self._pos:
+                a.resize((self._pos, *a.shape[1:]))
+        self.group.attrs["videos"] = self.videos
+        marker = {
+            "shard": self.name,
+            "num_frames": self._pos,
+            "videos": self.videos,
+            "failures": [asdict(f) for f in failures],
+            "stats": stats or {},
+            "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        atomic_write_json(marker_path(self.root, self.name), marker, indent=1)
+        return marker
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    parts = [p for p in parts if len(p)] or parts[:1]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
