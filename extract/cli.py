@@ -113,6 +113,8 @@ def register(app: typer.Typer) -> None:
         spatial_pool: Optional[int] = typer.Option(None, help="Pool the grid to k x k at extraction."),
         channel_pool: Optional[int] = typer.Option(None, help="Pool channels down to c at extraction."),
         videos_per_shard: Optional[int] = typer.Option(None, help="Videos per store shard."),
+        pea_views: Optional[int] = typer.Option(None, help="Co-Settle return views (PEA) stored per frame "
+                                                           "(open_clip and timm ViTs; 0 = none)."),
         batch_size: Optional[int] = typer.Option(None, help="Frames per backbone forward."),
         workers: Optional[int] = typer.Option(None, help="Decode worker processes (0 = auto)."),
         threads: Optional[int] = typer.Option(None, help="CPU threads of the backbone (0 = this rank's cores)."),
@@ -137,7 +139,7 @@ def register(app: typer.Typer) -> None:
             backbone=backbone, weights=str(weights) if weights else None, random_weights=random_weights,
             image_size=image_size, fps=fps, geometry=geometry, dtype=dtype, codec=codec,
             spatial_pool=spatial_pool, channel_pool=channel_pool, videos_per_shard=videos_per_shard,
-            batch_size=batch_size, workers=workers, threads=threads, streams=streams, decode_timeout=decode_timeout, device=device,
+            pea_views=pea_views, batch_size=batch_size, workers=workers, threads=threads, streams=streams, decode_timeout=decode_timeout, device=device,
             shard_index=shard_index, num_shards=num_shards, retry_failed=retry_failed,
             progress=False if no_progress else None) + list(set_))
         if not cfg.manifest or not cfg.store:
@@ -183,7 +185,8 @@ def register(app: typer.Typer) -> None:
             pct = 100.0 * st.complete_shards / st.planned_shards if st.planned_shards else 0.0
             out.print(f"{escape(str(store))}: shards {st.complete_shards}/{st.planned_shards} complete ({pct:.0f}%), "
                       f"{len(st.in_progress_shards)} in progress{writing}, videos {st.videos_stored}/{st.planned_videos}, "
-                      f"frames {st.frames_stored:,}, failed {st.failures}")
+                      f"frames {st.frames_stored:,}, failed {st.failures}"
+                      + (f", {st.pea_views} PEA view(s) per frame" if st.pea_views else ""))
             if watch <= 0 or st.complete_shards >= st.planned_shards:
                 break
             time.sleep(watch)

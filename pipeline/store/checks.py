@@ -12,6 +12,7 @@ import zarr
 from pipeline.errors import StoreError
 from pipeline.store.header import read_header
 from pipeline.store.layout import read_markers, shard_dirs, shard_locked, shards_dir
+from pipeline.store.writer import STORAGE_DTYPES
 
 
 @dataclass
@@ -29,6 +30,8 @@ class StoreStatus:
     #: the in-progress shards whose writer is alive now (the others were abandoned by a
     #: crash and will be redone by the next run)
     writing_shards: list[str] = field(default_factory=list)
+    #: PEA return views stored per frame (Co-Settle, ``extract --pea-views K``; 0: none)
+    pea_views: int = 0
 
     @property
     def pending_shards(self) -> int:
@@ -53,7 +56,13 @@ def store_status(path: str | os.PathLike) -> StoreStatus:
         failures=len(failed),
         planned_videos=int(header["content"].get("num_videos", 0)),
         writing_shards=[s for s in in_progress if shard_locked(root, s)],
+        pea_views=int(header["content"].get("pea", {}).get("views", 0)),
     )
+
+
+def _extras(content: dict) -> list[str]:
+    """The extra arrays of the store's dtype (``scales`` for int8)."""
+    return list(STORAGE_DTYPES.get(content.get("dtype", "float16")).extras)
 
 
 def verify_store(path: str | os.PathLike, *, scan_values: bool = True, block: int = 256) -> list[str]:
@@ -62,7 +71,9 @@ def verify_store(path: str | os.PathLike, *, scan_values: bool = True, block: in
     Checks: every planned shard complete; no shard folder without a marker; array lengths
     equal the marker's frame count; videos contiguous and inside the arrays; no video stored
     twice; stored + failed videos account for the manifest; timestamps non-decreasing per
-    video; (``scan_values``) no NaN or inf in features or scales.
+    video; (``scan_values``) no NaN or inf in features or scales. Stores with PEA views
+    (header ``content.pea``): every shard has them (K views), and (``scan_values``) their
+    values are finite and their window offsets inside ``[0, max_offset]``.
     """
     root = Path(path)
     problems: list[str] = []
@@ -85,6 +96,8 @@ def verify_store(path: str | os.PathLike, *, scan_values: bool = True, block: in
     missing = sorted(set(range(planned)) - base_done)
     if missing:
         problems.append(f"{len(missing)} planned shard(s) not complete: {missing[:20]}")
+    pea = content.get("pea") or {}
+    pea_keys = ({"pea_features", "pea_offsets"} | {f"pea_{e}" for e in _extras(content)}) if pea else set()
     seen: dict[str, str] = {}
     for s, m in markers.items():
         if s not in present:
@@ -95,6 +108,11 @@ def verify_store(path: str | os.PathLike, *, scan_values: bool = True, block: in
         for k, a in arrays.items():
             if a.shape[0] != n:
                 problems.append(f"shard {s}: array {k} has {a.shape[0]} frames, marker says {n}")
+        have_pea = {k for k in arrays if k.startswith("pea_")}
+        if have_pea != pea_keys:
+            problems.append(f"shard {s}: PEA arrays {sorted(have_pea)} but the header declares {sorted(pea_keys)}")
+        elif pea and arrays["pea_features"].shape[1] != int(pea["views"]):
+            problems.append(f"shard {s}: {arrays['pea_features'].shape[1]} PEA views, the header declares {pea['views']}")
         pos = 0
         for v in m["videos"]:
             vid = v["video_id"]
@@ -111,8 +129,14 @@ def verify_store(path: str | os.PathLike, *, scan_values: bool = True, block: in
                 problems.append(f"shard {s}: video {vid!r} timestamps not finite/non-decreasing")
         if pos != n:
             problems.append(f"shard {s}: videos cover {pos} frames, arrays hold {n}")
+        if scan_values and pea and have_pea == pea_keys:
+            lim = np.asarray(pea["max_offset"])
+            for i in range(0, n, block):
+                o = np.asarray(arrays["pea_offsets"][i : i + block])
+                if o.size and (o.min() < 0 or np.any(o > lim)):
+                    problems.append(f"shard {s}: pea_offsets rows {i}..{i + len(o)} outside [0, {pea['max_offset']}]")
         if scan_values:
-            for k in ("features", "scales"):
+            for k in ("features", "scales", *sorted(pea_keys - {"pea_offsets"})):
                 if k not in arrays:
                     continue
                 a = arrays[k]
