@@ -253,17 +253,17 @@ def _build(cls: type[C], d: Mapping, where: str, problems: _Problems) -> C:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     prefix = f"{where}." if where else ""
+    n = len(problems)
     unknown = sorted(set(d) - set(fields))
     if unknown:
         problems.append(f"unknown config key(s) {[prefix + u for u in unknown]}; known: {sorted(fields)}")
     kwargs = {k: _coerce(hints[k], v, prefix + k, problems) for k, v in d.items() if k in fields}
-    n = len(problems)
     try:
         base = cls()  # type: ignore[call-arg]
     except Exception as e:  # a default that fails its own check: report, do not crash
         problems.append(f"{where or cls.__name__}: {e}")
         return None  # type: ignore[return-value]
-    if len(problems) > n:
+    if len(problems) > n:  # unknown keys or wrong types: __post_init__ checks would repeat them
         return base
     try:
         return dataclasses.replace(base, **kwargs)

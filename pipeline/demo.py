@@ -113,8 +113,8 @@ def run_demo(out: Path, *, quick: bool = False, console: Console | None = None,
 
 
 def _train_run(run: DemoRun, task: str, store: Path, runs_root: Path, cfg: DemoConfig, con: Console) -> Path:
-    from train.cli import resolve_train_config
-    from train.engine import train
+    from train.config import resolve_train_config
+    from train.loop import fit as train
 
     run_dir = runs_root / run.name
     if (run_dir / "summary.json").exists():

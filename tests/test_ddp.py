@@ -1,9 +1,9 @@
-"""Two-rank data parallel training on CPU with gloo (train/distributed.py, train/engine.py).
+"""Two-rank data parallel training on CPU with gloo (train/distributed.py, train/loop.py).
 
 * In 2 spawned processes (``file://`` rendezvous): NaiveSyncBatchNorm on each half of a
   batch == plain BatchNorm on the whole batch (outputs, input gradients, running
   statistics); DDP gradients of the real model (BN synchronised) == one process on the union
-  batch; and ``train.engine.train`` leaves bit-identical replicas on both ranks, equal to the
+  batch; and ``train.loop.fit`` leaves bit-identical replicas on both ranks, equal to the
   ``final.pt`` rank 0 writes.
 * The real launcher: ``torchrun --nproc_per_node 2 freezeframe pretrain`` completes, writes
   one run directory, and the loss goes down.
@@ -115,9 +115,10 @@ def _worker(rank: int, init_file: str, store: str, run_dir: str, out_dir: str) -
     _check_sync_bn(rank)
     _check_ddp_grads_equal_union_batch(rank)
 
-    # the engine, on the process group made above (train.distributed.setup reuses it)
-    import train.engine as engine
-    from train.cli import resolve_train_config
+    # the loop, on the process group made above (train.distributed.setup reuses it)
+    import train.tasks.base as engine  # Task.build looks build_model up here
+    from train.loop import fit
+    from train.config import resolve_train_config
 
     built = []
     real_build = engine.build_model
@@ -129,7 +130,7 @@ def _worker(rank: int, init_file: str, store: str, run_dir: str, out_dir: str) -
     engine.build_model = keep
     cfg = resolve_train_config("prp", None, None, [f'data.store="{store}"', f'run_dir="{run_dir}"', *TINY,
                                                    "optim.epochs=3", "seed=3", "device=\"cpu\""])
-    res = engine.train(cfg)
+    res = fit(cfg)
     assert not dist.is_initialized()  # torn down
     assert res.steps == 3 * 2  # 8 train videos / 2 ranks / 2 per rank = 2 steps per epoch
     torch.save(built[0].state_dict(), Path(out_dir) / f"rank{rank}.pt")
@@ -186,8 +187,8 @@ def test_torchrun_two_ranks_pretrain(tmp_path: Path) -> None:
 
     # and follows one process training on the union batch (2 ranks x 2 videos = 4 videos per
     # step, the same videos per step, BN statistics over all 4): same losses step by step
-    from train.cli import resolve_train_config
-    from train.engine import train
+    from train.config import resolve_train_config
+    from train.loop import fit as train
 
     single = overrides[:]
     single[single.index("optim.batch_size=2")] = "optim.batch_size=4"

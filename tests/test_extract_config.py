@@ -73,7 +73,7 @@ def test_resolve_reports_type_errors_and_invalid_values(tmp_path: Path) -> None:
     assert msg.count("\n  - ") == 5 and "codec: unknown codec 'lz4'" in msg, msg
     with pytest.raises(ConfigError, match="batch_size: expected an integer, got 'many'") as info:
         resolve_extract_config(None, None, ["batch_size=many", "bogus=1"])
-    assert "unknown config key 'bogus'" in str(info.value)
+    assert "unknown config key(s) ['bogus']" in str(info.value)
 
 
 def test_run_refuses_invalid_values_before_creating_the_store(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Stage-2 training on tiny cached-feature stores (train/engine.py, train/cli.py).
+"""Stage-2 training on tiny cached-feature stores (train/loop.py, train/tasks/, train/cli.py).
 
 Resume equality (a real SIGKILL of `freezeframe pretrain`, and a fine-tuning run from a PRP
 init stopped mid-epoch), refusals before any training step, the stats/evaluate/report
@@ -20,9 +20,9 @@ import torch
 
 from pipeline.errors import ConfigMismatchError, FreezeframeError
 from tests.stores import SynthStore, ramp_features, write_synthetic_store
-from train.cli import resolve_train_config
+from train.config import resolve_train_config
 from train.data import DataError
-from train.engine import train
+from train.loop import fit as train
 from train.stats import tmm_stats
 
 BIN = Path(sys.executable).parent
@@ -342,7 +342,7 @@ def test_tmm_learns_temporal_order_where_avgpool_stays_at_chance(tmp_path: Path)
 
 def test_dataset_configs_apply_the_task_table() -> None:
     """`--dataset X` applies [common] then the task's own table ([pretrain] for PRP)."""
-    from train.cli import resolve_train_config
+    from train.config import resolve_train_config
 
     pre = resolve_train_config("prp", "ucf101", None, [])
     assert (pre.optim.epochs, pre.run_dir, pre.model.num_classes) == (800, "runs/ucf101-prp", 4)

@@ -11,49 +11,19 @@ from rich.table import Table
 
 from pipeline.cli import flag_overrides
 
+# command bodies import the training stack lazily: `freezeframe --help` must not load torch
 console = Console(stderr=True)
 out = Console()
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-TABLES = {"prp": "pretrain"}  # task -> its table in a config file ([common] applies to all)
-
-
-def resolve_train_config(task: str, dataset: Optional[str], config: Optional[Path], overrides: list[str]):
-    """Defaults <- train/configs/<dataset>.toml ([common] then [<task>]) <- --config <- overrides."""
-    from pipeline.config import from_dict, load_toml, merge, parse_overrides
-    from pipeline.errors import FreezeframeError
-    from train.config import TrainConfig
-
-    d: dict = {"task": task}
-    files = []
-    if dataset:
-        path = CONFIG_DIR / f"{dataset}.toml"
-        if not path.exists():
-            known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml")))
-            raise FreezeframeError(f"no training config {path}; known datasets: {known}")
-        files.append(path)
-    if config:
-        files.append(config)
-    try:
-        for f in files:
-            t = load_toml(f)
-            d = merge(d, t.get("common", {}))
-            d = merge(d, t.get(TABLES.get(task, task), {}))
-        d = merge(d, parse_overrides(overrides))
-        d["task"] = task
-        return from_dict(TrainConfig, d)
-    except ValueError as e:  # unknown keys, malformed key=value, bad TOML (tomllib errors are ValueErrors)
-        raise FreezeframeError(f"invalid training config: {e}. Fix the --set key=value or the config file.") from e
-
-
 def _train_command(task: str, dataset, config, store, run_dir, init, epochs, seed, temporal_kernel, arch, set_):
-    from train.engine import train
+    from train.config import resolve_train_config
+    from train.loop import fit
 
     cfg = resolve_train_config(task, dataset, config, flag_overrides(
         **{"data.store": str(store) if store else None, "run_dir": str(run_dir) if run_dir else None,
            "init": str(init) if init else None, "optim.epochs": epochs, "seed": seed,
            "model.tmm.temporal_kernel": temporal_kernel, "model.arch": arch}) + list(set_))
-    res = train(cfg, console)
+    res = fit(cfg, console)
     msg = f"run {res.run_dir}: {res.steps} steps, final loss {res.final_loss:.4f}"
     if res.top1 is not None:
         msg += f", test top-1 {100 * res.top1:.2f}% top-5 {100 * (res.top5 or 0):.2f}%"
@@ -105,23 +75,24 @@ def register(app: typer.Typer) -> None:
         """Top-1, top-5, per-class accuracy and a confusion-matrix PNG of a run's final checkpoint."""
         import torch
 
-        from pipeline.config import from_dict
-        from train.config import TrainConfig
-        from train.engine import evaluate_model, open_training_store, resolve_init_checkpoint
+        from train.config import load_train_config
+        from train.data import open_training_store
+        from train.evals import get_evaluation
         from train.models import build_model
-        from train.plots import plot_confusion
+        from train.rundir import RunDir, load_init
 
-        cfg = from_dict(TrainConfig, json.loads((run_dir / "config.json").read_text()))
+        run = RunDir(run_dir)
+        cfg = load_train_config(run.read_config())
         if store:
             cfg.data.store = str(store)
         if split:
             cfg.data.test_split = split
-        ckpt = torch.load(resolve_init_checkpoint(str(run_dir)), map_location="cpu", weights_only=False)
         model = build_model(cfg.model)
-        model.load_state_dict(ckpt["model"])
-        res = evaluate_model(model, open_training_store(cfg), cfg, torch.device("cpu"))
-        (run_dir / "eval.json").write_text(json.dumps(res.to_json(), indent=2))
-        png = plot_confusion(res, run_dir / "confusion.png")
+        model.load_state_dict(load_init(str(run.path))["model"])
+        test = get_evaluation("multiview")
+        res = test.run(model, open_training_store(cfg), cfg, torch.device("cpu"))
+        run.write_eval(test.name, res)
+        [png] = test.plot(res, run)
         t = Table(title=f"evaluation of {run_dir} on {cfg.data.store}:{cfg.data.test_split}")
         t.add_column("class")
         t.add_column("accuracy", justify="right")

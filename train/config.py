@@ -1,61 +1,113 @@
-"""The stage-2 training config: one dataclass tree, loaded from TOML + dotted overrides."""
+"""The stage-2 training config: resolve it from dataset TOML files + overrides, read it back.
+
+The dataclass tree is in ``train.schema`` (shared sections); each task and evaluation declares
+its own section (``Task.section`` / ``Task.Config``), parsed here with the same typed loader
+(``pipeline.config.from_dict``): adding a task edits neither the dataclasses nor this file.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
-from train.data import ClipConfig, TestViewConfig
-from train.models import ModelConfig
-from train.sampling import PRPConfig
+from pipeline.config import drop_keys, from_dict, load_toml, merge, parse_overrides, runtime_keys, to_dict
+from pipeline.errors import ConfigError, FreezeframeError
+from train.evals import EVALUATIONS
+from train.schema import DataConfig, OptimConfig, TrainConfig
+from train.tasks import TASKS, Task, get_task
+
+__all__ = ["CONFIG_DIR", "TrainConfig", "OptimConfig", "DataConfig", "resolve_train_config", "load_train_config",
+           "plugin_sections", "content_of", "RUNTIME_KEYS"]
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+#: dotted names of the runtime knobs of TrainConfig (declared on the fields with ``runtime()``):
+#: they may change when a run resumes, and do not make two runs different in a report
+RUNTIME_KEYS: tuple[str, ...] = tuple(runtime_keys(TrainConfig))
+_PLUGIN_KEYS = ("task_cfg", "eval_cfg")
 
 
-@dataclass
-class OptimConfig:
-    """AdamW with linear warmup then cosine to ``min_lr``.
+def plugin_sections() -> dict[str, type]:
+    """Section name -> dataclass, for every section a registered task or evaluation declares."""
+    out: dict[str, type] = {}
+    owners = [TASKS.get(n) for n in TASKS] + [EVALUATIONS.get(n) for n in EVALUATIONS]
+    for owner in owners:
+        if owner.section is None:
+            continue
+        if out.setdefault(owner.section, owner.Config) is not owner.Config:
+            raise FreezeframeError(f"config section {owner.section!r} is declared with two dataclasses "
+                                   f"({out[owner.section].__name__}, {owner.Config.__name__}); rename one")
+        if owner.section in TrainConfig.__dataclass_fields__:
+            raise FreezeframeError(f"config section {owner.section!r} of {owner.name!r} clashes with a TrainConfig field")
+    return out
 
-    The peak learning rate is ``base_lr * batch_size * world_size / 64`` (the released
-    code's linear scaling; ``batch_size`` counts videos per rank and step).
+
+def _assemble(task: type[Task], d: Mapping[str, Any], task_section: Mapping | None,
+              eval_sections: Mapping[str, Mapping]) -> TrainConfig:
+    """TrainConfig from the shared keys ``d`` plus the task's and its evaluations' sections."""
+    cfg = from_dict(TrainConfig, d)
+    cfg.task = task.name
+    cfg.task_cfg = from_dict(task.Config, task_section or {}, task.section or "") if task.section else None
+    cfg.eval_cfg = {}
+    for name in task.evaluations:
+        ev = EVALUATIONS.get(name)
+        if ev.section:
+            cfg.eval_cfg[name] = from_dict(ev.Config, eval_sections.get(name) or {}, ev.section)
+    return cfg
+
+
+def resolve_train_config(task: str, dataset: str | None, config_file: str | Path | None,
+                         overrides: Sequence[str]) -> TrainConfig:
+    """Defaults <- ``train/configs/<dataset>.toml`` <- ``config_file`` <- dotted ``overrides``.
+
+    From each file, ``[common]`` then the task's own table (``[pretrain]`` for PRP,
+    ``[finetune]``...) apply. Sections of every registered task and evaluation are accepted
+    and type-checked (one override list serves several tasks); only the active task's section
+    and its evaluations' are kept. Wrong types and unknown keys raise ``ConfigError``.
     """
+    task_cls = get_task(task)
+    files: list[Path] = []
+    if dataset:
+        path = CONFIG_DIR / f"{dataset}.toml"
+        if not path.exists():
+            known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml")))
+            raise FreezeframeError(f"no training config {path}; known datasets: {known}")
+        files.append(path)
+    if config_file:
+        files.append(Path(config_file))
+    d: dict = {}
+    for f in files:
+        t = load_toml(f)
+        d = merge(d, t.get("common", {}))
+        d = merge(d, t.get(task_cls.table(), {}))
+    d = merge(d, parse_overrides(overrides))
+    d["task"] = task
+    for key in _PLUGIN_KEYS:
+        if key in d:
+            raise ConfigError(f"invalid config: {key!r} is filled from the task's own sections; "
+                              f"set e.g. {task_cls.section or 'optim'}.<key> instead")
+    sections = plugin_sections()
+    parsed = {s: d.pop(s) for s in list(d) if s in sections}
+    for s, values in parsed.items():  # type-check every section, active or not
+        if not isinstance(values, dict):
+            raise ConfigError(f"invalid config: {s!r} is a table of {sections[s].__name__} fields, got {values!r}")
+        from_dict(sections[s], values, s)
+    evals = {n: parsed.get(EVALUATIONS.get(n).section or "", {}) for n in task_cls.evaluations}
+    return _assemble(task_cls, d, parsed.get(task_cls.section or ""), evals)
 
-    base_lr: float = 1e-3
-    weight_decay: float = 1e-6
-    betas: tuple[float, float] = (0.9, 0.999)
-    epochs: int = 800
-    warmup_epochs: float = 5.0
-    min_lr: float = 0.0
-    batch_size: int = 32  # videos per rank per step (PRP: x clips_per_video clips)
-    label_smoothing: float = 0.05
-    grad_clip: float | None = None
+
+def load_train_config(d: Mapping[str, Any]) -> TrainConfig:
+    """Rebuild a TrainConfig from its ``to_dict`` form (a run's ``config.json``)."""
+    d = dict(d)
+    task_section = d.pop("task_cfg", None)
+    eval_sections = d.pop("eval_cfg", None) or {}
+    return _assemble(get_task(str(d.get("task", "prp"))), d, task_section, eval_sections)
 
 
-@dataclass
-class DataConfig:
-    store: str = ""
-    train_split: str = "train"
-    test_split: str = "test"
-    workers: int = 2  # DataLoader workers per rank
-    in_memory: str = "auto"  # auto | yes | no: read the whole store into RAM first
-    in_memory_max_gb: float = 4.0  # "auto" loads the store when it is smaller than this
-    augment: tuple[str, ...] = ()  # feature-space augmentations, e.g. ("hflip", "grid-crop")
-
-
-@dataclass
-class TrainConfig:
-    """``task`` is "prp" (pretraining) or "finetune" (classification + test views)."""
-
-    task: str = "prp"
-    name: str = ""
-    run_dir: str = ""
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True  # bf16 autocast on CUDA
-    init: str | None = None  # pretraining run dir or checkpoint (finetune only)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    prp: PRPConfig = field(default_factory=PRPConfig)
-    clip: ClipConfig = field(default_factory=ClipConfig)
-    test: TestViewConfig = field(default_factory=TestViewConfig)
-    eval_every: int = 0  # epochs between test-view evaluations during fine-tuning (0: only at the end)
-    checkpoint_every: int = 50  # steps between checkpoints (also at every epoch end)
-    log_every: int = 10  # steps between metric lines
-    max_steps: int | None = None  # stop early (debugging)
+def content_of(cfg: TrainConfig) -> dict[str, Any]:
+    """``to_dict(cfg)`` without the runtime knobs: what must match to resume a run."""
+    keys = list(RUNTIME_KEYS)
+    if cfg.task_cfg is not None:
+        keys += [f"task_cfg.{k}" for k in runtime_keys(type(cfg.task_cfg))]
+    for name, section in cfg.eval_cfg.items():
+        keys += [f"eval_cfg.{name}.{k}" for k in runtime_keys(type(section))]
+    return drop_keys(to_dict(cfg), keys)

@@ -17,7 +17,8 @@ from torch.utils.data import Dataset
 
 from pipeline.errors import FreezeframeError
 from pipeline.registry import Registry
-from pipeline.store import FeatureStore
+from pipeline.store import FeatureStore, open_store
+from train.schema import TrainConfig
 from train.sampling import PRPConfig, clip_fits, prp_clips, random_clip, test_clips
 
 
@@ -196,3 +197,23 @@ def flatten_clips(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tenso
     """(B, K, T, H, W, C), (B, K) -> (B*K, T, H, W, C), (B*K,) in (video, clip) order."""
     x, y = batch
     return x.flatten(0, 1), y.flatten(0, 1)
+
+
+def open_training_store(cfg: TrainConfig) -> FeatureStore:
+    """The run's feature store (``data.store``), read into RAM first when ``data.in_memory`` says so
+    (``auto``: when its features take less than ``data.in_memory_max_gb`` GiB)."""
+    if not cfg.data.store:
+        raise FreezeframeError("no feature store given: set data.store (or --store) to a store made by `freezeframe extract`")
+    store = open_store(cfg.data.store)
+    mode = cfg.data.in_memory
+    if mode == "yes" or (mode == "auto" and _store_bytes(store) < cfg.data.in_memory_max_gb * 2**30):
+        store.load_into_memory()
+    return store
+
+
+def _store_bytes(store: FeatureStore) -> int:
+    """Bytes of every feature of the store."""
+    h, w, c = store.feature_shape
+    item = {"float16": 2, "float32": 4, "int8": 1}[store.dtype.feature_dtype]
+    frames = sum(int(m["num_frames"]) for m in store.markers.values())
+    return frames * h * w * c * item

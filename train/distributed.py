@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipeline.dist import discover_rank, resolve_device
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -33,19 +35,20 @@ class DistInfo:
 
 
 def setup(device: str = "auto") -> DistInfo:
-    """Initialise the process group when launched by torchrun; pick this rank's device."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if device == "auto":
-        dev = torch.device("cuda", local % torch.cuda.device_count()) if torch.cuda.is_available() else torch.device("cpu")
-    else:
-        dev = torch.device(device)
+    """Initialise the process group when launched by torchrun (or srun); pick this rank's device.
+
+    Rank discovery and the device choice are ``pipeline.dist``'s (shared with stage 1)."""
+    info = discover_rank()
+    dev = resolve_device(device, info)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
+    if info.world > 1 and not dist.is_initialized():
+        if info.launcher == "slurm":  # torch reads its rendezvous from these variables
+            os.environ.setdefault("RANK", str(info.rank))
+            os.environ.setdefault("WORLD_SIZE", str(info.world))
+            os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return DistInfo(rank, world, local, dev)
+    return DistInfo(info.rank, info.world, info.local_rank, dev)
 
 
 def teardown() -> None:

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline.fileio import atomic_write_json
+
 __all__ = [
     "topk_correct",
     "confusion_matrix",
@@ -169,13 +171,13 @@ class EvalResult:
             views=int(data.get("views", 1)),
         )
 
+    def summary(self) -> dict[str, float]:
+        """Headline numbers (fractions in [0, 1]) for metric lines and ``summary.json``."""
+        return {"top1": self.top1, "top5": self.top5}
+
     def save(self, path: str | Path) -> Path:
-        """Write ``to_json()`` to ``path`` (via a temporary file, so readers never see half a file)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1))
-        tmp.replace(path)
-        return path
+        """Write ``to_json()`` to ``path`` atomically (readers never see half a file)."""
+        return atomic_write_json(path, self.to_json(), indent=1)
 
     @classmethod
     def load(cls, path: str | Path) -> "EvalResult":

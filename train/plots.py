@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from train.metrics import EvalResult
-from train.report import RunDirError, load_run, read_metrics
+from train.rundir import RunDir, RunDirError
 
 __all__ = ["ComparisonRow", "plot_curves", "plot_confusion", "plot_comparison"]
 
@@ -77,20 +77,24 @@ def _epoch_means(epochs: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndar
     return np.array(xs), np.array(ms)
 
 
-def plot_curves(run_dir: str | Path, path: str | Path | None = None) -> Path:
+def plot_curves(run_dir: str | Path, path: str | Path | None = None, title: str | None = None) -> Path:
     """Draw ``RUN/curves.png`` (or ``path``): loss and accuracy vs epoch, learning rate below.
 
     Training values are drawn faint per logged step, with per-epoch means on top; eval lines
-    (``kind == "eval"``) add eval loss and top-1. Returns the PNG path.
+    (``kind == "eval"``) add eval loss and top-1. ``title`` defaults to the run's name and task
+    (``train.report.draw_curves`` passes the report's description of the run). Returns the PNG path.
     """
-    run_dir = Path(run_dir)
-    rec = load_run(run_dir)
-    metrics = read_metrics(run_dir)
+    run = RunDir(run_dir)
+    cfg = run.read_config()
+    metrics = run.read_metrics()
     train = sorted((m for m in metrics if m.get("kind") == "train"), key=lambda m: (m.get("epoch", 0), m.get("step", 0)))
     evals = sorted((m for m in metrics if m.get("kind") == "eval"), key=lambda m: (m.get("epoch", 0), m.get("step", 0)))
     if not train and not evals:
         raise RunDirError(f"{run_dir} has no training or eval lines in metrics.jsonl yet; plot it after the first epoch")
     e0 = min(int(m.get("epoch", 0)) for m in (train or evals))
+    name = str(cfg.get("name") or run.path.name)
+    if title is None:
+        title = f"{name}  ({cfg.get('task', '?')}, seed {cfg.get('seed')})"
 
     fig = _figure(11.0, 6.5)
     gs = fig.add_gridspec(2, 2, height_ratios=(3.0, 1.1))
@@ -117,9 +121,7 @@ def plot_curves(run_dir: str | Path, path: str | Path | None = None) -> Path:
                 ax.annotate(f"{ys[-1]:.3g}" if key == "loss" else f"{ys[-1]:.1f}%", (xs[-1], ys[-1]),
                             textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8, color=EVAL_COLOUR)
 
-    name = rec.name
-    init = "scratch" if rec.pretrained_from is None else f"init {rec.init_label}"
-    fig.suptitle(f"{name}  ({rec.task}, {rec.model_label}, {init}, seed {rec.seed})", fontsize=12)
+    fig.suptitle(title, fontsize=12)
     ax_loss.set_title(f"{name}: loss", fontsize=10)
     ax_acc.set_title(f"{name}: accuracy", fontsize=10)
     ax_loss.set_ylabel("cross-entropy")
@@ -139,7 +141,7 @@ def plot_curves(run_dir: str | Path, path: str | Path | None = None) -> Path:
     for ax in (ax_loss, ax_acc):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, loc="best")
-    return _save(fig, run_dir / "curves.png" if path is None else path)
+    return _save(fig, run.curves_png if path is None else path)
 
 
 def plot_confusion(result: EvalResult, path: str | Path, title: str | None = None) -> Path:

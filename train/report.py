@@ -1,19 +1,18 @@
 """Compare finished stage-2 runs: a run table, the paper's Delta-Acc, and a Markdown report.
 
-A run directory (written by ``train.engine``) holds ``config.json``, ``metrics.jsonl``,
+A run directory (written by ``train.loop.fit``, read through ``train.rundir.RunDir``) holds ``config.json``, ``metrics.jsonl``,
 ``summary.json`` and, for fine-tuning runs, ``eval.json``; only ``config.json`` is required
 here, so runs still in progress show up with what they have so far.
 
 Delta-Acc (AdViSe's pretraining gain) = top-1 of a fine-tuning run initialised from a PRP
 pretraining run - top-1 of the *same* fine-tuning run from scratch. Two runs are "the same"
-when their resolved configs are equal after removing ``init`` and ``name``
+when their resolved configs are equal after removing ``init`` and the runtime knobs
 (:data:`PAIRING_IGNORED_KEYS`), i.e. same model, optimiser, data and seed.
 
 Accuracies are fractions in [0, 1]; tables print percentages, Delta-Acc in percentage points.
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -26,9 +25,13 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.errors import FreezeframeError
+from pipeline.config import drop_keys, runtime_keys
 from pipeline.registry import Registry
+from train import plots
 from train.metrics import EvalResult
+from train.plots import ComparisonRow
+from train.rundir import RunDir, RunDirError, find_runs
+from train.schema import TrainConfig
 
 __all__ = [
     "RunDirError",
@@ -48,98 +51,28 @@ __all__ = [
     "render_markdown",
     "write_report",
     "report_main",
+    "draw_curves",
 ]
 
-#: Dotted config keys ignored when deciding that two fine-tuning runs differ only by their init.
-# init/name differ by design; the rest are runtime knobs that do not change the result
-PAIRING_IGNORED_KEYS: tuple[str, ...] = (
-    "init", "name", "run_dir", "device", "data.workers", "data.in_memory", "data.in_memory_max_gb",
-    "log_every", "checkpoint_every", "eval_every",
-)
+#: Dotted config keys ignored when deciding that two fine-tuning runs differ only by their init:
+#: init differs by design; the rest are TrainConfig's runtime knobs (declared on the fields)
+PAIRING_IGNORED_KEYS: tuple[str, ...] = ("init", *runtime_keys(TrainConfig))
 #: Tasks whose runs are paired for Delta-Acc.
 DELTA_TASKS: tuple[str, ...] = ("finetune",)
 
 
-class RunDirError(FreezeframeError):
-    """A run directory is missing or unreadable."""
-
-
 # --------------------------------------------------------------------------------------------
-# reading run directories
+# reading run directories (RunDir owns the files)
 
 
 def read_config(run_dir: str | Path) -> dict[str, Any]:
     """``RUN/config.json`` as a dict."""
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise RunDirError(
-            f"{run_dir} is not a run directory (no config.json); pass directories written by "
-            "`freezeframe pretrain` / `freezeframe finetune`, or a folder that contains them"
-        )
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise RunDirError(f"{path} is not valid JSON ({e}); the run was interrupted while writing it, re-run it") from e
-    if not isinstance(cfg, dict):
-        raise RunDirError(f"{path} must hold a JSON object, got {type(cfg).__name__}")
-    return cfg
-
-
-def _read_json(path: Path) -> Any | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise RunDirError(f"{path} is not valid JSON ({e}); delete it and re-run the step that writes it") from e
+    return RunDir(run_dir).read_config()
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The lines of ``RUN/metrics.jsonl`` (``[]`` when absent).
-
-    A truncated last line (a run still writing, or killed mid-write) is skipped; a broken line
-    anywhere else is an error.
-    """
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    lines = path.read_text().splitlines()
-    out: list[dict[str, Any]] = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            if i == len(lines) - 1:
-                break
-            raise RunDirError(f"{path}:{i + 1} is not valid JSON ({e}); the metrics log is corrupt") from e
-        if isinstance(row, dict):
-            out.append(row)
-    return out
-
-
-def find_runs(paths: Iterable[str | Path]) -> list[Path]:
-    """Expand the given paths into run directories.
-
-    A path holding ``config.json`` is a run; any other directory is searched (recursively) for
-    run directories, e.g. ``runs/``. Duplicates are dropped, order is kept.
-    """
-    found: list[Path] = []
-    for p in map(Path, paths):
-        if (p / "config.json").is_file():
-            runs = [p]
-        elif p.is_dir():
-            runs = sorted({c.parent for c in p.rglob("config.json")})
-            runs = [r for r in runs if not any(o != r and o in r.parents for o in runs)]  # no nested runs
-            if not runs:
-                raise RunDirError(f"no run directories (folders with a config.json) under {p}")
-        else:
-            raise RunDirError(f"{p} does not exist; pass run directories written by `freezeframe pretrain/finetune`")
-        for r in runs:
-            if r not in found:
-                found.append(r)
-    return found
+    """The lines of ``RUN/metrics.jsonl`` (see :meth:`RunDir.read_metrics`)."""
+    return RunDir(run_dir).read_metrics()
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,7 +121,7 @@ class RunRecord:
         path: the run directory.
         dataset: stem of ``data.store`` (the feature store the run trained on).
         num_classes: ``model.num_classes``.
-        complete: True when ``summary.json`` exists (the engine writes it last).
+        complete: True when ``summary.json`` exists (the loop writes it last).
         config: the full resolved config (used for pairing; not shown).
     """
 
@@ -238,11 +171,12 @@ MODEL_LABELS.add("avgpool", lambda r: "avgpool")
 
 def load_run(run_dir: str | Path) -> RunRecord:
     """Read one run directory into a :class:`RunRecord` (only ``config.json`` is required)."""
-    run_dir = Path(run_dir)
-    cfg = read_config(run_dir)
-    summary = _read_json(run_dir / "summary.json") or {}
-    eval_json = _read_json(run_dir / "eval.json")
-    metrics = read_metrics(run_dir)
+    run = RunDir(run_dir)
+    run_dir = run.path
+    cfg = run.read_config()
+    summary = run.read_summary() or {}
+    eval_json = run.read_eval("multiview")
+    metrics = run.read_metrics()
     train_lines = [m for m in metrics if m.get("kind") == "train"]
     eval_lines = [m for m in metrics if m.get("kind") == "eval"]
 
@@ -288,7 +222,7 @@ def load_run(run_dir: str | Path) -> RunRecord:
         path=run_dir,
         dataset=Path(str(store).rstrip("/\\")).stem if store else None,
         num_classes=_as_int(_get(cfg, "model", "num_classes")),
-        complete=(run_dir / "summary.json").is_file(),
+        complete=run.complete,
         config=cfg,
     )
 
@@ -327,20 +261,8 @@ class DeltaRow:
     delta_top5: float | None = None
 
 
-def _without(cfg: dict[str, Any], dotted_keys: Sequence[str]) -> dict[str, Any]:
-    out = copy.deepcopy(cfg)
-    for key in dotted_keys:
-        node: Any = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.get(p) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(parts[-1], None)
-    return out
-
-
 def _pairing_key(cfg: dict[str, Any], ignore: Sequence[str]) -> str:
-    return json.dumps(_without(cfg, ignore), sort_keys=True, default=str)
+    return json.dumps(drop_keys(cfg, ignore), sort_keys=True, default=str)
 
 
 def delta_acc(records: Sequence[RunRecord], ignore: Sequence[str] = PAIRING_IGNORED_KEYS) -> list[DeltaRow]:
@@ -507,11 +429,9 @@ def render_markdown(records: Sequence[RunRecord], deltas: Sequence[DeltaRow] = (
     return "\n".join(parts) + "\n"
 
 
-def comparison_rows(records: Sequence[RunRecord]) -> list["ComparisonRow"]:
+def comparison_rows(records: Sequence[RunRecord]) -> list[ComparisonRow]:
     """Bars for :func:`train.plots.plot_comparison`: fine-tuning runs with a top-1, grouped by model
     (prefixed by dataset when there are several), one series for scratch and one per PRP init."""
-    from train.plots import ComparisonRow
-
     runs = [r for r in records if r.task in DELTA_TASKS and r.top1 is not None]
     several_datasets = len({r.dataset for r in runs}) > 1
     group_of = {id(r): (f"{r.dataset}\n{r.model_label}" if several_datasets else r.model_label) for r in runs}
@@ -564,8 +484,6 @@ def _write_report(
     extra_sections: Sequence[str],
     make_plots: bool,
 ) -> Path:
-    from train import plots
-
     out_md.parent.mkdir(parents=True, exist_ok=True)
     base = out_md.parent
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -580,13 +498,14 @@ def _write_report(
 
     run_parts: list[str] = []
     for r in records:
-        curves, confusion = r.path / "curves.png", r.path / "confusion.png"
+        run = RunDir(r.path)
+        curves, confusion = run.curves_png, run.confusion_png
         if make_plots:
             try:
                 if not curves.is_file() and any(m.get("kind") in ("train", "eval") for m in read_metrics(r.path)):
-                    plots.plot_curves(r.path)
-                if not confusion.is_file() and (r.path / "eval.json").is_file():
-                    plots.plot_confusion(EvalResult.load(r.path / "eval.json"), confusion, title=r.name)
+                    draw_curves(r.path, r)
+                if not confusion.is_file() and run.eval_file("multiview").is_file():
+                    plots.plot_confusion(EvalResult.load(run.eval_file("multiview")), confusion, title=r.name)
             except OSError:
                 pass  # read-only run directory: link whatever is there
         images = [f"![{kind} of {r.name}]({_rel_link(p, base)})" for kind, p in (("curves", curves), ("confusion", confusion)) if p.is_file()]
@@ -599,6 +518,13 @@ def _write_report(
         parts += [section.rstrip(), ""]
     out_md.write_text("\n".join(parts).rstrip() + "\n")
     return out_md
+
+
+def draw_curves(run_dir: str | Path, record: RunRecord | None = None) -> Path:
+    """``RUN/curves.png`` titled with the run's name, task, model, init and seed."""
+    rec = record or load_run(run_dir)
+    init = "scratch" if rec.pretrained_from is None else f"init {rec.init_label}"
+    return plots.plot_curves(run_dir, title=f"{rec.name}  ({rec.task}, {rec.model_label}, {init}, seed {rec.seed})")
 
 
 def report_main(run_dirs: list[Path], out: Path | None = None) -> int:

@@ -1,0 +1,62 @@
+"""``multiview``: the multi-view classification test (AdViSe's protocol).
+
+Every test video gives ``test.num_clips`` clips spread evenly over it (x the spatial views the
+store holds); the model's logits are averaged over the views of a video, then top-1, top-5,
+per-class accuracy and the confusion matrix are computed (``train.metrics.EvalResult``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from pipeline.store import FeatureStore
+from train.data import TestViewConfig, TestViewDataset
+from train.evals.registry import register_evaluation
+from train.evals.base import Evaluation
+from train.metrics import EvalResult, evaluate_logits
+from train.plots import plot_confusion
+from train.rundir import RunDir
+from train.schema import TrainConfig
+
+
+@register_evaluation("multiview")
+class MultiViewTest(Evaluation):
+    section = "test"
+    Config = TestViewConfig
+
+    def preflight(self, store: FeatureStore, cfg: TrainConfig) -> None:
+        TestViewDataset(store, cfg.data.test_split, self.options(cfg))  # refuses an empty test split now
+
+    @torch.no_grad()
+    def run(self, model: nn.Module, store: FeatureStore, cfg: TrainConfig, device: torch.device) -> EvalResult:
+        """Logits of every view ``(B, V, K)`` averaged over V per video; eval mode, restored after."""
+        opts = self.options(cfg)
+        ds = TestViewDataset(store, cfg.data.test_split, opts)
+        loader = DataLoader(ds, batch_size=8, num_workers=0, generator=torch.Generator())  # leaves the global RNG alone
+        was_training = model.training
+        model.eval()
+        all_logits, all_targets = [], []
+        for x, y in loader:  # x: (B, V, T, H, W, C)
+            b, v = x.shape[:2]
+            logits = model(x.flatten(0, 1).to(device)).float().reshape(b, v, -1).mean(1)
+            all_logits.append(logits.cpu())
+            all_targets.append(y)
+        model.train(was_training)
+        return evaluate_logits(torch.cat(all_logits), torch.cat(all_targets), class_names(store, cfg.model.num_classes),
+                               views=opts.num_clips)
+
+    def plot(self, out: EvalResult, run: RunDir, title: str | None = None) -> list[Path]:  # type: ignore[override]
+        return [plot_confusion(out, run.confusion_png, title=title)]
+
+
+def class_names(store: FeatureStore, num_classes: int) -> list[str]:
+    """The store's label names in class order (the index itself where a class has no video)."""
+    names: list[str | None] = [None] * num_classes
+    for vid in store.video_ids:
+        e = store.meta(vid)
+        if e.label is not None and e.label < len(names):
+            names[e.label] = e.label_name
+    return [n or str(i) for i, n in enumerate(names)]
