@@ -1,4 +1,4 @@
-"""train/losses_cosettle.py and train/models/projection.py: the Co-Settle objective against plain
+"""train/losses.py (Co-Settle part) and train/models/projection.py: the Co-Settle objective against plain
 loops written out here, the KL anchor against its (1 - cos) / D approximation, and the projection."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.registry import RegistryError
-from train.losses_cosettle import (
+from train.losses import (
     CosettleLossError,
     cosettle_loss,
     cycle_loss,

@@ -36,7 +36,7 @@ from train.tasks import TASKS
 TINY = [
     "model.tmm.in_channels=16", "model.tmm.hidden=8", "model.tmm.out_channels=16", "model.mlp_dim=16",
     "prp.num_frames=4", "prp.clips_per_video=2", "clip.num_frames=4", "clip.stride=2",
-    "test.num_clips=3", "test.num_frames=4", "test.stride=2", "anchor.num_frames=4",
+    "test.num_clips=3", "test.num_frames=4", "test.stride=2", "anchor.num_frames=4", "cosettle.return_view=plain",
     "optim.batch_size=2", "optim.warmup_epochs=1", "data.workers=0", "log_every=1", "checkpoint_every=1",
     "optim.epochs=2", "seed=7",
 ]

@@ -1,4 +1,4 @@
-"""Stage-2 commands: stats, pretrain, finetune, evaluate, report, demo."""
+"""Stage-2 commands: stats, pretrain, finetune, evaluate, represent, project, report, demo."""
 from __future__ import annotations
 
 import json
@@ -49,10 +49,12 @@ def register(app: typer.Typer) -> None:
         store: Optional[Path] = common["store"], run_dir: Optional[Path] = common["run_dir"],
         epochs: Optional[int] = common["epochs"], seed: Optional[int] = common["seed"],
         temporal_kernel: Optional[int] = common["temporal_kernel"], arch: Optional[str] = common["arch"],
+        task: str = typer.Option("prp", help="Pretraining task: prp (TMM + head, playback rate) | cosettle "
+                                             "(Co-Settle projection g on patch tokens; docs/cosettle.md)."),
         set_: list[str] = common["set_"],
     ) -> None:
-        """PRP pretraining of the TMM + head on cached features (torchrun for several GPUs/ranks)."""
-        _train_command("prp", dataset, config, store, run_dir, None, epochs, seed, temporal_kernel, arch, set_)
+        """Pretraining on cached features: PRP (TMM + head) or Co-Settle (projection g); torchrun for several ranks."""
+        _train_command(task, dataset, config, store, run_dir, None, epochs, seed, temporal_kernel, arch, set_)
 
     @app.command()
     def finetune(
@@ -101,6 +103,56 @@ def register(app: typer.Typer) -> None:
         out.print(t)
         out.print(f"top-1 {100 * res.top1:.2f}%  top-5 {100 * res.top5:.2f}%  ({res.num_videos} videos, "
                   f"{res.views} views each); confusion matrix: {png}")
+
+    @app.command()
+    def represent(
+        store: Path = typer.Argument(..., help="Feature store (raw or projected tokens)."),
+        projection: Optional[Path] = typer.Option(None, help="A `pretrain --task cosettle` run: measure g(tokens)."),
+        videos: Optional[int] = typer.Option(None, help="Measure the first N videos (store order; default all)."),
+        split: Optional[str] = typer.Option(None, help="Only this split (default: every video)."),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    ) -> None:
+        """Co-Settle's representation metrics: D_intra, D_inter, their ratio, effective rank, cycle accuracy."""
+        from pipeline.store import open_store
+        from train.project import check_fits, load_projection
+        from train.represent import measure_store
+
+        s = open_store(store)
+        transform = None
+        if projection is not None:
+            g = load_projection(projection)
+            check_fits(g, s)
+            transform = g
+        m = measure_store(s, videos, split, transform, console)
+        js = m.to_json()
+        if as_json:
+            print(json.dumps(js))
+            return
+        t = Table(title=f"representation of {store}" + (f" through {projection}" if projection else ""))
+        t.add_column("metric")
+        t.add_column("raw", justify="right")
+        for p in ("90", "95", "100"):
+            t.add_column(f"/ diameter p{p}", justify="right")
+        for key in ("d_intra", "d_inter", "ratio"):
+            t.add_row(key, f"{js[key]:.4f}", *(f"{js[f'{key}_norm{p}']:.4f}" for p in ("90", "95", "100")))
+        t.add_row("effective_rank", f"{js['effective_rank']:.4f}", "", "", "")
+        t.add_row("cycle_accuracy", f"{js['cycle_accuracy']:.4f}", "", "", "")
+        out.print(t)
+        out.print(f"{m.videos} videos ({m.videos_intra} long enough for D_intra), {m.frames:,} frames, "
+                  f"{m.tokens_per_frame} tokens x {m.channels} channels")
+
+    @app.command()
+    def project(
+        store: Path = typer.Argument(..., help="Source feature store."),
+        projection: Path = typer.Option(..., help="A `pretrain --task cosettle` run."),
+        out_store: Path = typer.Option(..., "--out", help="The new store of g(tokens) (created or resumed)."),
+        dtype: Optional[str] = typer.Option(None, help="Storage dtype of the new store (default: the source's)."),
+    ) -> None:
+        """Apply a trained Co-Settle projection to every frame of a store, into a new store."""
+        from train.project import apply_projection
+
+        path = apply_projection(store, projection, out_store, dtype, console)
+        out.print(f"[green]ok[/]: {path} holds g(tokens) of every frame of {store}")
 
     @app.command()
     def report(

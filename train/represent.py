@@ -43,7 +43,7 @@ from torch import Tensor
 
 from pipeline.errors import FreezeframeError
 from pipeline.store import FeatureStore
-from train.losses_cosettle import CYCLE_EPS, pool_nodes, walk
+from train.losses import CYCLE_EPS, pool_nodes, walk
 
 __all__ = [
     "CYCLE_TIME_PAIRS",
