@@ -21,7 +21,7 @@ def media_rows() -> list[ManifestRow]:
 
 def synthetic_rows(tmp: Path, train_per_class: int) -> list[ManifestRow]:
     """``train_per_class`` x 4 synthetic 128x128 motion videos written under ``tmp``."""
-    from manifests.synthetic import SynthConfig, write_synthetic
+    from synth.benchmark import SynthConfig, write_synthetic
 
     manifests = write_synthetic(tmp / "synth", SynthConfig(tasks=("motion",), train_per_class=train_per_class,
                                                            test_per_class=0), progress=False)

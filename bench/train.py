@@ -19,9 +19,9 @@ Per backbone, in one run, with the same TMM + head, AdamW, PRP sampling (``train
 * **cached-zarr**: ``train.data.PRPDataset`` over ``open_store(in_memory=False)`` (zarr reads,
   the large-store case), DataLoader with ``DataConfig().workers`` workers, TMM train step;
 * **cached-ram**: the same over the store loaded into RAM;
-* **online**: a map-style dataset decodes each video with ``extract.decode.iter_frames`` at the
-  store's fps, segment and geometry (read from the store header), keeps only the frames its PRP
-  clips need (streaming), same workers; the main loop runs the frozen backbone under
+* **online**: a map-style dataset decodes, for each video, only the frames its PRP clips need
+  with ``extract.source.OnlineFeatureSource.frames`` (the store's fps, segment and geometry,
+  read from the store header; streaming), same workers; the main loop runs the frozen backbone under
   ``torch.inference_mode()`` on all ``B x K x T`` clip frames (as the released code does: no
   de-duplication across clips) and then the same TMM train step.
 
@@ -65,7 +65,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from extract.config import ExtractConfig
-from pipeline.errors import FreezeframeError
+from extract.encode import build_backbone
+from extract.source import OnlineFeatureSource
+from pipeline.errors import ConfigMismatchError, FreezeframeError
 from bench.inputs import have_media, media_rows, synthetic_rows
 from pipeline.manifest import ManifestRow, read_manifest, write_manifest
 from pipeline.registry import Registry
@@ -190,52 +192,36 @@ def bench_rows(cfg: BenchConfig, tmp: Path) -> tuple[str, list[ManifestRow]]:
 class OnlineFramesDataset(Dataset):
     """The released regime's data side: decode a video, keep its PRP clips' frames.
 
-    Item ``i`` is video ``i`` of ``rows``: its clips are drawn exactly as ``PRPDataset`` draws
-    them (``prp_clips(length, default_rng((seed, epoch, i)), prp)``), then the video is decoded
-    with ``iter_frames`` (store's geometry, fps and segment) chunk by chunk, keeping only the
-    needed frames and stopping after the last one. Returns ``(frames (K, T, S, S, 3) uint8,
-    rate labels (K,) int64)``. ``lengths``: stored frames per video (what the released code
-    reads from the container; taken from the store so both regimes sample the same indices).
+    Item ``i`` is video ``i`` of ``video_ids``: its clips are drawn exactly as ``PRPDataset``
+    draws them (``prp_clips(length, default_rng((seed, epoch, i)), prp)``), then only the
+    needed frames are decoded by ``source.frames`` (the store's geometry, fps and segment,
+    streaming, stopping after the last one). Returns ``(frames (K, T, S, S, 3) uint8, rate
+    labels (K,) int64)``; the backbone runs in the main loop (``source.encode``). ``lengths``:
+    stored frames per video (what the released code reads from the container; taken from the
+    store so both regimes sample the same indices).
     """
 
-    def __init__(self, rows: Sequence[ManifestRow], lengths: Sequence[int], geometry: Any, fps: float | None,
-                 prp: PRPConfig, seed: int, decode: dict[str, Any]) -> None:
-        self.rows, self.lengths = list(rows), [int(n) for n in lengths]
-        self.geometry, self.fps, self.prp, self.seed, self.decode = geometry, fps, prp, seed, decode
+    def __init__(self, source: OnlineFeatureSource, video_ids: Sequence[str], lengths: Sequence[int],
+                 prp: PRPConfig, seed: int) -> None:
+        self.source, self.video_ids, self.lengths = source, list(video_ids), [int(n) for n in lengths]
+        self.prp, self.seed = prp, seed
         self.epoch = 0
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.video_ids)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from extract.decode import iter_frames
         from train.sampling import prp_clips
 
         rng = np.random.default_rng((self.seed, self.epoch, index))
         clips = prp_clips(self.lengths[index], rng, self.prp)
         idx = np.stack([c.indices for c in clips])  # (K, T) frame indices
-        need = np.unique(idx)
-        kept: dict[int, np.ndarray] = {}
-        row = self.rows[index]
-        pos = 0
-        chunks = iter_frames(row.path, geometry=self.geometry, fps=self.fps, start=row.start, end=row.end,
-                             **self.decode)
         try:
-            for chunk in chunks:
-                n = len(chunk.frames)
-                for j in need[(need >= pos) & (need < pos + n)]:
-                    kept[int(j)] = chunk.frames[int(j) - pos].copy()
-                pos += n
-                if pos > need[-1]:
-                    break
-        finally:
-            chunks.close()
-        if len(kept) != len(need):
-            raise BenchError(f"{row.path}: decoded {pos} frames but the store has {self.lengths[index]}; "
-                             "the online regime must decode with the store's fps/segment")
-        frames = np.stack([kept[int(j)] for j in idx.reshape(-1)]).reshape(*idx.shape, *kept[int(need[0])].shape)
+            frames = self.source.frames(self.video_ids[index], idx.reshape(-1))
+        except IndexError as e:
+            raise BenchError(f"{e}: the online regime must decode with the store's fps/segment") from e
         labels = np.array([c.rate_label for c in clips], dtype=np.int64)
-        return torch.from_numpy(frames), torch.from_numpy(labels)
+        return torch.from_numpy(frames.reshape(*idx.shape, *frames.shape[1:])), torch.from_numpy(labels)
 
 
 class EpochIndexed(Dataset):
@@ -430,23 +416,19 @@ def _run_cached(spec: RegimeSpec, device: torch.device, *, in_memory: bool) -> d
 
 
 def _run_online(spec: RegimeSpec, device: torch.device) -> dict:
-    from extract.decode import Geometry
-    from extract.encode import build_backbone
     from pipeline.store import open_store
 
     bench = spec.bench
     store = open_store(spec.store)
-    content = store.content
+    rows = read_manifest(spec.manifest)
     xcfg = ExtractConfig(backbone=spec.backbone, random_weights=spec.random_weights, image_size=spec.image_size)
-    backbone = build_backbone(xcfg).to(device).eval()
-    if backbone.weights_sha256 != content.get("weights_sha256"):
-        raise BenchError(f"the online backbone's weights ({backbone.weights_sha256}) are not the store's "
-                         f"({content.get('weights_sha256')}); rerun the benchmark from scratch")
-    rows = {r.video_id: r for r in read_manifest(spec.manifest)}
+    try:  # the backbone is built from the regime's spec and must compute the store's features
+        source = OnlineFeatureSource.for_store(store, rows, backbone=build_backbone(xcfg), device=device)
+    except ConfigMismatchError as e:
+        raise BenchError(f"{e}; rerun the benchmark from scratch") from e
+    backbone = source.backbone
     vids = store.split_ids("train")
-    base = OnlineFramesDataset([rows[v] for v in vids], [store.num_frames(v) for v in vids],
-                               Geometry(**content["geometry"]), content["fps"], bench.prp, bench.seed,
-                               dict(chunk_size=xcfg.chunk_size, threads=xcfg.decode_threads))
+    base = OnlineFramesDataset(source, vids, [store.num_frames(v) for v in vids], bench.prp, bench.seed)
     ds = EpochIndexed(base)
     train_step = TrainStep(spec.model, bench.batch, device, bench.seed)
     cuda = device.type == "cuda"
@@ -524,7 +506,7 @@ def _context() -> Any:
     a fresh process (own memory, no state of the parent) without paying the imports again."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "bench.train", "train.data", "train.models", "pipeline.store",
-                                "extract.decode", "extract.runner"])
+                                "extract.decode", "extract.encode", "extract.runner", "extract.source"])
     return ctx
 
 

@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
         """Write the embedded synthetic benchmark (motion + appearance tasks) as real H.264 files."""
         import dataclasses
 
-        from manifests.synthetic import SynthConfig, write_synthetic
+        from synth.benchmark import SynthConfig, write_synthetic
 
         given = {k: v for k, v in dict(train_per_class=train_per_class, test_per_class=test_per_class,
                                        frames=frames, size=size, seed=seed).items() if v is not None}

@@ -18,14 +18,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
-from manifests.synthetic import SynthConfig
+from synth.benchmark import SynthConfig
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,10 @@ class DemoConfig:
     pretrain_epochs: int = 12
     finetune_epochs: int = 30
     seed: int = 0
+    #: torch intra-op threads while training and evaluating: CPU float reductions (conv
+    #: backward) depend on the thread count, so a fixed count makes the table reproducible
+    #: whatever the machine's core count (docs/demo.md, "Reproducibility")
+    train_threads: int = 2
     overrides: tuple[str, ...] = ()
     runs: tuple[DemoRun, ...] = field(default_factory=lambda: (
         DemoRun("prp-kt3", "prp", "tmm", 3),
@@ -66,7 +72,7 @@ def run_demo(out: Path, *, quick: bool = False, console: Console | None = None,
     from extract.config import ExtractConfig
     from extract.runner import run_extract
     from extract.weights import fetch_mobilenet
-    from manifests.synthetic import write_synthetic
+    from synth.benchmark import write_synthetic
     from pipeline.store import verify_store
 
     con = console or Console(stderr=True)
@@ -129,10 +135,23 @@ def _train_run(run: DemoRun, task: str, store: Path, runs_root: Path, cfg: DemoC
     dataset = f"synth-{task}"
     tcfg = resolve_train_config(run.task, dataset, None, overrides + list(cfg.overrides))
     con.log(f"{task}/{run.name}: {run.task} {run.arch} kt={run.temporal_kernel} init={run.init}")
-    res = train(tcfg, con)
+    with torch_threads(cfg.train_threads):
+        res = train(tcfg, con)
     if res.top1 is not None:
         con.log(f"{task}/{run.name}: top-1 {100 * res.top1:.1f}%")
     return run_dir
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op threads (0: leave the count alone), then restore it."""
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _write_report(out: Path, run_dirs: dict[str, list[Path]], cfg: DemoConfig, timings: dict[str, float],

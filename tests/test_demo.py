@@ -1,13 +1,43 @@
-"""`make demo` end to end, in its quick form (real weights, tiny benchmark, 2 epochs)."""
+"""`make demo` end to end, in its quick form (real weights, tiny benchmark, 2 epochs), and
+its reproducibility: the same seed gives the same weights (docs/demo.md, "Reproducibility")."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import torch
+from rich.console import Console
 
 from extract.weights import mobilenet_checkpoint
+from tests.stores import write_synthetic_store
 
-pytestmark = pytest.mark.slow
+
+def test_demo_training_gives_equal_weights_with_pinned_threads(tmp_path: Path) -> None:
+    """Two demo trainings of the same run (the synth-motion config, 4x4x1280 features) end with
+    ``torch.equal`` weights and equal test logits, and run on ``train_threads`` threads whatever
+    the caller's count (a different count gives different float reductions in the backward)."""
+    from pipeline.demo import DemoConfig, DemoRun, _train_run
+
+    store = write_synthetic_store(tmp_path / "s.zarr", splits={"train": 16, "test": 4}, num_classes=4,
+                                  lengths=(16, 24), grid=(4, 4), channels=1280)
+    cfg = DemoConfig(finetune_epochs=3, train_threads=2)
+    run = DemoRun("tmm-kt3-scratch", "finetune", "tmm", 3)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the caller's count must not reach the training
+    try:
+        dirs = [_train_run(run, "motion", store.path, tmp_path / f"runs{k}", cfg, Console(quiet=True)) for k in (0, 1)]
+        assert torch.get_num_threads() == 1  # restored afterwards
+    finally:
+        torch.set_num_threads(before)
+    a, b = (torch.load(d / "checkpoints" / "final.pt", map_location="cpu", weights_only=False)["model"] for d in dirs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [json.loads((d / "provenance.json").read_text())["torch_threads"] for d in dirs] == [2, 2]
+    ea, eb = (json.loads((d / "eval.json").read_text()) for d in dirs)
+    assert ea == eb
+
+
+@pytest.mark.slow
 
 
 @pytest.mark.skipif(mobilenet_checkpoint() is None, reason="MobileNetV2 weights not cached: run `make weights`")

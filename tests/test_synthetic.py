@@ -1,4 +1,4 @@
-"""The embedded synthetic benchmark (manifests/synthetic.py): real H.264 files, manifests,
+"""The embedded synthetic benchmark (synth/): real H.264 files, manifests,
 determinism, idempotence, and the properties the demo relies on -- in the motion task only
 the order of frames carries the label, in the appearance task a single frame does."""
 from __future__ import annotations
@@ -13,22 +13,12 @@ import av
 import numpy as np
 import pytest
 
-from manifests.synthetic import (
-    SYNTH_JSON,
-    TASKS,
-    AppearanceTask,
-    MotionTask,
-    SynthConfig,
-    SynthError,
-    SynthOutputMismatchError,
-    encode_h264,
-    speed_range,
-    video_rng,
-    write_synthetic,
-)
 from pipeline.config import to_dict
 from pipeline.errors import FreezeframeError
 from pipeline.manifest import manifest_sha256, read_manifest, validate_manifest
+from synth.benchmark import SYNTH_JSON, SynthConfig, SynthError, SynthOutputMismatchError, write_synthetic
+from synth.encode import encode_h264
+from synth.render import TASKS, AppearanceTask, MotionTask, speed_range, video_rng
 
 #: Small enough to write both tasks in about a second.
 SMALL = SynthConfig(train_per_class=2, test_per_class=1, frames=16, size=64, fps=8)

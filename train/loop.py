@@ -156,7 +156,8 @@ def fit(cfg: TrainConfig, console: Any = None) -> RunResult:
         run.checkpoints.mkdir(parents=True, exist_ok=True)
         run.write_config(cfg_dict)
         run.write_provenance({"store": str(store.path), "store_header": store.header, "environment": environment(),
-                              "world_size": dinfo.world, "device": str(dinfo.device), "peak_lr": peak_lr,
+                              "world_size": dinfo.world, "device": str(dinfo.device),
+                              "torch_threads": torch.get_num_threads(), "peak_lr": peak_lr,
                               "per_rank_batch": per_rank_batch, "steps_per_epoch": steps_per_epoch})
         run.truncate_metrics(step, total_steps)
 
