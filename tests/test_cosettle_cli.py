@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.manifest import ManifestRow, write_manifest
 from tests.stores import write_synthetic_store
+from tests.videos import make_lossless_video, pattern_frames
 
 FREEZEFRAME = str(Path(sys.executable).parent / "freezeframe")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "220", "NO_COLOR": "1"}
@@ -60,3 +62,10 @@ def test_refusals_are_one_line_errors(tmp_path: Path) -> None:
     assert "no PEA views" in res.stderr and "Traceback" not in res.stderr
     res = ff("represent", str(store), "--videos", "1", cwd=tmp_path)
     assert res.returncode != 0 and "at least 2" in res.stderr and "Traceback" not in res.stderr
+    # --pea-views on the CNN: refused before the store exists
+    video = make_lossless_video(tmp_path / "v.mp4", pattern_frames(4, 48, 64), 10)
+    manifest = write_manifest([ManifestRow("v", str(video), "train")], tmp_path / "m.jsonl")
+    res = ff("extract", "--manifest", str(manifest), "--store", str(tmp_path / "cnn.zarr"), "--random-weights",
+             "--image-size", "64", "--pea-views", "1", "--device", "cpu", "--workers", "1", cwd=tmp_path)
+    assert res.returncode != 0 and "no positional embedding" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "cnn.zarr").exists()
