@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from pipeline.config import runtime
 from pipeline.errors import ConfigMismatchError
 from train.cosettle_data import CosettleDataset, ReturnViewOptions, resolve_return_view
 from train.losses import cosettle_loss
@@ -43,7 +44,7 @@ class CosettleConfig:
 
     return_view: str = "auto"
     pea_ratio: float = 10.0
-    manifest: str | None = None
+    manifest: str | None = runtime(None)  # a path: the videos are identified by the store's manifest sha256
     gap_fraction: float = 0.15
     tau: float = 0.03
     lam: float = 3.0
