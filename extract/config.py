@@ -49,6 +49,10 @@ class ExtractConfig:
     codec: str = "zstd"  # zstd | blosc | none
     spatial_pool: int | None = None  # average-pool the grid to k x k at extraction
     channel_pool: int | None = None  # average adjacent channels down to c
+    # Co-Settle's return view (content): K PEA views per frame (extract.pea), 0 = none
+    pea_views: int = 0  # open_clip and timm ViTs only
+    pea_ratio: float = 10.0  # the PE grid is upsampled by 1 + pea_ratio before a window is cut
+    pea_seed: int = 0  # window offsets of frame j of video v: seeded by (pea_seed, v, j)
     videos_per_shard: int = 64  # videos per store shard (unit of work, one writer)
     frames_per_file: int = 256  # frames per zarr shard file
     # runtime
@@ -97,7 +101,8 @@ class ExtractConfig:
             ("frames_per_file", self.frames_per_file, 1, False), ("batch_size", self.batch_size, 1, False),
             ("chunk_size", self.chunk_size, 1, False), ("workers", self.workers, 0, False),
             ("decode_threads", self.decode_threads, 0, False), ("threads", self.threads, 0, False),
-            ("streams", self.streams, 0, False),
+            ("streams", self.streams, 0, False), ("pea_views", self.pea_views, 0, False),
+            ("pea_seed", self.pea_seed, 0, False),
         ]
         for key, value, low, optional in at_least:
             if value is None and optional:
@@ -105,6 +110,8 @@ class ExtractConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 hint = " or unset (null)" if optional else ""
                 out.append(f"{key}: must be an integer >= {low}{hint}, got {value!r}")
+        if isinstance(self.pea_ratio, bool) or not isinstance(self.pea_ratio, (int, float)) or not self.pea_ratio >= 0:
+            out.append(f"pea_ratio: must be a number >= 0 (10 in Co-Settle's recipe), got {self.pea_ratio!r}")
         positive = [("fps", self.fps, " or unset (null: every native frame)"),
                     ("decode_timeout", self.decode_timeout, None),
                     ("max_gap", self.max_gap, " or unset (null: no limit)")]

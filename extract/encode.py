@@ -18,9 +18,10 @@ import torch
 
 from extract.backbones import Backbone, create_backbone
 from extract.config import ExtractConfig
+from extract.pea import PEAError, frame_offsets, pea_forward, pea_supported, upsampled_size
 from pipeline.dist import local_cores
 from pipeline.pooling import compress
-from pipeline.store import ShardWriter
+from pipeline.store import ShardWriter, encode_pea
 
 
 # --------------------------------------------------------------------------------------
@@ -85,30 +86,71 @@ def thread_plan(cfg: ExtractConfig, device: torch.device) -> ThreadPlan:
 # --------------------------------------------------------------------------------------
 # batches across videos, results back in video order
 # --------------------------------------------------------------------------------------
+def check_pea(backbone: Backbone, cfg: ExtractConfig) -> None:
+    """Refuse ``pea_views`` for a backbone without a positional embedding (before any work)."""
+    if cfg.pea_views and not pea_supported(backbone):
+        raise PEAError(
+            f"--pea-views {cfg.pea_views}: backbone {backbone.name!r} has no positional embedding, so it has no "
+            f"PEA return view; extract without --pea-views and train Co-Settle with the plain return view "
+            f"(A' = A, `--set cosettle.return_view=plain`)")
+
+
+def pea_header(backbone: Backbone, cfg: ExtractConfig) -> dict | None:
+    """The store header's ``content.pea`` (None without PEA views): views, ratio, seed and the
+    largest window offset ``(up_h - H, up_w - W)`` (what ``verify`` checks stored offsets against)."""
+    if not cfg.pea_views:
+        return None
+    grid = backbone.grid()
+    up = upsampled_size(grid, cfg.pea_ratio)
+    return {"views": cfg.pea_views, "ratio": float(cfg.pea_ratio), "seed": cfg.pea_seed,
+            "max_offset": [up[0] - grid[0], up[1] - grid[1]]}
+
+
 class FeatureEncoder:
     """Runs the frozen backbone on uint8 frame batches; returns float32 numpy features.
 
-    (N, S, S, 3) uint8 -> (N, H, W, C) float32, after optional pooling. On CUDA it uses
-    pinned host memory, non-blocking copies and autocast. Safe to call from several threads
-    at once (inference only: no module state changes).
+    (N, S, S, 3) uint8 -> (N, H, W, C) float32, after optional pooling. With ``pea_views`` K
+    (:meth:`encode`), also the K PEA return views of every frame (N, K, H, W, C), pooled the
+    same way, with their window offsets (N, K, 2). On CUDA it uses pinned host memory,
+    non-blocking copies and autocast. Safe to call from several threads at once (inference
+    only: no module state changes).
     """
 
     def __init__(self, backbone: Backbone, device: torch.device, cfg: ExtractConfig) -> None:
+        check_pea(backbone, cfg)
         self.backbone = backbone.to(device).eval()
         self.device = device
         self.cfg = cfg
         self.cuda = device.type == "cuda"
 
-    @torch.inference_mode()
     def __call__(self, frames: np.ndarray) -> np.ndarray:
+        return self.encode(frames)["features"]
+
+    @torch.inference_mode()
+    def encode(self, frames: np.ndarray, frame_ids: list[tuple[str, int]] | None = None) -> dict[str, np.ndarray]:
+        """``{"features": (N, H, W, C)}`` float32, plus ``pea_views`` (N, K, H, W, C) and
+        ``pea_offsets`` (N, K, 2) when the config asks for PEA views; ``frame_ids`` gives each
+        frame's ``(video_id, index in the video)``, which seeds its window offsets."""
         x = torch.from_numpy(frames)
         if self.cuda:
             x = x.pin_memory().to(self.device, non_blocking=True)
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if (self.cuda and self.cfg.amp) else nullcontext()
+        cfg = self.cfg
+        out: dict[str, np.ndarray] = {}
         with amp:
-            feats = self.backbone(self.backbone.prepare(x))
-        feats = compress(feats.float(), self.cfg.spatial_pool, self.cfg.channel_pool)
-        return feats.cpu().numpy()
+            x = self.backbone.prepare(x)
+            out["features"] = compress(self.backbone(x).float(), cfg.spatial_pool, cfg.channel_pool).cpu().numpy()
+            if cfg.pea_views:
+                if frame_ids is None or len(frame_ids) != len(frames):
+                    raise PEAError("PEA views need the (video_id, frame index) of every frame")
+                grid = self.backbone.grid()
+                offsets = torch.cat([frame_offsets(cfg.pea_seed, v, [j], cfg.pea_views, grid, cfg.pea_ratio)
+                                     for v, j in frame_ids])  # (N, K, 2)
+                views = [compress(pea_forward(self.backbone, x, offsets[:, k], cfg.pea_ratio).float(),
+                                  cfg.spatial_pool, cfg.channel_pool) for k in range(cfg.pea_views)]
+                out["pea_views"] = torch.stack(views, dim=1).cpu().numpy()
+                out["pea_offsets"] = offsets.numpy()
+        return out
 
 
 class BatchingSink:
@@ -126,16 +168,20 @@ class BatchingSink:
                  executor: Executor, max_in_flight: int = 2) -> None:
         self.encoder, self.writer, self.batch_size = encoder, writer, batch_size
         self.executor, self.max_in_flight = executor, max(1, max_in_flight)
-        self.ops: list[tuple] = []  # ("begin", entry) | ("frames", frames, ts) | ("end",)
+        self.ops: list[tuple] = []  # ("begin", entry) | ("frames", frames, ts, ids) | ("end",)
         self.in_flight: deque[tuple[list[tuple], Future | None]] = deque()
         self.pending = 0
         self.frames_encoded = 0
+        self._video: tuple[str, int] = ("", 0)  # (video_id, frames added) of the open video
 
     def begin(self, entry: dict) -> None:
         self.ops.append(("begin", entry))
+        self._video = (str(entry["video_id"]), 0)
 
     def add(self, frames: np.ndarray, timestamps: np.ndarray) -> None:
-        self.ops.append(("frames", frames, timestamps))
+        vid, start = self._video
+        self._video = (vid, start + len(frames))
+        self.ops.append(("frames", frames, timestamps, [(vid, start + i) for i in range(len(frames))]))
         self.pending += len(frames)
         if self.pending >= self.batch_size:
             self.submit()
@@ -153,14 +199,21 @@ class BatchingSink:
             self.drain()
             self.writer.abort_video()
 
-    def _encode(self, frames: np.ndarray) -> dict[str, np.ndarray]:
-        """On a stream: (n, S, S, 3) uint8 -> the storage arrays of (n, H, W, C) features."""
-        return self.writer.dtype.encode(self.encoder(frames))
+    def _encode(self, frames: np.ndarray, ids: list[tuple[str, int]]) -> dict[str, np.ndarray]:
+        """On a stream: (n, S, S, 3) uint8 -> the storage arrays of (n, H, W, C) features (and
+        of the PEA views when the store has them)."""
+        if not self.writer.pea_views:
+            return self.writer.dtype.encode(self.encoder(frames))
+        out = self.encoder.encode(frames, ids)
+        arrays = self.writer.dtype.encode(out["features"])
+        arrays.update(encode_pea(self.writer.dtype, out["pea_views"], out["pea_offsets"]))
+        return arrays
 
     def submit(self) -> None:
         """Send the pending frames to the streams as one batch (blocks while too many are in flight)."""
         frames = [op[1] for op in self.ops if op[0] == "frames"]
-        fut = self.executor.submit(self._encode, np.concatenate(frames)) if frames else None
+        ids = [i for op in self.ops if op[0] == "frames" for i in op[3]]
+        fut = self.executor.submit(self._encode, np.concatenate(frames), ids) if frames else None
         self.in_flight.append((self.ops, fut))
         self.ops, self.pending = [], 0
         while len(self.in_flight) > self.max_in_flight:

@@ -22,7 +22,15 @@ import torch
 from extract.backbones import Backbone
 from extract.config import ExtractConfig
 from extract.decode import Geometry
-from extract.encode import BatchingSink, FeatureEncoder, build_backbone, feature_shape, thread_plan
+from extract.encode import (
+    BatchingSink,
+    FeatureEncoder,
+    build_backbone,
+    check_pea,
+    feature_shape,
+    pea_header,
+    thread_plan,
+)
 from extract.workers import ChunkEvent, DecodeJob, DecodePool, DoneEvent, FailedEvent
 from pipeline.config import config_hash, to_dict
 from pipeline.dist import RankInfo, discover_rank, local_cores, resolve_device
@@ -98,6 +106,9 @@ def store_header(cfg: ExtractConfig, backbone: Backbone, rows: Sequence[Manifest
         "num_videos": len(rows),
         "num_shards": len(plan_shards(rows, cfg.videos_per_shard)),
     }
+    pea = pea_header(backbone, cfg)
+    if pea is not None:  # absent without PEA views: stores made before this option keep their content
+        content["pea"] = pea
     return {
         "content": content,
         "content_hash": config_hash(content),
@@ -197,6 +208,7 @@ def run_extract(cfg: ExtractConfig, console: object | None = None) -> ExtractSum
     backbone = build_backbone(cfg)
     geometry = Geometry(size=backbone.preprocess.size, mode=cfg.geometry,
                         interpolation=cfg.interpolation or backbone.preprocess.interpolation)
+    check_pea(backbone, cfg)  # before the store exists
     header = store_header(cfg, backbone, rows, geometry)
     root = Path(cfg.store)
     init_store(root, header)  # refuses a mismatching store before any work
@@ -239,7 +251,8 @@ def run_extract(cfg: ExtractConfig, console: object | None = None) -> ExtractSum
                         progress.update(task, advance=len(shard_rows))
                         continue
                     sink = BatchingSink(encoder, ShardWriter.create(root, name, feature_shape=shape, dtype=cfg.dtype,
-                                                                    codec=cfg.codec, frames_per_file=cfg.frames_per_file),
+                                                                    codec=cfg.codec, frames_per_file=cfg.frames_per_file,
+                                                                    pea_views=cfg.pea_views),
                                         cfg.batch_size, streams, max_in_flight=plan.streams)
                     try:
                         stats = _extract_shard(name, shard_rows, pool, sink, summary, progress, task)

@@ -36,7 +36,7 @@ from train.tasks import TASKS
 TINY = [
     "model.tmm.in_channels=16", "model.tmm.hidden=8", "model.tmm.out_channels=16", "model.mlp_dim=16",
     "prp.num_frames=4", "prp.clips_per_video=2", "clip.num_frames=4", "clip.stride=2",
-    "test.num_clips=3", "test.num_frames=4", "test.stride=2", "anchor.num_frames=4",
+    "test.num_clips=3", "test.num_frames=4", "test.stride=2", "anchor.num_frames=4", "cosettle.return_view=plain",
     # long-form pretexts: 4-frame clips, one per video (stride past every video's end): 8 items
     "moco.stream.clip_frames=4", "moco.stream.stride_frames=64", "moco.queue_size=6", "moco.proj_hidden=16",
     "moco.proj_dim=8", "mfm.stream.clip_frames=4", "mfm.stream.stride_frames=64", "mfm.decoder_hidden=8",

@@ -6,6 +6,7 @@ its own section (``Task.section`` / ``Task.Config``), parsed here with the same 
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -74,7 +75,7 @@ def resolve_train_config(task: str, dataset: str | None, config_file: str | Path
         files.append(path)
     if config_file:
         files.append(Path(config_file))
-    d: dict = {}
+    d: dict = copy.deepcopy(task_cls.defaults)  # the task's own recipe, under every file and override
     for f in files:
         t = load_toml(f)
         d = merge(d, t.get("common", {}))

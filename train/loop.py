@@ -32,6 +32,7 @@ from pipeline.config import config_hash, to_dict
 from pipeline.provenance import environment
 from train import distributed as D
 from train.config import TrainConfig, content_of
+from train.schema import OptimConfig
 from train.data import open_training_store
 from train.evals import get_evaluation
 from train.models import arch_signature, check_input_channels
@@ -63,6 +64,17 @@ class SkipSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return max(0, len(self.base) - self.skip)  # type: ignore[arg-type]
+
+
+def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
+    """The optimiser's parameter groups: one group, or with ``optim.decay_matrices_only`` weight
+    decay on parameters with 2+ dimensions (weight matrices) and none on biases and norms
+    (timm's ``param_groups_weight_decay``, as MAE-style recipes do)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not optim.decay_matrices_only:
+        return [{"params": params}]
+    return [{"params": [p for p in params if p.ndim >= 2]},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -102,7 +114,8 @@ def fit(cfg: TrainConfig, console: Any = None) -> RunResult:
     store = open_training_store(cfg)
     task = get_task(cfg.task)(cfg, store, dinfo.device)
     evaluations = [get_evaluation(name) for name in task.evaluations]
-    check_input_channels(cfg.model, store.feature_shape[2])
+    if task.uses_model_config:
+        check_input_channels(cfg.model, store.feature_shape[2])
     for ev in evaluations:
         ev.preflight(store, cfg)
     task.preflight()
@@ -125,7 +138,8 @@ def fit(cfg: TrainConfig, console: Any = None) -> RunResult:
         model = D.convert_sync_batchnorm(model, dinfo.device)
         model = DistributedDataParallel(model, device_ids=[dinfo.device.index] if dinfo.device.type == "cuda" else None)
     peak_lr = cfg.optim.base_lr * per_rank_batch * dinfo.world / 64
-    opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
+    opt = torch.optim.AdamW(param_groups(model, cfg.optim), lr=peak_lr, betas=cfg.optim.betas,
+                            weight_decay=cfg.optim.weight_decay)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if (dinfo.device.type == "cuda" and cfg.amp) else nullcontext()
 
     # ---- run directory, resume ------------------------------------------------------------

@@ -1,19 +1,26 @@
 """Training losses as pure functions on tensors (no modules, no state).
 
 Every task computes its loss with a function from here, so a loss is written and tested once.
-Logits are ``(N, K)``; targets ``(N,)`` int64 class indices in ``[0, K)``; losses are scalar
-means over ``N``.
+Classification: logits are ``(N, K)``; targets ``(N,)`` int64 class indices in ``[0, K)``;
+losses are scalar means over ``N``. Co-Settle (released ``forward_asy_cycle_loss``,
+``forward_kl_loss``, ``forward_adapter``; ``docs/cosettle.md``): a view is a token grid
+``(B, H, W, D)``; the three views of a sample are stacked ``(B, 3, H, W, D)`` in the order
+``[A, B, A']`` (A = frame t1, B = frame t2, A' = the return view of t1).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline.errors import FreezeframeError
 from pipeline.registry import Registry
 
 __all__ = ["cross_entropy", "accuracy", "info_nce", "masked_feature_loss", "distill_kl", "feature_regression",
-           "REGRESSION_LOSSES"]
+           "REGRESSION_LOSSES", "CYCLE_EPS", "CosettleLoss", "CosettleLossError", "CycleOutput", "cosettle_loss",
+           "cycle_loss", "kl_anchor", "pool_nodes", "stochastic", "walk"]
 
 
 def cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
@@ -99,3 +106,139 @@ def distill_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: floa
 def feature_regression(student: Tensor, teacher: Tensor, kind: str = "cosine", beta: float = 1.0) -> Tensor:
     """Mean regression of (B, D) teacher features by (B, D) student features."""
     return REGRESSION_LOSSES.get(kind)(student, teacher, beta).mean()
+
+
+# --------------------------------------------------------------------------------------
+# Co-Settle: cycle consistency through [A, B, A'] and the KL anchor
+# --------------------------------------------------------------------------------------
+class CosettleLossError(FreezeframeError, ValueError):
+    """The token grids cannot be used by the Co-Settle objective (shape, grid too small)."""
+
+
+#: ``EPS`` of the released model files: ``log(P + EPS)``
+CYCLE_EPS = 1e-6
+
+
+def pool_nodes(x: Tensor, window: int = 2) -> Tensor:
+    """``(B, H, W, D)`` -> ``(B, (H // window) * (W // window), D)``: non-overlapping average pooling.
+
+    ``F.avg_pool2d(kernel=stride=window)`` as released: 14 x 14 -> 7 x 7 = 49 nodes; the
+    released fallback for other square grids (``S = sqrt(N)``) gives 16 x 16 -> 8 x 8; an odd
+    side loses its last row/column (7 x 7 -> 3 x 3), as ``avg_pool2d`` floors. Pooled vectors
+    are not re-normalised. Nodes are row-major.
+    """
+    if x.ndim != 4:
+        raise CosettleLossError(f"pool_nodes expects (B, H, W, D) token grids, got {tuple(x.shape)}")
+    b, h, w, d = x.shape
+    if h < window or w < window:
+        raise CosettleLossError(
+            f"a {h}x{w} token grid is smaller than the {window}x{window} pooling window; extract at a "
+            f"larger image size (or set the pooling window to 1)"
+        )
+    pooled = F.avg_pool2d(x.permute(0, 3, 1, 2), kernel_size=window, stride=window)  # (B, D, h', w')
+    return pooled.flatten(2).transpose(1, 2)
+
+
+def stochastic(x1: Tensor, x2: Tensor, tau: float) -> Tensor:
+    """Row-stochastic transition ``(B, n, m)`` = softmax over the target nodes of ``x1 x2^T / tau``.
+
+    ``x1`` ``(B, n, D)``, ``x2`` ``(B, m, D)`` (plain dot products, released ``affinity`` +
+    ``stoch_mat``).
+    """
+    return F.softmax(torch.einsum("bnd,bmd->bnm", x1, x2) / tau, dim=-1)
+
+
+def walk(nodes: list[Tensor], tau: float) -> Tensor:
+    """The chained walk ``P = S(v0 -> v1) S(v1 -> v2) ...`` over consecutive views, ``(B, n, n)``."""
+    if len(nodes) < 2:
+        raise CosettleLossError("a walk needs at least two views")
+    p = stochastic(nodes[0], nodes[1], tau)
+    for a, b in zip(nodes[1:-1], nodes[2:]):
+        p = p @ stochastic(a, b, tau)
+    return p
+
+
+@dataclass
+class CycleOutput:
+    """``loss`` scalar; ``acc`` scalar in [0, 1] (argmax of each row is its own node);
+    ``cos_identity`` (1,) cosine between the flattened walk matrices and identities (logged
+    by the released code, not part of the loss); ``walk`` ``(B, n, n)``."""
+
+    loss: Tensor
+    acc: Tensor
+    cos_identity: Tensor
+    walk: Tensor
+
+
+def cycle_loss(views: list[Tensor], tau: float = 0.03, window: int = 2, eps: float = CYCLE_EPS) -> CycleOutput:
+    """Cycle-consistency loss of the walk through ``views`` back to the first one's nodes.
+
+    Args:
+        views: token grids ``(B, H, W, D)``, e.g. ``[A, B, A']`` (projected, L2-normalised).
+        tau: softmax temperature (0.03 in ``train.sh``).
+        window: pooling window (2, hard-coded in the release).
+        eps: added to ``P`` before the log.
+
+    The loss is the released ``CrossEntropyLoss(log(P + eps), identity)``, averaged over batch
+    x nodes; note that cross-entropy log-softmaxes its logits, so each term is
+    ``-log(P_ii + eps) + log(sum_j (P_ij + eps))`` = ``-log(P_ii + eps) + log(1 + n eps)``.
+    """
+    nodes = [pool_nodes(v, window) for v in views]
+    p = walk(nodes, tau)
+    b, n, _ = p.shape
+    logits = torch.log(p + eps).flatten(0, 1)
+    targets = torch.arange(n, device=p.device).repeat(b)
+    loss = F.cross_entropy(logits, targets)
+    acc = (logits.argmax(dim=-1) == targets).float().mean()
+    eye = torch.eye(n, device=p.device, dtype=p.dtype).expand(b, n, n)
+    cos = F.cosine_similarity(p.flatten().unsqueeze(0), eye.flatten().unsqueeze(0), dim=1)
+    return CycleOutput(loss=loss, acc=acc, cos_identity=cos, walk=p)
+
+
+def kl_anchor(target: Tensor, pred: Tensor) -> Tensor:
+    """Channel-softmax KL between frozen ``target`` and projected ``pred`` tokens (scalar).
+
+    ``F.kl_div(log_softmax(pred, -1), softmax(target, -1), reduction="batchmean")``: the sum over
+    every token and channel of ``KL(softmax(target) || softmax(pred))``, divided by the batch size
+    ``B = target.shape[0]``. Inputs ``(B, ..., D)``, L2-normalised per token in the released use,
+    where it is about ``(1 - cos) / D`` per token.
+    """
+    if target.shape != pred.shape:
+        raise CosettleLossError(f"target {tuple(target.shape)} and pred {tuple(pred.shape)} differ")
+    return F.kl_div(F.log_softmax(pred, dim=-1), F.softmax(target, dim=-1), reduction="batchmean")
+
+
+@dataclass
+class CosettleLoss:
+    """``loss`` = ``cycle`` + lambda ``kl``; ``acc``/``cos_identity`` as in :class:`CycleOutput`."""
+
+    loss: Tensor
+    cycle: Tensor
+    kl: Tensor
+    acc: Tensor
+    cos_identity: Tensor
+
+
+def cosettle_loss(frozen: Tensor, projected: Tensor, tau: float = 0.03, lam: float = 3.0,
+                  window: int = 2) -> CosettleLoss:
+    """The full released objective (``forward_adapter``) on stacked views.
+
+    Args:
+        frozen: ``(B, V, H, W, D)`` frozen tokens of the views ``[A, B, A']`` (V = 3).
+        projected: ``(B, V, H, W, D)`` = g(frozen), before normalisation.
+        tau: walk temperature (0.03); lam: weight of the KL anchor (3); window: pooling (2).
+
+    Both are L2-normalised per token; the cycle runs through the V views in order on the
+    pooled nodes, the KL anchor compares all V views at full resolution.
+    """
+    if frozen.ndim != 5 or frozen.shape != projected.shape:
+        raise CosettleLossError(
+            f"expected frozen and projected (B, V, H, W, D) of equal shape, got {tuple(frozen.shape)} "
+            f"and {tuple(projected.shape)}"
+        )
+    z = F.normalize(frozen, p=2, dim=-1)
+    p = F.normalize(projected, p=2, dim=-1)
+    cyc = cycle_loss(list(p.unbind(1)), tau=tau, window=window)
+    kl = kl_anchor(z, p)
+    return CosettleLoss(loss=cyc.loss + lam * kl, cycle=cyc.loss, kl=kl, acc=cyc.acc,
+                        cos_identity=cyc.cos_identity)

@@ -33,6 +33,7 @@ class OptimConfig:
     batch_size: int = 32  # videos per rank per step (PRP: x clips_per_video clips)
     label_smoothing: float = 0.05
     grad_clip: float | None = None
+    decay_matrices_only: bool = False  # weight decay on weight matrices only (not biases, norms)
 
 
 @dataclass

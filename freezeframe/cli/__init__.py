@@ -28,6 +28,8 @@ COMMANDS: dict[str, str] = {
     "pretrain": "freezeframe.cli.train",
     "finetune": "freezeframe.cli.train",
     "evaluate": "freezeframe.cli.train",
+    "represent": "freezeframe.cli.train",
+    "project": "freezeframe.cli.train",
     "report": "freezeframe.cli.train",
     "synth-longform": "freezeframe.cli.longform",
     "pretext": "freezeframe.cli.longform",
@@ -68,7 +70,7 @@ class RootGroup(AppGroup):
 
 app = new_app(
     "Video SSL on cached features of frozen image models. Stage 1: manifest, synth, weights, plan, "
-    "extract, status, verify. Stage 2: stats, pretrain, finetune, evaluate, report. Long-form "
+    "extract, status, verify. Stage 2: stats, pretrain, finetune, evaluate, represent, project, report. Long-form "
     "pre-training: synth-longform, pretext, pretext-online, longform-experiment. Both: demo. "
     "Dense evaluation: synth-davis, dense-extract, propagate, davis-eval, jhmdb-eval, vip-eval. "
     "Options left out take their value from --dataset / --config files, else the default shown "

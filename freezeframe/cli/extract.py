@@ -94,6 +94,8 @@ def extract(
     spatial_pool: Optional[int] = _opt("spatial_pool", "Pool the grid to k x k at extraction."),
     channel_pool: Optional[int] = _opt("channel_pool", "Pool channels down to c at extraction."),
     videos_per_shard: Optional[int] = _opt("videos_per_shard", "Videos per store shard."),
+    pea_views: Optional[int] = _opt("pea_views", "Co-Settle return views (PEA) stored per frame (open_clip and "
+                                    "timm ViTs; each costs one more encoder forward)."),
     batch_size: Optional[int] = _opt("batch_size", "Frames per backbone forward."),
     workers: Optional[int] = _opt("workers", "Decode worker processes (0 = auto: cores - 1)."),
     threads: Optional[int] = _opt("threads", "CPU threads of the backbone (0 = this rank's cores)."),
@@ -113,7 +115,7 @@ def extract(
         manifest=manifest, store=store, backbone=backbone, weights=weights,
         random_weights=random_weights, image_size=image_size, fps=fps, geometry=geometry, dtype=dtype, codec=codec,
         spatial_pool=spatial_pool, channel_pool=channel_pool, videos_per_shard=videos_per_shard,
-        batch_size=batch_size, workers=workers, threads=threads, streams=streams, decode_timeout=decode_timeout,
+        pea_views=pea_views, batch_size=batch_size, workers=workers, threads=threads, streams=streams, decode_timeout=decode_timeout,
         device=device, shard_index=shard_index, num_shards=num_shards, retry_failed=retry_failed,
         progress=False if no_progress else None) + list(set_))
     if not cfg.manifest or not cfg.store:

@@ -33,7 +33,8 @@ def status(
         pct = 100.0 * st.complete_shards / st.planned_shards if st.planned_shards else 0.0
         out.print(f"{escape(str(store))}: shards {st.complete_shards}/{st.planned_shards} complete ({pct:.0f}%), "
                   f"{len(st.in_progress_shards)} in progress{writing}, videos {st.videos_stored}/{st.planned_videos}, "
-                  f"frames {st.frames_stored:,}, failed {st.failures}")
+                  f"frames {st.frames_stored:,}, failed {st.failures}"
+                  + (f", {st.pea_views} PEA view(s) per frame" if st.pea_views else ""))
         if st.damaged_markers:
             out.print(f"[red]{len(st.damaged_markers)} unreadable marker(s)[/] "
                       f"({escape(', '.join(st.damaged_markers[:5]))}): run `freezeframe verify "

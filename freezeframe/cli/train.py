@@ -1,7 +1,8 @@
-"""Stage-2 commands: ``stats``, ``pretrain``, ``finetune``, ``evaluate``, ``report``.
+"""Stage-2 commands: ``stats``, ``pretrain``, ``finetune``, ``evaluate``, ``represent``, ``project``, ``report``.
 
 Each command resolves its config (:func:`train.config.resolve_train_config`), calls one
 library function (:func:`train.loop.fit`, :func:`train.evaluate.evaluate_run`,
+:func:`train.represent.measure_store`, :func:`train.project.apply_projection`,
 :func:`train.report.report_main`, :func:`train.stats.tmm_stats`) and renders the result.
 This module is imported only when one of its commands runs (it brings torch)."""
 from __future__ import annotations
@@ -17,11 +18,14 @@ from rich.table import Table
 from freezeframe.cli.common import config_option, console, flag_overrides, new_app, out
 from train.config import TrainConfig, resolve_train_config
 from train.evaluate import evaluate_run
+from pipeline.store import open_store
 from train.loop import fit
+from train.project import apply_projection, check_fits, load_projection
 from train.report import report_main
+from train.represent import measure_store
 from train.stats import tmm_stats
 
-app = new_app("Stage 2: stats, pretrain, finetune, evaluate, report.")
+app = new_app("Stage 2: stats, pretrain, finetune, evaluate, represent, project, report.")
 
 _DATASET = typer.Option(None, help="Training config train/configs/<name>.toml (e.g. ucf101, synth-motion).")
 _CONFIG = typer.Option(None, help="TOML config file ([common], [pretrain], [finetune] tables).")
@@ -50,10 +54,12 @@ def pretrain(
     store: Optional[Path] = _STORE, run_dir: Optional[Path] = _RUN_DIR,
     epochs: Optional[int] = _EPOCHS, seed: Optional[int] = _SEED,
     temporal_kernel: Optional[int] = _KT, arch: Optional[str] = _ARCH,
+    task: str = typer.Option("prp", help="prp (TMM + head, playback-rate perception) | cosettle (Co-Settle "
+                             "projection g on patch tokens, docs/cosettle.md)."),
     set_: list[str] = _SET,
 ) -> None:
-    """PRP pretraining of the TMM + head on cached features (torchrun for several GPUs/ranks)."""
-    _train("prp", dataset, config, set_, **{
+    """Pretraining on cached features: PRP (TMM + head) or Co-Settle (projection g); torchrun for several ranks."""
+    _train(task, dataset, config, set_, **{
         "data.store": store, "run_dir": run_dir, "optim.epochs": epochs, "seed": seed,
         "model.tmm.temporal_kernel": temporal_kernel, "model.arch": arch})
 
@@ -93,6 +99,54 @@ def evaluate(
     out.print(t)
     out.print(f"top-1 {100 * res.top1:.2f}%  top-5 {100 * res.top5:.2f}%  ({res.num_videos} videos, "
               f"{res.views} views each); confusion matrix: {', '.join(map(str, ev.plots))}")
+
+
+@app.command()
+def represent(
+    store: Path = typer.Argument(..., help="Feature store (raw or projected tokens)."),
+    projection: Optional[Path] = typer.Option(None, help="A `pretrain --task cosettle` run: measure g(tokens).",
+                                              show_default=False),
+    videos: Optional[int] = typer.Option(None, help="The first N videos in store order (default: all).",
+                                         show_default=False),
+    split: Optional[str] = typer.Option(None, help="Only this split (default: every video).", show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Co-Settle's representation metrics: D_intra, D_inter, their ratio, effective rank, cycle accuracy."""
+    s = open_store(store)
+    transform = None
+    if projection is not None:
+        transform = load_projection(projection)
+        check_fits(transform, s)
+    m = measure_store(s, videos, split, transform, console)
+    js = m.to_json()
+    if as_json:
+        print(json.dumps(js))
+        return
+    t = Table(title=f"representation of {store}" + (f" through {projection}" if projection else ""))
+    t.add_column("metric")
+    t.add_column("raw", justify="right")
+    for p in ("90", "95", "100"):
+        t.add_column(f"/ diameter p{p}", justify="right")
+    for key in ("d_intra", "d_inter", "ratio"):
+        t.add_row(key, f"{js[key]:.4f}", *(f"{js[f'{key}_norm{p}']:.4f}" for p in ("90", "95", "100")))
+    t.add_row("effective_rank", f"{js['effective_rank']:.4f}", "", "", "")
+    t.add_row("cycle_accuracy", f"{js['cycle_accuracy']:.4f}", "", "", "")
+    out.print(t)
+    out.print(f"{m.videos} videos ({m.videos_intra} long enough for D_intra), {m.frames:,} frames, "
+              f"{m.tokens_per_frame} tokens x {m.channels} channels")
+
+
+@app.command()
+def project(
+    store: Path = typer.Argument(..., help="Source feature store."),
+    projection: Path = typer.Option(..., help="A `pretrain --task cosettle` run."),
+    out_store: Path = typer.Option(..., "--out", help="The new store of g(tokens) (created or resumed)."),
+    dtype: Optional[str] = typer.Option(None, help="Storage dtype of the new store (default: the source's).",
+                                        show_default=False),
+) -> None:
+    """Apply a trained Co-Settle projection to every frame of a store, into a new store."""
+    path = apply_projection(store, projection, out_store, dtype, console)
+    out.print(f"[green]ok[/]: {path} holds g(tokens) of every frame of {store}")
 
 
 @app.command()

@@ -44,12 +44,21 @@ from pipeline.store.layout import (
     shard_name,
 )
 from pipeline.store.reader import FeatureStore, open_store
-from pipeline.store.writer import CODECS, STORAGE_DTYPES, ShardWriter, StorageDtype
+from pipeline.store.writer import (
+    CODECS,
+    PEA_OFFSETS,
+    PEA_PREFIX,
+    STORAGE_DTYPES,
+    ShardWriter,
+    StorageDtype,
+    decode_pea,
+    encode_pea,
+)
 
 __all__ = [
-    "ATTR_KEY", "CODECS", "FORMAT_VERSION", "HEADER_FILE", "INTEGRITY_VERSION", "STORAGE_DTYPES", "Failure",
-    "FeatureStore", "Problem", "ShardWriter", "StorageDtype", "StoreStatus", "VerifyReport", "VideoEntry",
-    "check_store", "content_mismatch", "create_once", "init_store", "lock_path", "marker_path", "open_store",
-    "read_header", "read_markers", "repair_store", "scan_markers", "shard_lock", "shard_locked", "shard_name",
-    "store_status", "verify_store",
+    "ATTR_KEY", "CODECS", "FORMAT_VERSION", "HEADER_FILE", "INTEGRITY_VERSION", "PEA_OFFSETS", "PEA_PREFIX",
+    "STORAGE_DTYPES", "Failure", "FeatureStore", "Problem", "ShardWriter", "StorageDtype", "StoreStatus",
+    "VerifyReport", "VideoEntry", "check_store", "content_mismatch", "create_once", "decode_pea", "encode_pea",
+    "init_store", "lock_path", "marker_path", "open_store", "read_header", "read_markers", "repair_store",
+    "scan_markers", "shard_lock", "shard_locked", "shard_name", "store_status", "verify_store",
 ]

@@ -74,6 +74,8 @@ class StoreStatus:
     writing_shards: list[str] = field(default_factory=list)
     #: shards whose marker cannot be read (``freezeframe verify --repair`` removes them)
     damaged_markers: list[str] = field(default_factory=list)
+    #: PEA return views stored per frame (Co-Settle, ``extract --pea-views K``; 0: none)
+    pea_views: int = 0
 
     @property
     def pending_shards(self) -> int:
@@ -102,6 +104,7 @@ def store_status(path: str | os.PathLike) -> StoreStatus:
         planned_videos=_int(header["content"].get("num_videos")),
         writing_shards=[s for s in in_progress if shard_locked(root, s)],
         damaged_markers=sorted(bad),
+        pea_views=_int((header["content"].get("pea") or {}).get("views")),
     )
 
 
@@ -226,7 +229,7 @@ def check_store(path: str | os.PathLike, *, scan_values: bool = True) -> VerifyR
         if s not in present:
             continue
         try:
-            _check_shard(root, s, m, dtype.extras, rep, seen, legacy, scan_values)
+            _check_shard(root, s, m, dtype.extras, rep, seen, legacy, scan_values, content.get("pea") or {})
         except Exception as e:  # a marker with values of the wrong type, ...: damage, not a crash
             rep.problems.append(Problem(f"cannot be checked ({type(e).__name__}: {e})", s, repair="shard",
                                         videos=_videos(m)))
@@ -293,8 +296,9 @@ def _check_store_metadata(root: Path, rep: VerifyReport) -> dict | None:
 
 
 def _check_shard(root: Path, s: str, m: dict, extras: dict[str, str], rep: VerifyReport,
-                 seen: dict[str, str], legacy: list[str], scan: bool) -> None:
-    """Everything about one completed shard (module docstring)."""
+                 seen: dict[str, str], legacy: list[str], scan: bool, pea: dict) -> None:
+    """Everything about one completed shard (module docstring). ``pea``: the header's
+    ``content.pea`` (Co-Settle return views; empty when the store has none)."""
     sdir = shards_dir(root) / s
     n = int(m["num_frames"])
     everyone = _videos(m)
@@ -330,6 +334,7 @@ def _check_shard(root: Path, s: str, m: dict, extras: dict[str, str], rep: Verif
         if a.shape[0] != n:
             rep.problems.append(Problem(f"shard {s}: array {k} has {a.shape[0]} frames, marker says {n}",
                                         repair="shard"))
+    _check_pea(s, arrays, extras, pea, damaged, scan)
 
     def file_videos(rel: str) -> tuple[str, ...]:
         parts = rel.split("/")
@@ -401,6 +406,26 @@ def _check_shard(root: Path, s: str, m: dict, extras: dict[str, str], rep: Verif
                 bad = int(np.sum(~np.isfinite(x)))
                 rep.problems.append(Problem(f"shard {s}: {bad} NaN/inf values in {k} rows {a0}..{a1}",
                                             videos=_videos(m, (a0, a1)), repair=_value_repair(a)))
+
+
+def _check_pea(s: str, arrays: dict[str, Any], extras: dict[str, str], pea: dict,
+               damaged: Callable[..., None], scan: bool) -> None:
+    """PEA return views (header ``content.pea``): every shard has exactly the declared arrays
+    and K views, and (``scan``) window offsets inside ``[0, max_offset]``. Their values are
+    covered by the shard-wide decode and NaN scan like every other array."""
+    want = ({"pea_features", "pea_offsets"} | {f"pea_{e}" for e in extras}) if pea else set()
+    have = {k for k in arrays if k.startswith("pea_")}
+    if have != want:
+        damaged(f"PEA arrays {sorted(have)} but the header declares {sorted(want)}")
+        return
+    if not pea:
+        return
+    if arrays["pea_features"].shape[1] != int(pea["views"]):
+        damaged(f"{arrays['pea_features'].shape[1]} PEA views, the header declares {pea['views']}")
+    if scan:
+        o = _read_quiet(arrays["pea_offsets"])
+        if o is not None and o.size and (o.min() < 0 or np.any(o > np.asarray(pea["max_offset"]))):
+            damaged(f"pea_offsets outside [0, {pea['max_offset']}]")
 
 
 def _value_repair(array: Any) -> str:

@@ -24,7 +24,7 @@ from pipeline.errors import StoreError
 from pipeline.store.header import read_header
 from pipeline.store.integrity import expected_files, frames_per_file, marker_digest, shard_file_key
 from pipeline.store.layout import Failure, VideoEntry, read_markers, shards_dir
-from pipeline.store.writer import STORAGE_DTYPES
+from pipeline.store.writer import PEA_OFFSETS, PEA_PREFIX, STORAGE_DTYPES, decode_pea
 
 
 class FeatureStore:
@@ -215,6 +215,42 @@ class FeatureStore:
             raw = {k: self._read(e.shard, k, arrays[k], lambda k=k: _take(arrays[k], rows), rows)[inverse]
                    for k in keys}
         return self.dtype.decode(raw)
+
+    # ---- PEA return views (Co-Settle; ``extract --pea-views K``) -------------------------
+    @property
+    def pea_views_count(self) -> int:
+        """K, the PEA return views stored per frame (0 when extracted without them)."""
+        return int(self.content.get("pea", {}).get("views", 0))
+
+    def _require_pea(self) -> None:
+        if not self.pea_views_count:
+            raise StoreError(
+                f"{self.path} was extracted without PEA views; re-extract with `freezeframe extract ... "
+                f"--pea-views K` (open_clip and timm ViTs) to store them")
+
+    def pea_features(self, video_id: str, indices: Sequence[int] | np.ndarray,
+                     views: Sequence[int] | np.ndarray) -> np.ndarray:
+        """PEA view ``views[i]`` of frame ``indices[i]``: ``(n, H, W, C)`` float32."""
+        self._require_pea()
+        e = self.meta(video_id)
+        idx, view = np.asarray(indices, dtype=np.int64), np.asarray(views, dtype=np.int64)
+        if idx.shape != view.shape:
+            raise IndexError(f"{len(idx)} frame indices but {len(view)} view indices")
+        if idx.size and (idx.min() < 0 or idx.max() >= e.length):
+            raise IndexError(f"frame index out of range [0, {e.length}) for {video_id!r}")
+        if view.size and (view.min() < 0 or view.max() >= self.pea_views_count):
+            raise IndexError(f"PEA view index out of range [0, {self.pea_views_count})")
+        arrays = self._arrays(e.shard)
+        keys = [PEA_PREFIX + "features", *(PEA_PREFIX + k for k in self.dtype.extras)]
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        raw = {k: _take(arrays[k], uniq + e.offset)[inverse, view] for k in keys}
+        return decode_pea(self.dtype, raw)
+
+    def pea_offsets(self, video_id: str) -> np.ndarray:
+        """Window offsets ``(T, K, 2)`` int ``(oy, ox)`` of every stored PEA view of a video."""
+        self._require_pea()
+        e = self.meta(video_id)
+        return np.asarray(self._arrays(e.shard)[PEA_OFFSETS][e.offset : e.offset + e.length], dtype=np.int64)
 
     def timestamps(self, video_id: str) -> np.ndarray:
         """Presentation time of each stored frame, seconds, shape (T,)."""

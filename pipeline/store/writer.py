@@ -67,6 +67,24 @@ _DECODERS: dict[str, Callable[[dict[str, np.ndarray]], np.ndarray]] = {
     "int8": lambda a: a["features"].astype(np.float32) * a["scales"][..., None],
 }
 
+#: arrays of the PEA return views (``ShardWriter.create(pea_views=K)``): ``pea_features`` and
+#: ``pea_<extra>`` hold a storage dtype's arrays with a view axis after the frame axis
+PEA_PREFIX = "pea_"
+PEA_OFFSETS = "pea_offsets"
+
+
+def encode_pea(dtype: StorageDtype, views: np.ndarray, offsets: np.ndarray) -> dict[str, np.ndarray]:
+    """PEA views ``(n, K, H, W, C)`` float32 and offsets ``(n, K, 2)`` -> their stored arrays."""
+    out = {PEA_PREFIX + k: v for k, v in dtype.encode(views).items()}
+    out[PEA_OFFSETS] = np.ascontiguousarray(offsets, dtype=np.int32)
+    return out
+
+
+def decode_pea(dtype: StorageDtype, arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """The inverse of :func:`encode_pea` for the views: stored arrays -> float32."""
+    return dtype.decode({k[len(PEA_PREFIX):]: v for k, v in arrays.items() if k != PEA_OFFSETS})
+
+
 STORAGE_DTYPES: Registry[StorageDtype] = Registry("storage dtype")
 STORAGE_DTYPES.add("float16", StorageDtype("float16", "float16"))
 STORAGE_DTYPES.add("float32", StorageDtype("float32", "float32"))
@@ -124,6 +142,12 @@ class ShardWriter:
         self._buffer: dict[str, list[np.ndarray]] = {k: [] for k in self.arrays}
         self._current: dict | None = None
 
+    @property
+    def pea_views(self) -> int:
+        """K, the PEA return views stored per frame (0: none)."""
+        a = self.arrays.get(PEA_PREFIX + "features")
+        return int(a.shape[1]) if a is not None else 0
+
     @classmethod
     def create(
         cls,
@@ -135,12 +159,18 @@ class ShardWriter:
         codec: str = "zstd",
         frames_per_file: int = 256,
         integrity: int = INTEGRITY_VERSION,
+        pea_views: int = 0,
     ) -> "ShardWriter":
         """Start the shard from scratch (an incomplete previous attempt is deleted).
 
         Every array gets chunk checksums and the marker a file table and digest
         (:mod:`pipeline.store.integrity`); ``integrity=0`` writes the format of stores made
         before them (only for tests of such stores).
+
+        ``pea_views`` = K > 0 also declares the PEA return views of every frame (Co-Settle,
+        ``extract.pea``): ``pea_features`` (N, K, H, W, C) in the storage dtype (plus
+        ``pea_scales`` (N, K, H, W) for int8) and ``pea_offsets`` (N, K, 2) int32, the window
+        offsets ``(oy, ox)`` of each view.
         """
         root = Path(root)
         if marker_path(root, name).exists():
@@ -154,8 +184,16 @@ class ShardWriter:
         group = zarr.open_group(str(root), mode="a").require_group("shards").create_group(name)
         spec = {"features": ((h, w, c), sd.feature_dtype), "timestamps": ((), "float64")}
         spec.update({k: ((h, w), dt) for k, dt in sd.extras.items()})
+        names: dict[str, tuple[str, ...]] = {k: ("frame", "h", "w", "c")[: 1 + len(t)] for k, (t, _) in spec.items()}
+        if pea_views:
+            k = int(pea_views)
+            spec.update({PEA_PREFIX + "features": ((k, h, w, c), sd.feature_dtype), PEA_OFFSETS: ((k, 2), "int32")})
+            spec.update({PEA_PREFIX + e: ((k, h, w), dt) for e, dt in sd.extras.items()})
+            names.update({PEA_PREFIX + "features": ("frame", "view", "h", "w", "c"),
+                          PEA_OFFSETS: ("frame", "view", "yx")},
+                         **{PEA_PREFIX + e: ("frame", "view", "h", "w") for e in sd.extras})
         for key, (tail, dt) in spec.items():
-            codecs = compressors if key == "features" else CODECS.get("zstd")()
+            codecs = compressors if key.endswith("features") else CODECS.get("zstd")()
             group.create_array(
                 key,
                 shape=(0, *tail),
@@ -164,7 +202,7 @@ class ShardWriter:
                 dtype=dt,
                 compressors=checksummed(codecs) if integrity >= 1 else codecs,
                 fill_value=0,
-                dimension_names=("frame", "h", "w", "c")[: 1 + len(tail)],
+                dimension_names=names[key],
                 config=ARRAY_CONFIG if integrity >= 1 else None,
             )
         return cls(root, name, group, sd, feature_shape, frames_per_file, integrity)
@@ -188,8 +226,10 @@ class ShardWriter:
         if features.shape[1:] != self.feature_shape or features.dtype != np.dtype(self.dtype.feature_dtype):
             raise StoreError(f"encoded features {features.dtype}{list(features.shape[1:])} != store "
                              f"{self.dtype.feature_dtype}{list(self.feature_shape)}")
-        if set(arrays) != {"features", *self.dtype.extras}:
-            raise StoreError(f"encoded arrays {sorted(arrays)} != {sorted(['features', *self.dtype.extras])}")
+        if set(arrays) != set(self.arrays) - {"timestamps"}:
+            raise StoreError(f"encoded arrays {sorted(arrays)} != {sorted(set(self.arrays) - {'timestamps'})}")
+        if any(len(a) != len(features) for a in arrays.values()):
+            raise StoreError("encoded arrays differ in length")
         if len(features) != len(timestamps):
             raise StoreError("features and timestamps differ in length")
         for k, v in arrays.items():

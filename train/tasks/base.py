@@ -36,6 +36,10 @@ class Task:
         evaluations: names in ``train.evals.EVALUATIONS`` run at the end (and every
             ``cfg.eval_every`` epochs); their numbers go to ``summary.json``.
         accepts_init: whether ``cfg.init`` (weights of an earlier run) makes sense for this task.
+        uses_model_config: whether ``build`` makes ``cfg.model`` (the TMM + head), so the store's
+            channels must fit ``model.tmm.in_channels``; False for tasks with their own modules.
+        defaults: config values this task starts from, before any file or override (a nested
+            dict like a TOML table, e.g. its recipe's ``{"optim": {"epochs": 5}}``).
     """
 
     name: ClassVar[str] = ""
@@ -44,6 +48,8 @@ class Task:
     command: ClassVar[str | None] = None
     evaluations: ClassVar[tuple[str, ...]] = ()
     accepts_init: ClassVar[bool] = False
+    uses_model_config: ClassVar[bool] = True
+    defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, cfg: TrainConfig, store: FeatureStore, device: torch.device) -> None:
         self.cfg, self.store, self.device = cfg, store, device

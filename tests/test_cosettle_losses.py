@@ -1,0 +1,147 @@
+"""train/losses.py (Co-Settle part) and train/models/projection.py: the Co-Settle objective against plain
+loops written out here, the KL anchor against its (1 - cos) / D approximation, and the projection."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.registry import RegistryError
+from train.losses import (
+    CosettleLossError,
+    cosettle_loss,
+    cycle_loss,
+    kl_anchor,
+    pool_nodes,
+)
+from train.models.projection import BACKBONE_INIT, Projection, init_for_backbone
+
+
+def _unit(*shape: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1)
+
+
+def _loop_pool(x: torch.Tensor) -> list[list[torch.Tensor]]:
+    """(H, W, D) -> nodes, one 2x2 mean each, row-major, odd edges dropped."""
+    h, w, _ = x.shape
+    return [x[2 * i:2 * i + 2, 2 * j:2 * j + 2].reshape(4, -1).mean(0) for i in range(h // 2) for j in range(w // 2)]
+
+
+def _loop_cycle(views: list[torch.Tensor], tau: float) -> tuple[float, float]:
+    """The released loss written as loops: per sample, per node i of A, the walk probability
+    P[i, k] = sum_j S_AB[i, j] S_BA'[j, k], then cross-entropy of log(P + 1e-6) with target i."""
+    total, correct, count = 0.0, 0, 0
+    for s in range(views[0].shape[0]):
+        nodes = [_loop_pool(v[s]) for v in views]
+        n = len(nodes[0])
+
+        def trans(src, dst):
+            rows = []
+            for a in src:
+                logits = [float(a @ b) / tau for b in dst]
+                m = max(logits)
+                e = [math.exp(v - m) for v in logits]
+                rows.append([v / sum(e) for v in e])
+            return rows
+
+        s1, s2 = trans(nodes[0], nodes[1]), trans(nodes[1], nodes[2])
+        for i in range(n):
+            p = [sum(s1[i][j] * s2[j][k] for j in range(n)) for k in range(n)]
+            logits = [math.log(v + 1e-6) for v in p]
+            lse = math.log(sum(math.exp(v) for v in logits))
+            total += lse - logits[i]
+            correct += int(max(range(n), key=lambda k: logits[k]) == i)
+            count += 1
+    return total / count, correct / count
+
+
+@pytest.mark.parametrize("grid", [(4, 4), (5, 7), (14, 14)])
+def test_cycle_loss_matches_a_plain_loop(grid: tuple[int, int]) -> None:
+    h, w = grid
+    base = _unit(3, h, w, 6, seed=1)
+    views = [base, F.normalize(base + 0.3 * _unit(3, h, w, 6, seed=2), dim=-1),
+             F.normalize(base + 0.5 * _unit(3, h, w, 6, seed=3), dim=-1)]
+    out = cycle_loss(views, tau=0.03)
+    ref_loss, ref_acc = _loop_cycle(views, 0.03)
+    assert out.walk.shape == (3, (h // 2) * (w // 2), (h // 2) * (w // 2))
+    assert out.loss.item() == pytest.approx(ref_loss, rel=1e-9, abs=1e-12)
+    assert out.acc.item() == pytest.approx(ref_acc)
+    torch.testing.assert_close(out.walk.sum(-1), torch.ones(3, out.walk.shape[1], dtype=torch.float64))
+
+
+def test_cycle_of_identical_views_is_perfect_and_pooling_is_the_released_avg_pool() -> None:
+    x = _unit(2, 14, 14, 32, seed=4)
+    nodes = pool_nodes(x)
+    assert nodes.shape == (2, 49, 32)
+    torch.testing.assert_close(nodes[1, 8], x[1, 2:4, 2:4].reshape(4, 32).mean(0))  # node (1, 1)
+    sharp = cycle_loss([x, x, x], tau=0.001)
+    assert sharp.acc.item() == 1.0
+    assert sharp.loss.item() == pytest.approx(math.log(1 + 49 * 1e-6), abs=1e-6)  # the CE-on-log(P+eps) floor
+    with pytest.raises(CosettleLossError, match="smaller than the 2x2"):
+        pool_nodes(torch.zeros(1, 1, 1, 4))
+
+
+@pytest.mark.parametrize("cos", [0.99, 0.95, 0.9])
+def test_kl_anchor_is_about_one_minus_cos_over_d_per_token(cos: float) -> None:
+    d, tokens = 768, 50
+    z = _unit(tokens, d, seed=5)
+    noise = _unit(tokens, d, seed=6)
+    noise = F.normalize(noise - (noise * z).sum(-1, keepdim=True) * z, dim=-1)  # orthogonal to z
+    p = cos * z + math.sqrt(1 - cos**2) * noise                                # unit, cos(z, p) = cos
+    per_token = kl_anchor(z.unsqueeze(0), p.unsqueeze(0)).item() / tokens       # batchmean over B = 1
+    assert per_token == pytest.approx((1 - cos) / d, rel=0.02)
+    # batchmean: the sum over tokens and channels divided by the batch size
+    b = kl_anchor(z.view(5, 10, d), p.view(5, 10, d)).item()
+    assert b == pytest.approx(kl_anchor(z.unsqueeze(0), p.unsqueeze(0)).item() / 5, rel=1e-12)
+
+
+def test_full_objective_is_cycle_plus_lambda_kl_on_normalised_views() -> None:
+    frozen = torch.randn(2, 3, 4, 4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    proj = frozen + 0.1 * torch.randn(frozen.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    out = cosettle_loss(frozen, proj, tau=0.03, lam=3.0)
+    zn, pn = F.normalize(frozen, dim=-1), F.normalize(proj, dim=-1)
+    ref_cycle, _ = _loop_cycle(list(pn.unbind(1)), 0.03)
+    ref_kl = sum(float((F.softmax(zn[b], -1) * (F.log_softmax(zn[b], -1) - F.log_softmax(pn[b], -1))).sum())
+                 for b in range(2)) / 2
+    assert out.cycle.item() == pytest.approx(ref_cycle, rel=1e-9)
+    assert out.kl.item() == pytest.approx(ref_kl, rel=1e-9)
+    assert out.loss.item() == pytest.approx(ref_cycle + 3 * ref_kl, rel=1e-9)
+    with pytest.raises(CosettleLossError):
+        cosettle_loss(frozen, proj[:, :2])
+
+
+def test_projection_shapes_arches_inits_and_gradients() -> None:
+    g = Projection(16, "linear", "xavier_uniform", generator=torch.Generator().manual_seed(0))
+    assert len(g.linears) == 1 and sum(p.numel() for p in g.parameters()) == 16 * 16 + 16 + 2 * 16
+    x = torch.randn(2, 3, 4, 4, 16)
+    y = g(x)
+    assert y.shape == x.shape
+    torch.testing.assert_close(y.mean(-1), torch.zeros(2, 3, 4, 4), atol=1e-5, rtol=0)  # LayerNorm output
+    ref = F.layer_norm(torch.tanh(x @ g.linears[0].weight.T + g.linears[0].bias), (16,))
+    torch.testing.assert_close(y, ref)
+    assert torch.equal(g.linears[0].bias, torch.zeros(16))
+    bound = math.sqrt(6 / 32)
+    assert g.linears[0].weight.abs().max() <= bound
+    # seeded init is reproducible and does not touch the global RNG
+    state = torch.random.get_rng_state()
+    g2 = Projection(16, "linear", "xavier_uniform", generator=torch.Generator().manual_seed(0))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(g.linears[0].weight, g2.linears[0].weight)
+    tn = Projection(768, "mlp2", "trunc_normal", generator=torch.Generator().manual_seed(0))
+    assert len(tn.linears) == 2 and abs(tn.linears[1].weight.std().item() - 0.02) < 1e-3
+    assert torch.equal(tn.linears[1].bias, torch.zeros(768))
+    x2 = torch.randn(3, 768)
+    y2 = tn(x2)
+    ref2 = F.layer_norm(tn.linears[1](torch.tanh(tn.linears[0](x2))), (768,))  # Linear-Tanh-Linear-LN
+    torch.testing.assert_close(y2, ref2)
+    y2.sum().backward()
+    assert tn.linears[0].weight.grad is not None
+    with pytest.raises(RegistryError, match="mlp2"):
+        Projection(8, "mlp9")
+    assert init_for_backbone("clip-vit-b16") == "torch_default"
+    assert init_for_backbone("mae-vitb16") == "xavier_uniform"
+    assert init_for_backbone("dinov2-vitb14") == "trunc_normal"
+    assert set(BACKBONE_INIT) >= {"clip-vit-b16", "mae-vitb16", "dinov2-vitb14", "mobilenetv2-imagenet"}
