@@ -142,9 +142,9 @@ def test_sync_bn_ddp_grads_and_engine_replicas(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), str(store.path), str(run_dir), str(tmp_path)),
              nprocs=WORLD, join=True)
-    r0 = torch.load(tmp_path / "rank0.pt")
-    r1 = torch.load(tmp_path / "rank1.pt")
-    final = torch.load(run_dir / "checkpoints" / "final.pt", weights_only=False)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    final = torch.load(run_dir / "checkpoints" / "final.pt", weights_only=True)
     assert r0.keys() == r1.keys() == final["model"].keys()
     for k in r0:
         assert torch.equal(r0[k], r1[k]), f"replicas differ in {k}"
@@ -177,7 +177,7 @@ def test_torchrun_two_ranks_pretrain(tmp_path: Path) -> None:
     assert prov["peak_lr"] == pytest.approx(0.1 * 2 * WORLD / 64)
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == list(range(1, 49))  # one writer: each step once
-    ckpt = torch.load(run / "checkpoints" / "final.pt", weights_only=False)
+    ckpt = torch.load(run / "checkpoints" / "final.pt", weights_only=True)
     assert ckpt["step"] == 48 and not any(k.startswith("module.") for k in ckpt["model"])
     assert int(ckpt["model"]["head.bn.num_batches_tracked"]) == 48
     # training converges under DDP

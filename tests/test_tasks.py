@@ -62,7 +62,7 @@ def _cfg(task: str, store: SynthStore, run_dir: Path, *extra: str):
 
 
 def _ckpt(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _train_lines(run: Path) -> list[dict]:

@@ -82,7 +82,7 @@ def _cfg(task: str, store: SynthStore, run_dir: Path, *extra: str):
 
 
 def _state(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
 def _assert_same_weights(a: Path, b: Path) -> None:
@@ -137,7 +137,7 @@ def test_pretrain_killed_with_sigkill_resumes_to_identical_weights(store: SynthS
             proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert not (run / "checkpoints" / "final.pt").exists(), "the run finished before it was killed"
-    killed_at = int(torch.load(run / "checkpoints" / "last.pt", weights_only=False)["step"])
+    killed_at = int(torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"])
     assert 1 <= killed_at < total
 
     res = subprocess.run(cmd, env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)

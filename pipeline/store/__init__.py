@@ -24,6 +24,8 @@ from pipeline.store.layout import (
     Failure,
     VideoEntry,
     create_once,
+    file_lock,
+    file_locked,
     lock_path,
     marker_path,
     read_markers,
@@ -37,6 +39,7 @@ from pipeline.store.writer import CODECS, STORAGE_DTYPES, ShardWriter, StorageDt
 __all__ = [
     "ATTR_KEY", "CODECS", "FORMAT_VERSION", "HEADER_FILE", "STORAGE_DTYPES", "Failure", "FeatureStore",
     "ShardWriter", "StorageDtype", "StoreStatus", "VideoEntry", "content_mismatch", "create_once",
+    "file_lock", "file_locked",
     "init_store", "lock_path", "marker_path", "open_store", "read_header", "read_markers", "shard_lock",
     "shard_locked", "shard_name", "store_status", "verify_store",
 ]
