@@ -215,7 +215,8 @@ def _fit(cfg: TrainConfig, console: Any, held: ExitStack) -> RunResult:
                 "torch_rng": torch.get_rng_state(), "task": task.state_dict(), "config": cfg_dict,
                 "content": content, "config_hash": config_hash(content), "arch": arch_signature(cfg.model),
                 "store_content_hash": store.header.get("content_hash"), "store": identity,
-                "total_steps": total_steps, "finished": step >= total_steps})
+                "total_steps": total_steps,
+                "finished": step >= steps_per_epoch * cfg.optim.epochs})  # max_steps stops do not finish a run
         D.barrier()
 
     def evaluate() -> dict[str, float]:

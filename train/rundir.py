@@ -336,7 +336,8 @@ def check_init_source(init: str, store: Mapping[str, Any] | None = None, *, allo
     channels (unless ``allow_other_store``)."""
     path = resolve_init(init)
     state = load_checkpoint(path)
-    finished = path.name == "final.pt" or bool(state.get("finished"))
+    # checkpoints say whether their run finished; older ones only by being final.pt
+    finished = bool(state["finished"]) if "finished" in state else path.name == "final.pt"
     if not finished and not allow_unfinished:
         raise FreezeframeError(
             f"init {init}: that run did not finish training (checkpoint {path.name} at step {state.get('step')}); "
