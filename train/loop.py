@@ -36,6 +36,7 @@ from train.config import TrainConfig, content_of
 from train.data import open_training_store
 from train.evals import get_evaluation
 from train.models import arch_signature, check_input_channels
+from train.progress import TrainProgress
 from train.report import draw_curves
 from train.rundir import RunDir, store_identity
 from train.tasks import get_task
@@ -48,9 +49,11 @@ class DivergedError(FreezeframeError):
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, floor: float) -> float:
-    """Linear warmup from 0 to ``peak`` over ``warmup_steps``, then cosine down to ``floor``."""
+    """Learning rate of optimiser step ``step`` (0-based): linear warmup ``peak * (step + 1) /
+    warmup_steps`` (the first step already learns: never an lr of 0), then cosine from ``peak``
+    at ``warmup_steps`` towards ``floor`` at ``total_steps``."""
     if step < warmup_steps:
-        return peak * step / max(1, warmup_steps)
+        return peak * (step + 1) / max(1, warmup_steps)
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
@@ -190,6 +193,7 @@ def _fit(cfg: TrainConfig, console: Any, held: ExitStack) -> RunResult:
     if dinfo.is_main:
         held.enter_context(run.lock())  # one process per run directory, from the first write on
     step = 0
+    best: dict[str, Any] = {}
     identity = store_identity(store)
     state = run.resume_state(content, identity, con.log)
     if state is not None:
@@ -198,6 +202,7 @@ def _fit(cfg: TrainConfig, console: Any, held: ExitStack) -> RunResult:
         torch.set_rng_state(state["torch_rng"])
         task.load_state_dict(state["task"])
         step = int(state["step"])
+        best = dict(state.get("best") or {})
         con.log(f"resuming {run.path} from step {step}/{total_steps}")
     if dinfo.is_main:
         run.checkpoints.mkdir(parents=True, exist_ok=True)
@@ -208,22 +213,53 @@ def _fit(cfg: TrainConfig, console: Any, held: ExitStack) -> RunResult:
                               "per_rank_batch": per_rank_batch, "steps_per_epoch": steps_per_epoch})
         run.truncate_metrics(step, total_steps)
 
-    def save(path: Path) -> None:
+    def checkpoint(full: bool = True) -> dict[str, Any]:
+        """The checkpoint state (tensors and plain data only); ``full``: with the optimiser and
+        the torch RNG (what resuming needs), else the model and what describes it (final.pt)."""
+        state = {
+            "model": _unwrap(model).state_dict(), "step": step, "task": task.state_dict(), "config": cfg_dict,
+            "content": content, "config_hash": config_hash(content), "arch": arch_signature(cfg.model),
+            "store_content_hash": store.header.get("content_hash"), "store": identity, "total_steps": total_steps,
+            "finished": step >= steps_per_epoch * cfg.optim.epochs,  # max_steps stops do not finish a run
+            "best": best}
+        if full:
+            state.update(optimizer=opt.state_dict(), torch_rng=torch.get_rng_state())
+        return state
+
+    def save(path: Path, full: bool = True) -> None:
         if dinfo.is_main:
-            run.save_checkpoint(path, {
-                "model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(), "step": step,
-                "torch_rng": torch.get_rng_state(), "task": task.state_dict(), "config": cfg_dict,
-                "content": content, "config_hash": config_hash(content), "arch": arch_signature(cfg.model),
-                "store_content_hash": store.header.get("content_hash"), "store": identity,
-                "total_steps": total_steps,
-                "finished": step >= steps_per_epoch * cfg.optim.epochs})  # max_steps stops do not finish a run
+            run.save_checkpoint(path, checkpoint(full))
         D.barrier()
 
-    def evaluate() -> dict[str, float]:
-        numbers: dict[str, float] = {}
+    def evaluate() -> list[tuple[Any, Any]]:
+        """(evaluation, output) for each evaluation; a ``distributed`` one runs on every rank (each
+        on its share of the videos), the others on rank 0 (output None on the other ranks)."""
+        outs = []
         for ev in evaluations:
-            numbers.update(ev.run(_unwrap(model), store, cfg, dinfo.device).summary())
+            runs_here = getattr(ev, "distributed", False) or dinfo.is_main
+            outs.append((ev, ev.run(_unwrap(model), store, cfg, dinfo.device) if runs_here else None))
+        D.barrier()
+        return outs
+
+    def numbers_of(outs: list[tuple[Any, Any]]) -> dict[str, float]:
+        numbers: dict[str, float] = {}
+        for _, res in outs:
+            if res is not None:
+                numbers.update(res.summary())
         return numbers
+
+    def keep_best(numbers: dict[str, float]) -> None:
+        """``checkpoints/best.pt`` (model only) when ``best_metric`` improved (``*loss*`` metrics: lower is better)."""
+        nonlocal best
+        key = cfg.best_metric
+        if not key or key not in numbers or not dinfo.is_main:
+            return
+        value, lower = float(numbers[key]), "loss" in key
+        if best and (value >= best["value"] if lower else value <= best["value"]):
+            return
+        best = {"metric": key, "value": value, "step": step}
+        run.save_checkpoint(run.best, checkpoint(full=False))
+        progress.note(f"best {key} {value:.4g} at step {step}: {run.best}")
 
     # ---- loop -----------------------------------------------------------------------------
     # Inside the loop only the task's steps draw from the global torch RNG (dropout, masks...):
@@ -233,7 +269,9 @@ def _fit(cfg: TrainConfig, console: Any, held: ExitStack) -> RunResult:
     schedule_steps = steps_per_epoch * cfg.optim.epochs  # max_steps stops early, it does not rescale the lr
     t_start = time.monotonic()
     loss_value = float("nan")
-    metrics = run.open_metrics() if dinfo.is_main else None
+    metrics = run.open_metrics(start_step=step) if dinfo.is_main else None
+    progress = TrainProgress(con, total_steps, steps_per_epoch, cfg.optim.epochs, step, enabled=dinfo.is_main)
+    held.enter_context(progress)
     while step < total_steps:
         epoch, in_epoch = divmod(step, steps_per_epoch)
         train_set.set_epoch(epoch)
@@ -266,33 +304,48 @@ def _fit(cfg: TrainConfig, console: Any, held: ExitStack) -> RunResult:
             opt.step()
             step += 1
             task.after_step(model, step)
-            if metrics and (step % cfg.log_every == 0 or step % steps_per_epoch == 0 or step == total_steps):
-                extra = {k: float(v) for k, v in out.items() if k != "loss"}
-                metrics.write({"kind": "train", "epoch": step / steps_per_epoch, "step": step, "loss": loss_value,
-                               **extra, "lr": lr, "time": round(time.monotonic() - t_start, 3)})
+            if step % cfg.log_every == 0 or step % steps_per_epoch == 0 or step == total_steps:
+                # every scalar of the step averaged over ranks, like the loss (all ranks take part)
+                extra = {k: float(D.all_reduce_mean(torch.as_tensor(v, dtype=torch.float32, device=dinfo.device)
+                                                    .detach())) for k, v in out.items() if k != "loss"}
+                scalars = {"loss": loss_value, **extra, "lr": lr}
+                progress.update(step, scalars)
+                if metrics:
+                    metrics.write({"kind": "train", "epoch": step / steps_per_epoch, "step": step, **scalars,
+                                   "time": round(time.monotonic() - t_start, 3)})
             if step % cfg.checkpoint_every == 0 or step % steps_per_epoch == 0:
                 save(run.last)
+            if step % steps_per_epoch == 0 and cfg.keep_last and dinfo.is_main:
+                run.save_snapshot(checkpoint(), step // steps_per_epoch, cfg.keep_last)
             if step >= total_steps:
                 break
         if evaluations and cfg.eval_every and (step // steps_per_epoch) % cfg.eval_every == 0 \
-                and step < total_steps and metrics:
-            metrics.write({"kind": "eval", "epoch": step / steps_per_epoch, "step": step, **evaluate()})
+                and step < total_steps:
+            numbers = numbers_of(evaluate())
+            keep_best(numbers)
+            if metrics:
+                metrics.write({"kind": "eval", "epoch": step / steps_per_epoch, "step": step, **numbers})
+            progress.note(f"evaluation at step {step}: {numbers}")
+    progress.close()
+    outs = evaluate() if evaluations else []
+    result = RunResult(run.path, step, loss_value)
+    result.evals.update(numbers_of(outs))
+    keep_best(result.evals)
     save(run.last)
-    save(run.final)
+    save(run.final, full=False)
+    if dinfo.is_main:
+        run.export_model(_unwrap(model).state_dict(), {"task": cfg.task, "step": str(step), "config": cfg_dict})
 
     # ---- evaluations and summary ---------------------------------------------------------
-    result = RunResult(run.path, step, loss_value)
     if metrics:
         summary: dict[str, Any] = {"name": cfg.name or run.path.name, "task": cfg.task, "epochs": cfg.optim.epochs,
                                    "steps": step, "seconds": round(time.monotonic() - t_start, 2),
                                    "final_loss": loss_value}
         if skipped:
             summary["skipped_videos"] = len(skipped)
-        for ev in evaluations:
-            res = ev.run(_unwrap(model), store, cfg, dinfo.device)
+        for ev, res in outs:
             run.write_eval(ev.name, res)
             ev.plot(res, run)
-            result.evals.update(res.summary())
         if evaluations:
             metrics.write({"kind": "eval", "epoch": step / max(1, steps_per_epoch), "step": step, **result.evals})
         summary.update(result.evals)

@@ -7,7 +7,11 @@ Layout (``RUN/``)::
     metrics.jsonl        one JSON object per line: {"kind": "train" | "eval", "epoch", "step", ...}
     checkpoints/last.pt  model + optimiser + torch RNG + task state + step (resume point)
     checkpoints/prev.pt  the previous last.pt (resume falls back to it when last.pt is damaged)
-    checkpoints/final.pt the same, written when the run ends
+    checkpoints/final.pt the model (no optimiser) and what describes it, written when the run ends
+    checkpoints/best.pt  the same at the best evaluation so far (``best_metric``)
+    checkpoints/epoch-<e>.pt  full end-of-epoch checkpoints, the last ``keep_last`` kept
+    model.safetensors    the final model's state_dict alone (when ``safetensors`` is installed)
+    metrics.csv          the train lines of metrics.jsonl as a table; tb/: TensorBoard (when installed)
     run.lock             flock held by the process training in this directory (one at a time)
     summary.json         written last: the run is complete when it exists
     eval.json            the multi-view test (``eval-<name>.json`` for other evaluations)
@@ -20,6 +24,8 @@ store with other features or videos.
 """
 from __future__ import annotations
 
+import csv
+import importlib.util
 import json
 import os
 from contextlib import contextmanager
@@ -72,18 +78,52 @@ class RunDirError(FreezeframeError):
     """A run directory is missing or unreadable."""
 
 
-class MetricsLog:
-    """Appends metric lines to ``metrics.jsonl`` (one writer: rank 0), flushed after each line."""
+def append_csv(path: Path, row: Mapping[str, Any]) -> None:
+    """Append ``row`` (without ``kind``) to a CSV file whose columns are its header line (the
+    first row's keys when the file is new); keys not in the header are left out."""
+    columns: list[str] = []
+    if path.exists():
+        with open(path, newline="") as f:
+            columns = next(csv.reader(f), [])
+    new = not columns
+    if new:
+        columns = [k for k in row if k != "kind"]
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore", restval="")
+        if new:
+            w.writeheader()
+        w.writerow({k: v for k, v in row.items() if k != "kind"})
 
-    def __init__(self, path: Path) -> None:
+
+class MetricsLog:
+    """Appends metric lines to ``metrics.jsonl`` (one writer: rank 0), flushed after each line;
+    train lines also to ``metrics.csv`` (columns of the first train line), and every number to
+    TensorBoard (``tb/``, tag ``<kind>/<key>``) when the ``tensorboard`` package is installed."""
+
+    def __init__(self, path: Path, csv_path: Path | None = None, tb_dir: Path | None = None,
+                 start_step: int = 0) -> None:
         self._f: IO[str] = open(path, "a")
+        self._csv_path = csv_path
+        self._tb = None
+        if tb_dir is not None and importlib.util.find_spec("tensorboard") is not None:
+            from torch.utils.tensorboard import SummaryWriter  # lazy: optional dependency
+
+            self._tb = SummaryWriter(str(tb_dir), purge_step=start_step or None)
 
     def write(self, row: Mapping[str, Any]) -> None:
         self._f.write(json.dumps(dict(row)) + "\n")
         self._f.flush()
+        if self._csv_path is not None and row.get("kind") == "train":
+            append_csv(self._csv_path, row)
+        if self._tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "epoch"):
+                    self._tb.add_scalar(f"{row.get('kind', 'train')}/{k}", v, int(row.get("step", 0)))
 
     def close(self) -> None:
         self._f.close()
+        if self._tb is not None:
+            self._tb.close()
 
 
 class RunDir:
@@ -127,6 +167,21 @@ class RunDir:
     @property
     def final(self) -> Path:
         return self.checkpoints / "final.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.checkpoints / "best.pt"
+
+    @property
+    def metrics_csv(self) -> Path:
+        return self.path / "metrics.csv"
+
+    @property
+    def safetensors_file(self) -> Path:
+        return self.path / "model.safetensors"
+
+    def snapshot(self, epoch: int) -> Path:
+        return self.checkpoints / f"epoch-{epoch:04d}.pt"
 
     @property
     def lock_file(self) -> Path:
@@ -187,9 +242,9 @@ class RunDir:
             obj = {**obj, "evaluated_on": dict(where)}
         return atomic_write_json(self.eval_file(name, tag), obj, indent=1)
 
-    def open_metrics(self) -> MetricsLog:
+    def open_metrics(self, start_step: int = 0) -> MetricsLog:
         self.path.mkdir(parents=True, exist_ok=True)
-        return MetricsLog(self.metrics_file)
+        return MetricsLog(self.metrics_file, self.metrics_csv, self.path / "tb", start_step)
 
     def truncate_metrics(self, step: int, total_steps: int) -> None:
         """Drop metric lines written after the checkpoint we resume from, and the final
@@ -201,7 +256,12 @@ class RunDir:
             return m["step"] <= step and not (m["kind"] == "eval" and m["step"] >= total_steps)
 
         # a torn last line (killed mid-write) is dropped by read_metrics
-        atomic_write_lines(self.metrics_file, [json.dumps(m) for m in self.read_metrics() if keep(m)])
+        rows = [m for m in self.read_metrics() if keep(m)]
+        atomic_write_lines(self.metrics_file, [json.dumps(m) for m in rows])
+        self.metrics_csv.unlink(missing_ok=True)  # rebuilt from the lines kept
+        for m in rows:
+            if m.get("kind") == "train":
+                append_csv(self.metrics_csv, m)
 
     def save_checkpoint(self, path: Path, state: Mapping[str, Any]) -> Path:
         """``state`` (tensors and plain data: model, optimiser, rng, task state, step, config...)
@@ -209,6 +269,24 @@ class RunDir:
         if Path(path) == self.last and self.last.exists():
             os.replace(self.last, self.prev)
         return atomic_write(path, lambda f: torch.save(dict(state), f))
+
+    def save_snapshot(self, state: Mapping[str, Any], epoch: int, keep: int) -> Path:
+        """A full checkpoint of the end of ``epoch`` (``epoch-<e>.pt``); only the ``keep`` latest stay."""
+        path = atomic_write(self.snapshot(epoch), lambda f: torch.save(dict(state), f))
+        for old in sorted(self.checkpoints.glob("epoch-*.pt"))[:-keep]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def export_model(self, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> Path | None:
+        """The model's weights alone as ``model.safetensors`` (``metadata`` as JSON strings), when
+        the ``safetensors`` package is installed (it comes with timm); None otherwise."""
+        if importlib.util.find_spec("safetensors") is None:
+            return None
+        from safetensors.torch import save  # lazy: optional at run time
+
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
+        meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+        return atomic_write(self.safetensors_file, lambda f: f.write(save(tensors, metadata=meta)))
 
     # ---- resume -------------------------------------------------------------------------
     def latest_checkpoint(self, log: Callable[[str], Any] | None = None) -> dict[str, Any] | None:

@@ -114,6 +114,8 @@ class TrainConfig:
     checkpoint_every: int = runtime(50)  # steps between checkpoints (also at every epoch end)
     log_every: int = runtime(10)  # steps between metric lines
     max_steps: int | None = runtime(None)  # stop early (debugging); the lr schedule is unchanged
+    keep_last: int = runtime(0)  # keep the last N end-of-epoch checkpoints (checkpoints/epoch-<e>.pt); 0: none
+    best_metric: str = runtime("")  # keep checkpoints/best.pt by this evaluation number (e.g. top1; *loss*: lower)
     task_cfg: Any = None  # the active task's section (a Task.Config instance), set by the resolver
     eval_cfg: dict[str, Any] = field(default_factory=dict)  # evaluation name -> its section
 
@@ -122,7 +124,8 @@ class TrainConfig:
 
     def own_problems(self) -> list[str]:
         """Out-of-range values of the top-level fields (the sections check themselves)."""
-        problems = range_problems(self, at_least=[("eval_every", 0), ("checkpoint_every", 1), ("log_every", 1)])
+        problems = range_problems(self, at_least=[("eval_every", 0), ("checkpoint_every", 1), ("log_every", 1),
+                                                  ("keep_last", 0)])
         if self.max_steps is not None and isinstance(self.max_steps, int) and self.max_steps < 1:
             problems.append(f"max_steps must be >= 1 or unset (null), got {self.max_steps!r}")
         return problems
