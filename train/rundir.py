@@ -34,7 +34,7 @@ from typing import IO, Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
-from pipeline.config import config_hash, diff_dicts
+from pipeline.config import config_hash, diff_dicts, drop_keys
 from pipeline.errors import ConfigMismatchError, FreezeframeError
 from pipeline.fileio import atomic_write, atomic_write_json, atomic_write_lines
 from pipeline.store import FeatureStore, file_lock
@@ -321,6 +321,15 @@ class RunDir:
             return None
         if state["config_hash"] != config_hash(dict(content)):
             diffs = diff_dicts(state["content"], content, have_name="run has", want_name="this command asks")
+            old_epochs = state["content"].get("optim", {}).get("epochs")
+            new_epochs = content.get("optim", {}).get("epochs")
+            same_but_epochs = config_hash(drop_keys(state["content"], ["optim.epochs"])) == \
+                config_hash(drop_keys(dict(content), ["optim.epochs"]))
+            if same_but_epochs and isinstance(old_epochs, int) and isinstance(new_epochs, int) and new_epochs > old_epochs:
+                if log:  # more epochs: the run goes on; the cosine is stretched to the new length from here
+                    log(f"extending {self.path} from {old_epochs} to {new_epochs} epochs (the cosine learning rate "
+                        f"is recomputed for {new_epochs} epochs from step {state['step']} on)")
+                return state
             raise ConfigMismatchError(
                 f"{self.path} holds a run with a different config; use a new run directory (--run-dir) "
                 "or delete it to start over:\n" + "\n".join(f"  - {d}" for d in diffs))
