@@ -205,3 +205,56 @@ def test_out_of_range_values_are_listed_in_one_error(store: SynthStore, tmp_path
                  "clip: stride must be >= 1, got 0", "test: num_clips must be >= 1, got 0"):
         assert f"  - {line}" in msg, msg
     assert msg.count("\n  - ") == 7
+
+
+def test_evaluations_elsewhere_get_their_own_file_and_label(tmp_path: Path, store: SynthStore) -> None:
+    from train.evaluate import evaluate_run
+    from train.report import load_run, render_markdown
+
+    run = RunDir(tmp_path / "ft")
+    fit(_cfg("finetune", store.path, run.path, "model.num_classes=3", "optim.epochs=1"))
+    own = run.eval_file("multiview").read_bytes()
+    confusion = run.confusion_png.read_bytes()
+    ev = evaluate_run(run.path, split="train", device="cpu")
+    assert ev.tag == "split=train" and ev.file == run.path / "eval-multiview@split=train.json" and ev.plots == []
+    assert run.eval_file("multiview").read_bytes() == own and run.confusion_png.read_bytes() == confusion
+    saved = json.loads(ev.file.read_text())
+    assert saved["num_videos"] == 8 and saved["evaluated_on"] == {"store": str(store.path), "split": "train"}
+    record = load_run(run.path)
+    assert record.top1 == json.loads(own)["top1"]  # the run's own test, not the train split's
+    assert record.other_evals == {"split=train": saved["top1"]}
+    assert f"split=train: {100 * saved['top1']:.2f}" in render_markdown([record])
+    # the run's own store and split: its own file again
+    assert evaluate_run(run.path, split="test", device="cpu").file == run.eval_file("multiview")
+
+
+def test_evaluate_refuses_a_run_without_a_classification_head(tmp_path: Path, store: SynthStore) -> None:
+    from train.evaluate import evaluate_run
+
+    prp = fit(_cfg("prp", store.path, tmp_path / "prp", "optim.epochs=1")).run_dir
+    with pytest.raises(FreezeframeError, match=r"is a 'prp' run: 'multiview' does not apply to it \(its task runs "
+                       r"no evaluation; a PRP head predicts playback rates, not classes\)"):
+        evaluate_run(prp, device="cpu")
+    assert not list(prp.glob("eval*.json"))
+
+
+def test_cli_print_config_and_one_line_refusals(tmp_path: Path, store: SynthStore) -> None:
+    from typer.testing import CliRunner
+
+    from freezeframe.cli import app
+
+    run = tmp_path / "run"
+    r = CliRunner().invoke(app, ["finetune", "--store", str(store.path), "--run-dir", str(run), "--epochs", "7",
+                                 "--print-config", "--set", "keep_last=2"])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads(r.stdout)
+    assert cfg["task"] == "finetune" and cfg["optim"]["epochs"] == 7 and cfg["keep_last"] == 2
+    assert cfg["task_cfg"]["num_frames"] == 8 and not run.exists()  # printed, nothing trained
+    prp = fit(_cfg("prp", store.path, tmp_path / "prp", "optim.epochs=1")).run_dir
+    for args, needle in ((["evaluate", str(prp)], "is a 'prp' run: 'multiview' does not apply"),
+                         (["pretrain", "--store", str(store.path), "--run-dir", str(run), "--set", "optim.batch_size=0",
+                           "--set", "checkpoint_every=0"], "optim: batch_size must be >= 1, got 0")):
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+        assert r.stderr.startswith("error: ") and needle in r.stderr, r.stderr
+    assert "checkpoint_every must be >= 1, got 0" in r.stderr

@@ -15,6 +15,7 @@ import typer
 from rich.table import Table
 
 from freezeframe.cli.common import config_option, console, flag_overrides, new_app, out
+from pipeline.config import to_dict
 from train.config import TrainConfig, resolve_train_config
 from train.evaluate import evaluate_run
 from train.loop import fit
@@ -33,11 +34,17 @@ _KT = config_option(TrainConfig, "model.tmm.temporal_kernel", "TMM temporal kern
 _ARCH = config_option(TrainConfig, "model.arch", "tmm | avgpool.")
 _SET = typer.Option([], "--set", metavar="KEY=VALUE", show_default=False,
                     help="Override any config field (repeatable; e.g. --set optim.base_lr=5e-4).")
+_PRINT = typer.Option(False, "--print-config", help="Print the resolved config as JSON and exit without training.")
 
 
-def _train(task: str, dataset: Optional[str], config: Optional[Path], set_: list[str], **flags: object) -> None:
-    """Resolve the config of ``task`` and train it with :func:`train.loop.fit`."""
-    res = fit(resolve_train_config(task, dataset, config, flag_overrides(**flags) + list(set_)), console)
+def _train(task: str, dataset: Optional[str], config: Optional[Path], set_: list[str], print_config: bool = False,
+           **flags: object) -> None:
+    """Resolve the config of ``task`` and train it with :func:`train.loop.fit` (or only print it)."""
+    cfg = resolve_train_config(task, dataset, config, flag_overrides(**flags) + list(set_))
+    if print_config:
+        print(json.dumps(to_dict(cfg), indent=2))
+        return
+    res = fit(cfg, console)
     msg = f"run {res.run_dir}: {res.steps} steps, final loss {res.final_loss:.4f}"
     if res.top1 is not None:
         msg += f", test top-1 {100 * res.top1:.2f}% top-5 {100 * (res.top5 or 0):.2f}%"
@@ -50,10 +57,10 @@ def pretrain(
     store: Optional[Path] = _STORE, run_dir: Optional[Path] = _RUN_DIR,
     epochs: Optional[int] = _EPOCHS, seed: Optional[int] = _SEED,
     temporal_kernel: Optional[int] = _KT, arch: Optional[str] = _ARCH,
-    set_: list[str] = _SET,
+    set_: list[str] = _SET, print_config: bool = _PRINT,
 ) -> None:
     """PRP pretraining of the TMM + head on cached features (torchrun for several GPUs/ranks)."""
-    _train("prp", dataset, config, set_, **{
+    _train("prp", dataset, config, set_, print_config, **{
         "data.store": store, "run_dir": run_dir, "optim.epochs": epochs, "seed": seed,
         "model.tmm.temporal_kernel": temporal_kernel, "model.arch": arch})
 
@@ -66,10 +73,10 @@ def finetune(
                                         "--set init=\"\" trains from scratch).", show_default=False),
     epochs: Optional[int] = _EPOCHS, seed: Optional[int] = _SEED,
     temporal_kernel: Optional[int] = _KT, arch: Optional[str] = _ARCH,
-    set_: list[str] = _SET,
+    set_: list[str] = _SET, print_config: bool = _PRINT,
 ) -> None:
     """Fine-tune TMM + a new head on labels, then evaluate with the multi-view test protocol."""
-    _train("finetune", dataset, config, set_, **{
+    _train("finetune", dataset, config, set_, print_config, **{
         "data.store": store, "run_dir": run_dir, "init": init, "optim.epochs": epochs,
         "seed": seed, "model.tmm.temporal_kernel": temporal_kernel, "model.arch": arch})
 
@@ -81,9 +88,14 @@ def evaluate(
                                          show_default=False),
     split: Optional[str] = typer.Option(None, help="Split to evaluate (default: the run's test split).",
                                         show_default=False),
+    device: str = typer.Option("auto", help="auto (this rank's GPU, else CPU) | cpu | cuda | cuda:N; "
+                               "under torchrun the ranks share the videos."),
 ) -> None:
-    """Top-1, top-5, per-class accuracy and a confusion-matrix PNG of a run's final checkpoint."""
-    ev = evaluate_run(run_dir, store=store, split=split)
+    """Top-1, top-5, per-class accuracy and a confusion-matrix PNG of a run's final checkpoint
+    (on another split or store: a result file of its own, never the run's eval.json)."""
+    ev = evaluate_run(run_dir, store=store, split=split, device=device)
+    if ev.file is None:  # not rank 0
+        return
     res = ev.output
     t = Table(title=f"evaluation of {run_dir} on {ev.store}:{ev.split}")
     t.add_column("class")
@@ -92,7 +104,8 @@ def evaluate(
         t.add_row(str(name), f"{100 * acc:.1f}%" if acc == acc else "-")
     out.print(t)
     out.print(f"top-1 {100 * res.top1:.2f}%  top-5 {100 * res.top5:.2f}%  ({res.num_videos} videos, "
-              f"{res.views} views each); confusion matrix: {', '.join(map(str, ev.plots))}")
+              f"{res.views} views each); written to {ev.file}"
+              + (f"; confusion matrix: {', '.join(map(str, ev.plots))}" if ev.plots else ""))
 
 
 @app.command()
