@@ -219,7 +219,7 @@ def test_evaluations_elsewhere_get_their_own_file_and_label(tmp_path: Path, stor
     assert ev.tag == "split=train" and ev.file == run.path / "eval-multiview@split=train.json" and ev.plots == []
     assert run.eval_file("multiview").read_bytes() == own and run.confusion_png.read_bytes() == confusion
     saved = json.loads(ev.file.read_text())
-    assert saved["num_videos"] == 8 and saved["evaluated_on"] == {"store": str(store.path), "split": "train"}
+    assert saved["num_videos"] == 8 and saved["evaluated_on"] == {"store": str(store.path), "splits": "", "split": "train"}
     record = load_run(run.path)
     assert record.top1 == json.loads(own)["top1"]  # the run's own test, not the train split's
     assert record.other_evals == {"split=train": saved["top1"]}

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from pipeline.errors import FreezeframeError
 from pipeline.registry import Registry
+from pipeline.splits import read_split_table
 from pipeline.store import FeatureStore, open_store, store_status
 from train.schema import TrainConfig, raise_problems, range_problems
 from train.sampling import PRPConfig, clip_fits, prp_clips, random_clip, test_clips
@@ -238,8 +239,10 @@ def flatten_clips(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tenso
 
 
 def open_training_store(cfg: TrainConfig) -> FeatureStore:
-    """The run's feature store (``data.store``), read into RAM first when ``data.in_memory`` says so
-    (``auto``: when its features take less than ``data.in_memory_max_gb`` GiB)."""
+    """The run's feature store (``data.store``), with the splits of ``data.splits`` when given (a
+    split table, :mod:`pipeline.splits`), read into RAM first when ``data.in_memory`` says so
+    (``auto``: when its features take less than ``data.in_memory_max_gb`` GiB). An incomplete
+    store is refused unless ``data.allow_incomplete``."""
     if not cfg.data.store:
         raise FreezeframeError("no feature store given: set data.store (or --store) to a store made by `freezeframe extract`")
     status = store_status(cfg.data.store)
@@ -250,6 +253,8 @@ def open_training_store(cfg: TrainConfig) -> FeatureStore:
             "`freezeframe extract` with the same arguments, or set data.allow_incomplete=true to train on the "
             "videos stored so far")
     store = open_store(cfg.data.store)
+    if cfg.data.splits:  # splits (and labels) chosen now, not at extraction
+        store.apply_split_table(read_split_table(cfg.data.splits), f"split table {cfg.data.splits}")
     mode = cfg.data.in_memory
     if mode == "yes" or (mode == "auto" and _store_bytes(store) < cfg.data.in_memory_max_gb * 2**30):
         store.load_into_memory()

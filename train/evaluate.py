@@ -35,22 +35,28 @@ class RunEvaluation:
     tag: str | None = None  # set when the store or split is not the run's own
 
 
-def eval_tag(run_store: str, run_split: str, store: str | Path | None, split: str | None) -> str | None:
-    """``store=<stem>,split=<name>`` for the parts that differ from the run's own store and test
-    split (None when neither does: the run's own evaluation)."""
+def eval_tag(run_store: str, run_split: str, store: str | Path | None, split: str | None,
+             run_splits: str = "", splits: str | Path | None = None) -> str | None:
+    """``store=<stem>,splits=<stem>,split=<name>`` for the parts that differ from the run's own
+    store, split table and test split (None when none does: the run's own evaluation)."""
     parts = []
     if store and Path(store).resolve() != Path(run_store).resolve():
         parts.append(f"store={Path(str(store).rstrip('/')).stem}")
+    if splits is not None and str(splits) != run_splits:
+        parts.append(f"splits={Path(str(splits)).stem or 'store'}")
     if split and split != run_split:
         parts.append(f"split={split}")
     return ",".join(parts) or None
 
 
 def evaluate_run(run_dir: str | Path, *, store: str | Path | None = None, split: str | None = None,
-                 evaluation: str = "multiview", device: str = "auto") -> RunEvaluation:
+                 splits: str | Path | None = None, evaluation: str = "multiview",
+                 device: str = "auto") -> RunEvaluation:
     """Rebuild the run's model from ``config.json``, load its final (else last) checkpoint and
     run ``evaluation`` on ``store`` / ``split`` (default: the run's ``data.store`` and
-    ``data.test_split``) on ``device`` (``auto``: this rank's GPU, else the CPU). A folder that is
+    ``data.test_split``) on ``device`` (``auto``: this rank's GPU, else the CPU). ``splits``: a
+    split table (:mod:`pipeline.splits`; ``""``: the store's own splits); on another store the
+    run's table is not used unless given again. A folder that is
     not a run raises :class:`train.rundir.RunDirError`; a run whose task does not run
     ``evaluation`` (e.g. a PRP run: its head predicts playback rates, not classes) is refused."""
     run = RunDir(run_dir)
@@ -62,7 +68,11 @@ def evaluate_run(run_dir: str | Path, *, store: str | Path | None = None, split:
             f"{run.path} is a {cfg.task!r} run: {evaluation!r} does not apply to it ({has}; a PRP head predicts "
             "playback rates, not classes). Evaluate a fine-tuning run (freezeframe finetune --init "
             f"{run.path}) instead")
-    tag = eval_tag(cfg.data.store, cfg.data.test_split, store, split)
+    if store and splits is None and cfg.data.splits and Path(store).resolve() != Path(cfg.data.store).resolve():
+        splits = ""  # the run's table lists the run's store's videos
+    tag = eval_tag(cfg.data.store, cfg.data.test_split, store, split, cfg.data.splits, splits)
+    if splits is not None:
+        cfg.data.splits = str(splits)
     if store:
         cfg.data.store = str(store)
     if split:
@@ -74,7 +84,7 @@ def evaluate_run(run_dir: str | Path, *, store: str | Path | None = None, split:
     out = ev.run(model.to(dinfo.device), open_training_store(cfg), cfg, dinfo.device)
     res = RunEvaluation(out, cfg.data.store, cfg.data.test_split, tag=tag)
     if dinfo.is_main:
-        where = {"store": cfg.data.store, "split": cfg.data.test_split} if tag else None
+        where = {"store": cfg.data.store, "splits": cfg.data.splits, "split": cfg.data.test_split} if tag else None
         res.file = run.write_eval(ev.name, out, tag, where)
         res.plots = [] if tag else ev.plot(out, run)  # the run's own figures show its own test
     D.teardown()

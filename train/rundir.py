@@ -49,11 +49,12 @@ FEATURE_KEYS = ("backbone", "weights_sha256", "preprocess", "geometry", "feature
 
 
 def store_identity(store: FeatureStore) -> dict[str, Any]:
-    """What a checkpoint records about its store: the content hash, the :data:`FEATURE_KEYS` and
-    the number of videos stored (a store still being extracted grows)."""
+    """What a checkpoint records about its store: the content hash, the :data:`FEATURE_KEYS`, the
+    number of videos stored (a store still being extracted grows) and the sha256 of the split
+    table applied (``data.splits``; None: the store's own splits)."""
     content = store.content
     return {"content_hash": store.header.get("content_hash"), **{k: content.get(k) for k in FEATURE_KEYS},
-            "videos_stored": len(store)}
+            "videos_stored": len(store), "split_table": store.split_table}
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -76,6 +76,7 @@ class OptimConfig:
 @dataclass
 class DataConfig:
     store: str = ""
+    splits: str = ""  # split table (JSONL: video_id, split[, label]; a manifest works) replacing the store's splits
     train_split: str = "train"
     test_split: str = "test"
     workers: int = runtime(2)  # DataLoader workers per rank

@@ -88,12 +88,15 @@ def evaluate(
                                          show_default=False),
     split: Optional[str] = typer.Option(None, help="Split to evaluate (default: the run's test split).",
                                         show_default=False),
+    splits: Optional[Path] = typer.Option(None, help="Split table to take the split from (default: the run's "
+                                          "data.splits; on another store, that store's own splits).",
+                                          show_default=False),
     device: str = typer.Option("auto", help="auto (this rank's GPU, else CPU) | cpu | cuda | cuda:N; "
                                "under torchrun the ranks share the videos."),
 ) -> None:
     """Top-1, top-5, per-class accuracy and a confusion-matrix PNG of a run's final checkpoint
     (on another split or store: a result file of its own, never the run's eval.json)."""
-    ev = evaluate_run(run_dir, store=store, split=split, device=device)
+    ev = evaluate_run(run_dir, store=store, split=split, splits=splits, device=device)
     if ev.file is None:  # not rank 0
         return
     res = ev.output
