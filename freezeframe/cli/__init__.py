@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "finetune": "freezeframe.cli.train",
     "evaluate": "freezeframe.cli.train",
     "report": "freezeframe.cli.train",
+    "sweep": "freezeframe.cli.train",
     "demo": "freezeframe.cli.demo",
 }
 # commands that are a whole module's app (a group of subcommands), not one command in it

@@ -21,8 +21,9 @@ from train.evaluate import evaluate_run
 from train.loop import fit
 from train.report import report_main
 from train.stats import tmm_stats
+from train.sweep import expand_sweep, load_sweep, sweep_configs
 
-app = new_app("Stage 2: stats, pretrain, finetune, evaluate, report.")
+app = new_app("Stage 2: stats, pretrain, finetune, evaluate, report, sweep.")
 
 _DATASET = typer.Option(None, help="Training config train/configs/<name>.toml (e.g. ucf101, synth-motion).")
 _CONFIG = typer.Option(None, help="TOML config file ([common], [pretrain], [finetune] tables).")
@@ -119,6 +120,27 @@ def report(
 ) -> None:
     """Tabulate runs side by side, with the PRP pretraining gain (Delta-Acc) where pairs exist."""
     raise typer.Exit(report_main(list(runs), out_md))
+
+
+@app.command()
+def sweep(
+    spec: Path = typer.Argument(..., help="Sweep spec (TOML: task, out, set, [grid], [[runs]]; see train/sweep.py)."),
+    index: int = typer.Option(0, help="This job's index (Slurm array task id, or one machine of several)."),
+    count: int = typer.Option(1, help="Number of jobs sharing the sweep (run i goes to job i % count)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the runs and their overrides, train nothing."),
+) -> None:
+    """Train a grid of ablations over one store, one run directory each (reruns resume), then report them."""
+    s = load_sweep(spec)
+    runs = expand_sweep(s)
+    if dry_run:
+        for r in runs:
+            out.print(f"{Path(s.out) / r.name}: {' '.join(r.overrides)}", soft_wrap=True, highlight=False)
+        return
+    for cfg in sweep_configs(s, resolve_train_config, index, count):
+        console.log(f"sweep run {cfg.run_dir}")
+        fit(cfg, console)
+    if count == 1:
+        raise typer.Exit(report_main([Path(s.out) / r.name for r in runs], Path(s.out) / "report.md"))
 
 
 @app.command()
