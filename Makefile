@@ -12,7 +12,7 @@ OUT ?= demo_out
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install weights synth demo test extract plan status verify pretrain finetune evaluate bench-extract bench-train clean
+.PHONY: help install weights synth demo demo-longform test extract plan status verify pretrain finetune evaluate bench-extract bench-train clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -31,6 +31,13 @@ weights: $(VENV)/.installed ## Fetch + verify the offline ImageNet MobileNetV2 w
 
 demo: $(VENV)/.installed ## The main job end to end on the embedded synthetic benchmark
 	$(FF) demo --out $(OUT) $(ARGS)
+
+demo-longform: $(VENV)/.installed ## Long-form pre-training on the embedded long-form benchmark (report in demo_out/longform)
+	$(FF) weights
+	$(FF) synth-longform data/synth/longform
+	$(FF) extract --dataset synth-longform
+	$(FF) extract --dataset synth-longform-actions
+	$(FF) longform-experiment --config train/configs/experiments/longform-synth.toml $(ARGS)
 
 test: $(VENV)/.installed ## Run the test suite (CPU, no network)
 	$(PY) -m pytest -q $(ARGS)

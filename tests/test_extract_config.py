@@ -53,7 +53,7 @@ def test_every_invalid_value_is_refused_in_one_error() -> None:
 
 def test_resolve_layers_dataset_file_then_overrides(tmp_path: Path) -> None:
     ucf = dataset_config("ucf101")
-    assert "fps" not in ucf and dataset_config("ava")["fps"] == 1.0
+    assert "fps" not in ucf and dataset_config("ava")["fps"] == 7.5  # long-form pre-training (was 1.0)
     toml = tmp_path / "run.toml"
     toml.write_text('[extract]\nfps = 2.0\ndtype = "int8"\nbatch_size = 4\n')
     cfg = resolve_extract_config("ava", toml, ["batch_size=9", "store=/tmp/s"])

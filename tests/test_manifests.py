@@ -603,7 +603,7 @@ def test_dataset_configs_match_builders_and_extract_config() -> None:
         assert extract.geometry == "short_side_crop"
     assert dataset_config("ucf101")["manifest"]["split_number"] == 1
     assert "fps" not in dataset_config("ucf101")["extract"]  # null: every native frame
-    assert dataset_config("ava")["extract"]["fps"] == 1.0
+    assert dataset_config("ava")["extract"]["fps"] == 7.5  # long-form pre-training: strides in frames (was 1.0)
     assert dataclasses.is_dataclass(ExtractConfig)
 
 

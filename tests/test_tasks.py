@@ -39,6 +39,10 @@ TINY = [
     "model.tmm.in_channels=16", "model.tmm.hidden=8", "model.tmm.out_channels=16", "model.mlp_dim=16",
     "prp.num_frames=4", "prp.clips_per_video=2", "clip.num_frames=4", "clip.stride=2",
     "test.num_clips=3", "test.num_frames=4", "test.stride=2", "anchor.num_frames=4",
+    # long-form pretexts: 4-frame clips, one per video (stride past every video's end): 8 items
+    "moco.stream.clip_frames=4", "moco.stream.stride_frames=64", "moco.queue_size=6", "moco.proj_hidden=16",
+    "moco.proj_dim=8", "mfm.stream.clip_frames=4", "mfm.stream.stride_frames=64", "mfm.decoder_hidden=8",
+    "distill.stream.clip_frames=4", "distill.stream.stride_frames=64",
     "optim.batch_size=2", "optim.warmup_epochs=1", "data.workers=0", "log_every=1", "checkpoint_every=1",
     "optim.epochs=2", "seed=7",
 ]

@@ -164,8 +164,9 @@ def _fit(cfg: TrainConfig, console: Any, held: ExitStack) -> RunResult:
     if len(train_set) < per_rank_batch * dinfo.world:
         per_rank_batch = max(1, len(train_set) // dinfo.world)
         con.log(f"[yellow]batch_size lowered to {per_rank_batch} videos per rank: the split has only {len(train_set)} videos")
+    # a dataset whose order is the data (clip streams in time order) says shuffle = False
     base_sampler = DistributedSampler(train_set, num_replicas=dinfo.world, rank=dinfo.rank,
-                                      shuffle=True, seed=cfg.seed, drop_last=True)
+                                      shuffle=getattr(train_set, "shuffle", True), seed=cfg.seed, drop_last=True)
     steps_per_epoch = len(base_sampler) // per_rank_batch
     total_steps = steps_per_epoch * cfg.optim.epochs
     if cfg.max_steps is not None:

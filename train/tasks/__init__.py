@@ -13,7 +13,7 @@ no edit: the resolver parses the task's section, the loop asks the task for the 
 """
 from __future__ import annotations
 
-from train.tasks import classify, prp  # noqa: F401  (built-in tasks register on import)
+from train.tasks import classify, distill, mfm, moco, prp  # noqa: F401  (built-in tasks register on import)
 from train.tasks.base import Task
 from train.tasks.registry import TASKS, get_task, register_task
 

@@ -51,7 +51,9 @@ class ClassifyTask(Task):
             ckpt = load_init(self.cfg.init)
             saved = from_dict(ModelConfig, ckpt["config"]["model"])
             pre = build_model(saved)  # built after the new model: the RNG order of earlier releases
-            pre.load_state_dict(ckpt["model"])
+            # the temporal module only: pretext runs may carry other modules (an MFM decoder) or
+            # another head (a MoCo projection), which fine-tuning replaces anyway
+            pre.tmm.load_state_dict({k[len("tmm."):]: v for k, v in ckpt["model"].items() if k.startswith("tmm.")})
             model.tmm.load_state_dict(pre.tmm.state_dict())
         return model
 

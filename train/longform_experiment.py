@@ -1,0 +1,189 @@
+"""The long-form experiment in one call: {orders} x {pretexts} (x strides x seeds) pre-training on
+long videos, fine-tuning each on a short-video store, a from-scratch baseline, a table and a plot.
+
+Run directories (each resumable; finished runs are read back, not redone)::
+
+    OUT/pretrain/<task>-<order>-s<stride>-seed<seed>/     pre-training on the long-video store
+    OUT/finetune/<task>-<order>-s<stride>-seed<seed>/     fine-tuning from it (init = that run)
+    OUT/finetune/scratch-seed<seed>/                      the same fine-tuning from scratch
+    OUT/results.json  OUT/report.md  OUT/top1.png         table and plot of downstream top-1
+
+Configs: ``pretrain_dataset`` / ``finetune_dataset`` name training configs (``train/configs/<name>.toml``
+or a TOML path); the pretexts read its ``[common]`` + ``[longform]`` tables, fine-tuning
+``[common]`` + ``[finetune]``; ``pretrain_set`` / ``finetune_set`` are ``key=value`` overrides
+applied to every run of that stage (e.g. ``optim.epochs=10`` for UCF101 as in the paper).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from pipeline.config import diff_dicts, from_dict, load_toml, merge, parse_overrides, to_dict
+from pipeline.errors import FreezeframeError
+from pipeline.fileio import atomic_write_json, atomic_write_text
+from train.config import content_of, load_train_config, resolve_train_config
+from train.loop import fit
+from train.plots import ComparisonRow, plot_comparison
+from train.rundir import RunDir
+from train.streams import CLIP_ORDERS
+from train.tasks import get_task
+
+__all__ = ["LongformExperiment", "ExperimentRun", "run_experiment", "plan_runs", "write_report", "load_experiment",
+           "read_results"]
+
+
+@dataclass
+class LongformExperiment:
+    """``[experiment]`` table of an experiment file (see the module docstring)."""
+
+    out: str = "runs/longform"
+    pretrain_dataset: str = ""
+    finetune_dataset: str = ""
+    tasks: tuple[str, ...] = ("moco", "mfm", "distill")
+    orders: tuple[str, ...] = ("sequential", "random")
+    strides: tuple[int, ...] = (16,)
+    seeds: tuple[int, ...] = (0,)
+    baseline: bool = True
+    pretrain_set: tuple[str, ...] = ()
+    finetune_set: tuple[str, ...] = ()
+    chance: float | None = None  # drawn as a dashed line (1 / classes)
+
+    def __post_init__(self) -> None:
+        for t in self.tasks:
+            get_task(t)
+        for o in self.orders:
+            CLIP_ORDERS.get(o)
+
+
+@dataclass
+class ExperimentRun:
+    """One fine-tuning run of the table: which pretext, order, stride, seed (task None = scratch)."""
+
+    task: str | None
+    order: str | None
+    stride: int | None
+    seed: int
+    pretrain_dir: Path | None
+    finetune_dir: Path
+    top1: float | None = None
+    top5: float | None = None
+    pretrain_loss: float | None = None
+
+    @property
+    def label(self) -> str:
+        return "scratch" if self.task is None else f"{self.task} {self.order} s={self.stride}"
+
+
+def _where(name: str) -> tuple[str | None, str | None]:
+    """(dataset, config_file) for resolve_train_config: a name in train/configs or a TOML path."""
+    return (None, name) if name.endswith(".toml") else (name, None)
+
+
+def plan_runs(exp: LongformExperiment) -> list[ExperimentRun]:
+    """Every fine-tuning run of the experiment, in the order they are run (baselines first)."""
+    out = Path(exp.out)
+    runs = [ExperimentRun(None, None, None, seed, None, out / "finetune" / f"scratch-seed{seed}")
+            for seed in exp.seeds if exp.baseline]
+    for task in exp.tasks:
+        for order in exp.orders:
+            for stride in exp.strides:
+                for seed in exp.seeds:
+                    name = f"{task}-{order}-s{stride}-seed{seed}"
+                    runs.append(ExperimentRun(task, order, stride, seed, out / "pretrain" / name, out / "finetune" / name))
+    return runs
+
+
+def _fit_or_read(cfg: Any, console: Any) -> dict[str, Any]:
+    """The run's summary: read back when the run finished earlier, else trained (or resumed) now."""
+    run = RunDir(cfg.run_dir)
+    if run.complete:
+        diffs = diff_dicts(content_of(load_train_config(run.read_config())), content_of(cfg),
+                           have_name="finished run has", want_name="the experiment asks")
+        if diffs:
+            raise FreezeframeError(f"{run.path} holds a finished run with another config; use another "
+                                   "experiment.out or delete it:\n" + "\n".join(f"  - {d}" for d in diffs))
+    else:
+        fit(cfg, console)
+    summary = run.read_summary()
+    if summary is None:
+        raise FreezeframeError(f"{run.path} has no summary.json after training")
+    return summary
+
+
+def run_experiment(exp: LongformExperiment, console: Any = None,
+                   progress: Callable[[str], None] = lambda msg: None) -> list[ExperimentRun]:
+    """Train every run of :func:`plan_runs` (resuming unfinished ones) and write the report."""
+    if not exp.pretrain_dataset or not exp.finetune_dataset:
+        raise FreezeframeError("set experiment.pretrain_dataset and experiment.finetune_dataset "
+                               "(training config names in train/configs or TOML paths)")
+    pre_ds, pre_file = _where(exp.pretrain_dataset)
+    ft_ds, ft_file = _where(exp.finetune_dataset)
+    runs = plan_runs(exp)
+    for r in runs:
+        init = '""'
+        if r.task is not None:
+            progress(f"pre-training {r.pretrain_dir}")
+            pcfg = resolve_train_config(r.task, pre_ds, pre_file, [
+                f'run_dir="{r.pretrain_dir}"', f"seed={r.seed}", f'{r.task}.stream.order="{r.order}"',
+                f"{r.task}.stream.stride_frames={r.stride}", *exp.pretrain_set])
+            r.pretrain_loss = _fit_or_read(pcfg, console).get("final_loss")
+            init = f'"{r.pretrain_dir}"'
+        progress(f"fine-tuning {r.finetune_dir}")
+        fcfg = resolve_train_config("finetune", ft_ds, ft_file, [
+            f'run_dir="{r.finetune_dir}"', f"seed={r.seed}", f"init={init}", *exp.finetune_set])
+        summary = _fit_or_read(fcfg, console)
+        r.top1, r.top5 = summary.get("top1"), summary.get("top5")
+    write_report(exp, runs)
+    return runs
+
+
+def _mean(values: list[float | None]) -> float | None:
+    v = [x for x in values if x is not None]
+    return float(np.mean(v)) if v else None
+
+
+def write_report(exp: LongformExperiment, runs: list[ExperimentRun]) -> Path:
+    """``OUT/results.json``, ``OUT/report.md`` (table) and ``OUT/top1.png`` (plot); returns the report."""
+    out = Path(exp.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "results.json", {
+        "experiment": to_dict(exp),
+        "runs": [{"task": r.task, "order": r.order, "stride": r.stride, "seed": r.seed, "top1": r.top1,
+                  "top5": r.top5, "pretrain_loss": r.pretrain_loss, "finetune_dir": str(r.finetune_dir),
+                  "pretrain_dir": str(r.pretrain_dir) if r.pretrain_dir else None} for r in runs]})
+    scratch = _mean([r.top1 for r in runs if r.task is None])
+    groups: dict[str, list[ExperimentRun]] = {}
+    for r in runs:
+        groups.setdefault(r.label, []).append(r)
+    fmt = lambda x: "-" if x is None else f"{100 * x:.1f}"  # noqa: E731
+    lines = [f"# Long-form pre-training: {exp.pretrain_dataset} -> {exp.finetune_dataset}", "",
+             f"Downstream top-1 (%) after fine-tuning on `{exp.finetune_dataset}`, mean over seeds "
+             f"{', '.join(map(str, exp.seeds))}; Delta = minus the from-scratch baseline.", "",
+             "| pre-training | order | stride (frames) | top-1 per seed | mean top-1 | Delta vs scratch |",
+             "|---|---|---|---|---|---|"]
+    for label, rs in groups.items():
+        m = _mean([r.top1 for r in rs])
+        delta = "-" if m is None or scratch is None or rs[0].task is None else f"{100 * (m - scratch):+.1f}"
+        lines.append(f"| {rs[0].task or 'none (scratch)'} | {rs[0].order or '-'} | {rs[0].stride or '-'} | "
+                     f"{' / '.join(fmt(r.top1) for r in rs)} | {fmt(m)} | {delta} |")
+    rows = [ComparisonRow("scratch" if r.task is None else f"{r.task}\ns={r.stride}",
+                          "scratch" if r.task is None else str(r.order), r.top1)
+            for r in runs if r.top1 is not None]
+    if rows:
+        plot_comparison(rows, out / "top1.png", title=f"downstream top-1: {exp.finetune_dataset}", chance=exp.chance)
+        lines += ["", "![downstream top-1](top1.png)"]
+    return atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+
+
+def load_experiment(path: str | Path, overrides: tuple[str, ...] = ()) -> LongformExperiment:
+    """The ``[experiment]`` table of a TOML file, with ``key=value`` overrides."""
+    d = merge(load_toml(path).get("experiment", {}), parse_overrides(list(overrides)))
+    return from_dict(LongformExperiment, d)
+
+
+def read_results(out: str | Path) -> list[dict[str, Any]]:
+    return json.loads((Path(out) / "results.json").read_text())["runs"]
