@@ -64,8 +64,8 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         problems = range_problems(self, at_least=[("epochs", 1), ("batch_size", 1), ("warmup_epochs", 0),
-                                                  ("min_lr", 0), ("weight_decay", 0), ("label_smoothing", 0)],
-                                  positive=["base_lr"])
+                                                  ("min_lr", 0), ("weight_decay", 0), ("label_smoothing", 0),
+                                                  ("base_lr", 0)])  # base_lr 0: weights kept (checks)
         if self.grad_clip is not None and not self.grad_clip > 0:
             problems.append(f"grad_clip must be > 0 or unset (null), got {self.grad_clip!r}")
         if not 0 <= self.label_smoothing < 1:
