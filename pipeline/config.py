@@ -269,8 +269,8 @@ def _build(cls: type[C], d: Mapping, where: str, problems: _Problems) -> C:
         return dataclasses.replace(base, **kwargs)
     except ConfigError as e:
         problems.append(str(e))
-    except (ValueError, TypeError) as e:  # __post_init__ range checks
-        problems.append(f"{where or cls.__name__}: {e}")
+    except (ValueError, TypeError) as e:  # __post_init__ range checks (one problem per line)
+        problems += [f"{where or cls.__name__}: {line}" for line in str(e).splitlines() if line.strip()]
     return base
 
 

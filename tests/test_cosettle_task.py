@@ -59,7 +59,7 @@ def _cfg(store: Path, run: Path, *extra: str):
 
 
 def _ckpt(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def test_defaults_are_the_released_recipe(tmp_path: Path) -> None:

@@ -142,9 +142,9 @@ def test_sync_bn_ddp_grads_and_engine_replicas(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), str(store.path), str(run_dir), str(tmp_path)),
              nprocs=WORLD, join=True)
-    r0 = torch.load(tmp_path / "rank0.pt")
-    r1 = torch.load(tmp_path / "rank1.pt")
-    final = torch.load(run_dir / "checkpoints" / "final.pt", weights_only=False)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    final = torch.load(run_dir / "checkpoints" / "final.pt", weights_only=True)
     assert r0.keys() == r1.keys() == final["model"].keys()
     for k in r0:
         assert torch.equal(r0[k], r1[k]), f"replicas differ in {k}"
@@ -177,7 +177,7 @@ def test_torchrun_two_ranks_pretrain(tmp_path: Path) -> None:
     assert prov["peak_lr"] == pytest.approx(0.1 * 2 * WORLD / 64)
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == list(range(1, 49))  # one writer: each step once
-    ckpt = torch.load(run / "checkpoints" / "final.pt", weights_only=False)
+    ckpt = torch.load(run / "checkpoints" / "final.pt", weights_only=True)
     assert ckpt["step"] == 48 and not any(k.startswith("module.") for k in ckpt["model"])
     assert int(ckpt["model"]["head.bn.num_batches_tracked"]) == 48
     # training converges under DDP
@@ -203,3 +203,45 @@ def test_torchrun_two_ranks_pretrain(tmp_path: Path) -> None:
     ref = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     assert [m["lr"] for m in ref] == pytest.approx([m["lr"] for m in lines], rel=1e-12)
     assert [m["loss"] for m in ref] == pytest.approx([m["loss"] for m in lines], rel=2e-3)
+
+
+# --------------------------------------------------------------------------------------
+# evaluation over all ranks
+# --------------------------------------------------------------------------------------
+def _eval_worker(rank: int, init_file: str, store: str, run_dir: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    from train.config import resolve_train_config
+    from train.loop import fit
+
+    fit(resolve_train_config("finetune", None, None, [
+        f'data.store="{store}"', f'run_dir="{run_dir}"', *TINY, "clip.num_frames=4", "test.num_clips=3",
+        "test.num_frames=4", "test.stride=2", "model.num_classes=3", "optim.epochs=2", "eval_every=1",
+        'device="cpu"']))
+
+
+@pytest.mark.slow
+def test_multiview_evaluation_is_shared_by_the_ranks(tmp_path: Path) -> None:
+    """Each rank scores its share of the test videos (7: an uneven split); the gathered result
+    equals one process scoring all of them with the same final weights."""
+    from train.config import load_train_config
+    from train.evals import get_evaluation
+    from train.models import build_model
+    from train.rundir import RunDir
+    from pipeline.store import open_store
+
+    store = write_synthetic_store(tmp_path / "s.zarr", splits={"train": 8, "test": 7}, num_classes=3)
+    run = RunDir(tmp_path / "run")
+    mp.spawn(_eval_worker, args=(str(tmp_path / "rendezvous"), str(store.path), str(run.path)),
+             nprocs=WORLD, join=True)
+    got = run.read_eval("multiview")
+    assert got["num_videos"] == 7
+    cfg = load_train_config(run.read_config())
+    model = build_model(cfg.model)
+    model.load_state_dict(torch.load(run.final, weights_only=True)["model"])
+    torch.set_num_threads(1)
+    ref = get_evaluation("multiview").run(model, open_store(store.path), cfg, torch.device("cpu")).to_json()
+    assert (got["top1"], got["top5"], got["confusion"]) == (ref["top1"], ref["top5"], ref["confusion"])
+    evals = [m for m in run.read_metrics() if m["kind"] == "eval"]
+    assert [m["step"] for m in evals] == [2, 4]  # periodic and final, written once by rank 0

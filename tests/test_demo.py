@@ -30,7 +30,7 @@ def test_demo_training_gives_equal_weights_with_pinned_threads(tmp_path: Path) -
         assert torch.get_num_threads() == 1  # restored afterwards
     finally:
         torch.set_num_threads(before)
-    a, b = (torch.load(d / "checkpoints" / "final.pt", map_location="cpu", weights_only=False)["model"] for d in dirs)
+    a, b = (torch.load(d / "checkpoints" / "final.pt", map_location="cpu", weights_only=True)["model"] for d in dirs)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [json.loads((d / "provenance.json").read_text())["torch_threads"] for d in dirs] == [2, 2]
     ea, eb = (json.loads((d / "eval.json").read_text()) for d in dirs)

@@ -44,7 +44,7 @@ def _cfg(task: str, store: SynthStore, run: Path, *extra: str):
 
 
 def _ckpt(run: Path) -> dict:
-    return torch.load(run / "checkpoints" / "final.pt", map_location="cpu", weights_only=False)
+    return torch.load(run / "checkpoints" / "final.pt", map_location="cpu", weights_only=True)
 
 
 @pytest.mark.parametrize("order,streams", [("sequential", 1), ("sequential", 2), ("random", 1)])

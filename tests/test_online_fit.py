@@ -51,7 +51,7 @@ def _run(store: SynthStore, run: Path, task: str, extra: list[str], online: Onli
 
 
 def _final(run: Path) -> dict:
-    return torch.load(run / "checkpoints" / "final.pt", map_location="cpu", weights_only=False)
+    return torch.load(run / "checkpoints" / "final.pt", map_location="cpu", weights_only=True)
 
 
 @pytest.mark.parametrize("task,extra,online", [

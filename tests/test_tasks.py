@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from train.data import ClipConfig
 from train.data import TestViewConfig as ViewConfig
 from train.evals import EVALUATIONS
 from train.losses import accuracy, cross_entropy
+import train.loop
 from train.loop import fit
 from train.rundir import RunDir
 from train.sampling import PRPConfig
@@ -66,7 +68,7 @@ def _cfg(task: str, store: SynthStore, run_dir: Path, *extra: str):
 
 
 def _ckpt(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _train_lines(run: Path) -> list[dict]:
@@ -96,9 +98,13 @@ def test_every_task_trains_and_resumes_bit_exactly(task: str, store: SynthStore,
     assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), f"{task}: {k} differs after resume"
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+    # the optimiser and the RNG are in last.pt (the resume point) only; final.pt holds the model
+    assert "optimizer" not in a and "torch_rng" not in a
+    la, lb = _ckpt(full.run_dir / "checkpoints" / "last.pt"), _ckpt(part / "checkpoints" / "last.pt")
+    assert la["step"] == lb["step"] == STEPS
+    for sa, sb in zip(la["optimizer"]["state"].values(), lb["optimizer"]["state"].values()):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert torch.equal(a["torch_rng"], b["torch_rng"])
+    assert torch.equal(la["torch_rng"], lb["torch_rng"])
     assert json.dumps(a["task"], default=repr) == json.dumps(b["task"], default=repr)
     # every step logged once, the same numbers as the uninterrupted run
     lines, ref = _train_lines(part), _train_lines(full.run_dir)
@@ -209,8 +215,31 @@ def _digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def test_same_weights_as_before_the_refactor(tmp_path: Path) -> None:
-    """PRP (with augmentation) then fine-tuning from it, as recorded before tasks were plug-ins."""
+def _lr_before_issue_13(step: int, total_steps: int, warmup_steps: int, peak: float, floor: float) -> float:
+    """The schedule the digests of BEFORE were recorded with (lr 0 on the first step)."""
+    if step < warmup_steps:
+        return peak * step / max(1, warmup_steps)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+#: the same runs with warmup starting at step + 1 (no zero learning rate on the first step)
+AFTER_WARMUP_FIX = {"prp": "4d617ed3bc798f0f", "ft": "f43d3a57e5779054", "top1": 0.25}
+
+
+def test_same_weights_with_the_warmup_fix(tmp_path: Path) -> None:
+    """The runs below with today's schedule: only the learning rate changed since BEFORE."""
+    _same_weights(tmp_path, AFTER_WARMUP_FIX)
+
+
+def test_same_weights_as_before_the_refactor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PRP (with augmentation) then fine-tuning from it, as recorded before tasks were plug-ins
+    (with the learning-rate schedule of that time: every other change keeps the weights)."""
+    monkeypatch.setattr(train.loop, "lr_at", _lr_before_issue_13)
+    _same_weights(tmp_path, BEFORE)
+
+
+def _same_weights(tmp_path: Path, BEFORE: dict) -> None:
     st = write_synthetic_store(tmp_path / "s.zarr", num_classes=3)
     tiny = [f'data.store="{st.path}"', *TINY[:-2]]
     fit(resolve_train_config("prp", None, None, [*tiny, f'run_dir="{tmp_path / "prp"}"', "optim.epochs=3", "seed=3",

@@ -88,12 +88,43 @@ def resolve_train_config(task: str, dataset: str | None, config_file: str | Path
                               f"set e.g. {task_cls.section or 'optim'}.<key> instead")
     sections = plugin_sections()
     parsed = {s: d.pop(s) for s in list(d) if s in sections}
+    problems: list[str] = []
     for s, values in parsed.items():  # type-check every section, active or not
         if not isinstance(values, dict):
-            raise ConfigError(f"invalid config: {s!r} is a table of {sections[s].__name__} fields, got {values!r}")
-        from_dict(sections[s], values, s)
+            problems.append(f"{s!r} is a table of {sections[s].__name__} fields, got {values!r}")
+            continue
+        try:
+            from_dict(sections[s], values, s)
+        except ConfigError as e:
+            problems += _problem_lines(e)
     evals = {n: parsed.get(EVALUATIONS.get(n).section or "", {}) for n in task_cls.evaluations}
-    return _assemble(task_cls, d, parsed.get(task_cls.section or ""), evals)
+    try:
+        cfg = _assemble(task_cls, d, parsed.get(task_cls.section or ""), evals)
+    except ConfigError as e:
+        problems += [p for p in _problem_lines(e) if p not in problems]
+        problems += [p for p in _top_level_problems(d) if p not in problems]
+    if problems:  # every problem of every section in one error
+        if len(problems) == 1:
+            raise ConfigError(f"invalid config: {problems[0]}")
+        raise ConfigError("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
+    return cfg
+
+
+def _top_level_problems(d: Mapping[str, Any]) -> list[str]:
+    """Range problems of the top-level scalar values of ``d`` (``from_dict`` skips the top-level
+    check once a section has a problem; this keeps every problem in one error)."""
+    probe = TrainConfig()
+    for k, v in d.items():
+        if k in TrainConfig.__dataclass_fields__ and not isinstance(v, dict):
+            object.__setattr__(probe, k, v)
+    return probe.own_problems()
+
+
+def _problem_lines(e: ConfigError) -> list[str]:
+    """The problems listed by a ``from_dict`` error (``invalid config: x`` or a ``  - x`` list)."""
+    text = str(e).removeprefix("invalid config:").strip()
+    lines = [ln.strip().removeprefix("- ").removeprefix("TrainConfig: ") for ln in text.splitlines() if ln.strip()]
+    return lines or [str(e)]
 
 
 def load_train_config(d: Mapping[str, Any]) -> TrainConfig:

@@ -17,13 +17,18 @@ from torch.utils.data import Dataset
 
 from pipeline.errors import FreezeframeError
 from pipeline.registry import Registry
-from pipeline.store import FeatureStore, open_store
-from train.schema import TrainConfig
+from pipeline.splits import read_split_table
+from pipeline.store import FeatureStore, open_store, store_status
+from train.schema import TrainConfig, raise_problems, range_problems
 from train.sampling import PRPConfig, clip_fits, prp_clips, random_clip, test_clips
 
 
 class DataError(FreezeframeError):
     """The store cannot feed the requested training (empty split, clips too long...)."""
+
+
+class NonFiniteFeaturesError(DataError):
+    """Stored features hold NaN or inf (a damaged shard): training on them would be garbage."""
 
 
 # --------------------------------------------------------------------------------------
@@ -103,6 +108,32 @@ class _StoreVideos(Dataset):
                 f"wrap-around is off; use fewer frames, a smaller stride, or {section}.short_video=wrap"
             )
 
+    def checked(self, video_id: str, indices: np.ndarray, feats: np.ndarray) -> np.ndarray:
+        """``feats`` (``len(indices)`` frames first) unless a value is NaN/inf: then
+        :class:`NonFiniteFeaturesError` naming the video, the stored frame and its shard."""
+        flat = feats.reshape(len(indices), -1)
+        finite = np.isfinite(flat).all(axis=1)
+        if not finite.all():
+            frame = int(np.asarray(indices)[int(np.argmin(finite))])
+            raise NonFiniteFeaturesError(
+                f"video {video_id!r} frame {frame} in store {self.store.path} (shard {self.store.meta(video_id).shard}) "
+                f"has NaN/inf features: the store is damaged. Run `freezeframe verify {self.store.path}`, re-extract "
+                "the damaged shards, or set data.skip_bad_videos=true to leave such videos out")
+        return feats
+
+    def drop_bad_videos(self) -> list[str]:
+        """Scan every video of the split and leave out those with NaN/inf features (before
+        training, on every rank alike); returns the ids left out."""
+        bad = [v for v in self.video_ids if not np.isfinite(self.store.features(v)).all()]
+        if bad:
+            keep = [i for i, v in enumerate(self.video_ids) if v not in set(bad)]
+            self.video_ids = [self.video_ids[i] for i in keep]
+            self.lengths = self.lengths[keep]
+            if not self.video_ids:
+                raise DataError(f"every video of split {self.split!r} of store {self.store.path} has NaN/inf features; "
+                                "re-extract the store")
+        return bad
+
     def label(self, index: int) -> int:
         lab = self.store.meta(self.video_ids[index]).label
         if lab is None:
@@ -130,7 +161,8 @@ class PRPDataset(_StoreVideos):
         vid = self.video_ids[index]
         clips = prp_clips(int(self.lengths[index]), rng, self.cfg)
         idx = np.stack([c.indices for c in clips])  # (K, T)
-        feats = self.store.features(vid, idx.reshape(-1)).reshape(*idx.shape, *self.store.feature_shape)
+        feats = self.checked(vid, idx.reshape(-1), self.store.features(vid, idx.reshape(-1)))
+        feats = feats.reshape(*idx.shape, *self.store.feature_shape)
         if self.augment:
             feats = np.stack([apply_augmentations(self.augment, f, rng) for f in feats])
         labels = np.array([c.rate_label for c in clips], dtype=np.int64)
@@ -144,6 +176,9 @@ class ClipConfig:
     num_frames: int = 8
     stride: int = 2
     short_video: str = "wrap"  # wrap | clamp (see train.sampling)
+
+    def __post_init__(self) -> None:
+        raise_problems(range_problems(self, at_least=[("num_frames", 1), ("stride", 1)]))
 
 
 class ClipDataset(_StoreVideos):
@@ -160,7 +195,7 @@ class ClipDataset(_StoreVideos):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         rng = self._rng(index)
         idx = random_clip(int(self.lengths[index]), rng, self.cfg.num_frames, self.cfg.stride, self.cfg.short_video)
-        clip = self.store.features(self.video_ids[index], idx)
+        clip = self.checked(self.video_ids[index], idx, self.store.features(self.video_ids[index], idx))
         if self.augment:
             clip = apply_augmentations(self.augment, clip, rng)
         return torch.from_numpy(np.ascontiguousarray(clip)), self.label(index)
@@ -175,6 +210,9 @@ class TestViewConfig:
     stride: int = 8
     short_video: str = "wrap"
 
+    def __post_init__(self) -> None:
+        raise_problems(range_problems(self, at_least=[("num_clips", 1), ("num_frames", 1), ("stride", 1)]))
+
 
 class TestViewDataset(_StoreVideos):
     """All test views of a video. Item: ``((V, T, H, W, C), label)``; logits are averaged over V."""
@@ -188,7 +226,8 @@ class TestViewDataset(_StoreVideos):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         idx = test_clips(int(self.lengths[index]), self.cfg.num_clips, self.cfg.num_frames, self.cfg.stride,
                          self.cfg.short_video)  # (V, T)
-        feats = self.store.features(self.video_ids[index], idx.reshape(-1))
+        vid = self.video_ids[index]
+        feats = self.checked(vid, idx.reshape(-1), self.store.features(vid, idx.reshape(-1)))
         feats = feats.reshape(*idx.shape, *self.store.feature_shape)
         return torch.from_numpy(np.ascontiguousarray(feats)), self.label(index)
 
@@ -200,11 +239,22 @@ def flatten_clips(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tenso
 
 
 def open_training_store(cfg: TrainConfig) -> FeatureStore:
-    """The run's feature store (``data.store``), read into RAM first when ``data.in_memory`` says so
-    (``auto``: when its features take less than ``data.in_memory_max_gb`` GiB)."""
+    """The run's feature store (``data.store``), with the splits of ``data.splits`` when given (a
+    split table, :mod:`pipeline.splits`), read into RAM first when ``data.in_memory`` says so
+    (``auto``: when its features take less than ``data.in_memory_max_gb`` GiB). An incomplete
+    store is refused unless ``data.allow_incomplete``."""
     if not cfg.data.store:
         raise FreezeframeError("no feature store given: set data.store (or --store) to a store made by `freezeframe extract`")
+    status = store_status(cfg.data.store)
+    if status.complete_shards < status.planned_shards and not cfg.data.allow_incomplete:
+        raise DataError(
+            f"store {cfg.data.store} is incomplete: {status.complete_shards} of {status.planned_shards} shards "
+            f"extracted ({status.videos_stored} of {status.planned_videos} videos); finish it by rerunning "
+            "`freezeframe extract` with the same arguments, or set data.allow_incomplete=true to train on the "
+            "videos stored so far")
     store = open_store(cfg.data.store)
+    if cfg.data.splits:  # splits (and labels) chosen now, not at extraction
+        store.apply_split_table(read_split_table(cfg.data.splits), f"split table {cfg.data.splits}")
     mode = cfg.data.in_memory
     if mode == "yes" or (mode == "auto" and _store_bytes(store) < cfg.data.in_memory_max_gb * 2**30):
         store.load_into_memory()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from pipeline.config import config_hash, to_dict
+from pipeline.errors import FreezeframeError
 from pipeline.provenance import environment
 from train import distributed as D
 from train.config import TrainConfig, content_of
@@ -36,17 +37,24 @@ from train.schema import OptimConfig
 from train.data import open_training_store
 from train.evals import get_evaluation
 from train.models import arch_signature, check_input_channels
+from train.progress import TrainProgress
 from train.report import draw_curves
-from train.rundir import RunDir
+from train.rundir import RunDir, store_identity
 from train.tasks import get_task
 
-__all__ = ["fit", "RunResult", "lr_at", "SkipSampler"]
+__all__ = ["fit", "RunResult", "lr_at", "SkipSampler", "DivergedError"]
+
+
+class DivergedError(FreezeframeError):
+    """The loss became NaN or inf: the run stops instead of training garbage."""
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, floor: float) -> float:
-    """Linear warmup from 0 to ``peak`` over ``warmup_steps``, then cosine down to ``floor``."""
+    """Learning rate of optimiser step ``step`` (0-based): linear warmup ``peak * (step + 1) /
+    warmup_steps`` (the first step already learns: never an lr of 0), then cosine from ``peak``
+    at ``warmup_steps`` towards ``floor`` at ``total_steps``."""
     if step < warmup_steps:
-        return peak * step / max(1, warmup_steps)
+        return peak * (step + 1) / max(1, warmup_steps)
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
@@ -92,6 +100,24 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def _batches(loader: DataLoader) -> Iterator[Any]:
+    """The loader's batches; a FreezeframeError raised in a DataLoader worker is re-raised with
+    its own one-line message (not the worker's traceback text torch wraps it in)."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except FreezeframeError as e:
+            msg = str(e)
+            marker = f"{type(e).__name__}: "
+            if "Original Traceback" in msg and marker in msg:
+                msg = msg.rsplit(marker, 1)[1].strip()
+            raise type(e)(msg) from None
+        yield batch
+
+
 @dataclass
 class RunResult:
     run_dir: Path
@@ -103,7 +129,25 @@ class RunResult:
 
 
 def fit(cfg: TrainConfig, console: Any = None) -> RunResult:
-    """Train one run described by ``cfg`` (any registered task); resumable."""
+    """Train one run described by ``cfg`` (any registered task); resumable.
+
+    A run directory is trained by one process at a time (``RunDir.lock``, held by rank 0 from
+    the first write to the end); a finished run rerun with the same config prints its summary
+    and returns it without touching a file."""
+    with ExitStack() as held:
+        return _fit(cfg, console, held)
+
+
+def _finished(run: RunDir, summary: dict[str, Any], con: Any) -> RunResult:
+    """The result of a finished run, read back from its ``summary.json`` (printed too)."""
+    con.log(f"{run.path} is finished: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
+    known = {"name", "task", "epochs", "steps", "seconds", "final_loss", "skipped_videos"}
+    evals = {k: float(v) for k, v in summary.items() if k not in known and isinstance(v, (int, float))}
+    return RunResult(run.path, int(summary["steps"]), float(summary["final_loss"]), evals.get("top1"),
+                     evals.get("top5"), evals)
+
+
+def _fit(cfg: TrainConfig, console: Any, held: ExitStack) -> RunResult:
     con = console or Console(stderr=True)
     dinfo = D.setup(cfg.device)
     run = RunDir(cfg.run_dir or f"runs/{cfg.name or cfg.task}")
@@ -120,6 +164,15 @@ def fit(cfg: TrainConfig, console: Any = None) -> RunResult:
         ev.preflight(store, cfg)
     task.preflight()
     train_set: Any = task.train_dataset(cfg.seed)
+    skipped: list[str] = []
+    if cfg.data.skip_bad_videos:
+        if not hasattr(train_set, "drop_bad_videos"):
+            raise FreezeframeError(f"task {cfg.task!r} cannot leave bad videos out (its dataset has no "
+                                   "drop_bad_videos); unset data.skip_bad_videos")
+        skipped = train_set.drop_bad_videos()
+        if skipped:
+            con.log(f"[yellow]left out {len(skipped)} training video(s) with NaN/inf features: "
+                    f"{', '.join(skipped[:10])}{' ...' if len(skipped) > 10 else ''}")
     per_rank_batch = cfg.optim.batch_size
     if len(train_set) < per_rank_batch * dinfo.world:
         per_rank_batch = max(1, len(train_set) // dinfo.world)
@@ -132,6 +185,15 @@ def fit(cfg: TrainConfig, console: Any = None) -> RunResult:
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
 
+    # ---- a finished run is not trained again ----------------------------------------------
+    cfg_dict, content = to_dict(cfg), content_of(cfg)
+    if run.complete:
+        done = run.resume_state(content)  # refuses another config
+        summary = run.read_summary() or {}
+        if done is not None and int(done["step"]) >= total_steps and "steps" in summary:
+            D.teardown()
+            return _finished(run, summary, con)
+
     # ---- model and optimiser ------------------------------------------------------------
     model: nn.Module = task.build().to(dinfo.device)
     if dinfo.enabled:
@@ -143,15 +205,19 @@ def fit(cfg: TrainConfig, console: Any = None) -> RunResult:
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if (dinfo.device.type == "cuda" and cfg.amp) else nullcontext()
 
     # ---- run directory, resume ------------------------------------------------------------
-    cfg_dict, content = to_dict(cfg), content_of(cfg)
+    if dinfo.is_main:
+        held.enter_context(run.lock())  # one process per run directory, from the first write on
     step = 0
-    state = run.resume_state(content)
+    best: dict[str, Any] = {}
+    identity = store_identity(store)
+    state = run.resume_state(content, identity, con.log)
     if state is not None:
         _unwrap(model).load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         task.load_state_dict(state["task"])
         step = int(state["step"])
+        best = dict(state.get("best") or {})
         con.log(f"resuming {run.path} from step {step}/{total_steps}")
     if dinfo.is_main:
         run.checkpoints.mkdir(parents=True, exist_ok=True)
@@ -162,20 +228,53 @@ def fit(cfg: TrainConfig, console: Any = None) -> RunResult:
                               "per_rank_batch": per_rank_batch, "steps_per_epoch": steps_per_epoch})
         run.truncate_metrics(step, total_steps)
 
-    def save(path: Path) -> None:
+    def checkpoint(full: bool = True) -> dict[str, Any]:
+        """The checkpoint state (tensors and plain data only); ``full``: with the optimiser and
+        the torch RNG (what resuming needs), else the model and what describes it (final.pt)."""
+        state = {
+            "model": _unwrap(model).state_dict(), "step": step, "task": task.state_dict(), "config": cfg_dict,
+            "content": content, "config_hash": config_hash(content), "arch": arch_signature(cfg.model),
+            "store_content_hash": store.header.get("content_hash"), "store": identity, "total_steps": total_steps,
+            "finished": step >= steps_per_epoch * cfg.optim.epochs,  # max_steps stops do not finish a run
+            "best": best}
+        if full:
+            state.update(optimizer=opt.state_dict(), torch_rng=torch.get_rng_state())
+        return state
+
+    def save(path: Path, full: bool = True) -> None:
         if dinfo.is_main:
-            run.save_checkpoint(path, {
-                "model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(), "step": step,
-                "torch_rng": torch.get_rng_state(), "task": task.state_dict(), "config": cfg_dict,
-                "content": content, "config_hash": config_hash(content), "arch": arch_signature(cfg.model),
-                "store_content_hash": store.header.get("content_hash")})
+            run.save_checkpoint(path, checkpoint(full))
         D.barrier()
 
-    def evaluate() -> dict[str, float]:
-        numbers: dict[str, float] = {}
+    def evaluate() -> list[tuple[Any, Any]]:
+        """(evaluation, output) for each evaluation; a ``distributed`` one runs on every rank (each
+        on its share of the videos), the others on rank 0 (output None on the other ranks)."""
+        outs = []
         for ev in evaluations:
-            numbers.update(ev.run(_unwrap(model), store, cfg, dinfo.device).summary())
+            runs_here = getattr(ev, "distributed", False) or dinfo.is_main
+            outs.append((ev, ev.run(_unwrap(model), store, cfg, dinfo.device) if runs_here else None))
+        D.barrier()
+        return outs
+
+    def numbers_of(outs: list[tuple[Any, Any]]) -> dict[str, float]:
+        numbers: dict[str, float] = {}
+        for _, res in outs:
+            if res is not None:
+                numbers.update(res.summary())
         return numbers
+
+    def keep_best(numbers: dict[str, float]) -> None:
+        """``checkpoints/best.pt`` (model only) when ``best_metric`` improved (``*loss*`` metrics: lower is better)."""
+        nonlocal best
+        key = cfg.best_metric
+        if not key or key not in numbers or not dinfo.is_main:
+            return
+        value, lower = float(numbers[key]), "loss" in key
+        if best and (value >= best["value"] if lower else value <= best["value"]):
+            return
+        best = {"metric": key, "value": value, "step": step}
+        run.save_checkpoint(run.best, checkpoint(full=False))
+        progress.note(f"best {key} {value:.4g} at step {step}: {run.best}")
 
     # ---- loop -----------------------------------------------------------------------------
     # Inside the loop only the task's steps draw from the global torch RNG (dropout, masks...):
@@ -185,7 +284,9 @@ def fit(cfg: TrainConfig, console: Any = None) -> RunResult:
     schedule_steps = steps_per_epoch * cfg.optim.epochs  # max_steps stops early, it does not rescale the lr
     t_start = time.monotonic()
     loss_value = float("nan")
-    metrics = run.open_metrics() if dinfo.is_main else None
+    metrics = run.open_metrics(start_step=step) if dinfo.is_main else None
+    progress = TrainProgress(con, total_steps, steps_per_epoch, cfg.optim.epochs, step, enabled=dinfo.is_main)
+    held.enter_context(progress)
     while step < total_steps:
         epoch, in_epoch = divmod(step, steps_per_epoch)
         train_set.set_epoch(epoch)
@@ -196,7 +297,7 @@ def fit(cfg: TrainConfig, console: Any = None) -> RunResult:
             persistent_workers=False, multiprocessing_context="fork" if cfg.data.workers else None,
             generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))  # not the global RNG: see below
         model.train()
-        for batch in loader:
+        for batch in _batches(loader):
             batch = _to_device(batch, dinfo.device)
             lr = lr_at(step, schedule_steps, warmup_steps, peak_lr, cfg.optim.min_lr)
             for g in opt.param_groups:
@@ -204,6 +305,13 @@ def fit(cfg: TrainConfig, console: Any = None) -> RunResult:
             with amp:
                 out = task.step(model, batch)
             loss = out["loss"]
+            loss_value = float(D.all_reduce_mean(loss.detach()))
+            if not math.isfinite(loss_value):
+                raise DivergedError(
+                    f"the loss is {loss_value} at step {step + 1} (epoch {step // steps_per_epoch + 1}, lr {lr:.3g}) "
+                    f"of {run.path}; the batch's features were finite (every item is checked), so training "
+                    "diverged: lower optim.base_lr, set optim.grad_clip, or check the task's loss. Nothing "
+                    "was saved after the last good checkpoint")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.optim.grad_clip:
@@ -211,32 +319,48 @@ def fit(cfg: TrainConfig, console: Any = None) -> RunResult:
             opt.step()
             step += 1
             task.after_step(model, step)
-            loss_value = float(D.all_reduce_mean(loss.detach()))
-            if metrics and (step % cfg.log_every == 0 or step % steps_per_epoch == 0 or step == total_steps):
-                extra = {k: float(v) for k, v in out.items() if k != "loss"}
-                metrics.write({"kind": "train", "epoch": step / steps_per_epoch, "step": step, "loss": loss_value,
-                               **extra, "lr": lr, "time": round(time.monotonic() - t_start, 3)})
+            if step % cfg.log_every == 0 or step % steps_per_epoch == 0 or step == total_steps:
+                # every scalar of the step averaged over ranks, like the loss (all ranks take part)
+                extra = {k: float(D.all_reduce_mean(torch.as_tensor(v, dtype=torch.float32, device=dinfo.device)
+                                                    .detach())) for k, v in out.items() if k != "loss"}
+                scalars = {"loss": loss_value, **extra, "lr": lr}
+                progress.update(step, scalars)
+                if metrics:
+                    metrics.write({"kind": "train", "epoch": step / steps_per_epoch, "step": step, **scalars,
+                                   "time": round(time.monotonic() - t_start, 3)})
             if step % cfg.checkpoint_every == 0 or step % steps_per_epoch == 0:
                 save(run.last)
+            if step % steps_per_epoch == 0 and cfg.keep_last and dinfo.is_main:
+                run.save_snapshot(checkpoint(), step // steps_per_epoch, cfg.keep_last)
             if step >= total_steps:
                 break
         if evaluations and cfg.eval_every and (step // steps_per_epoch) % cfg.eval_every == 0 \
-                and step < total_steps and metrics:
-            metrics.write({"kind": "eval", "epoch": step / steps_per_epoch, "step": step, **evaluate()})
+                and step < total_steps:
+            numbers = numbers_of(evaluate())
+            keep_best(numbers)
+            if metrics:
+                metrics.write({"kind": "eval", "epoch": step / steps_per_epoch, "step": step, **numbers})
+            progress.note(f"evaluation at step {step}: {numbers}")
+    progress.close()
+    outs = evaluate() if evaluations else []
+    result = RunResult(run.path, step, loss_value)
+    result.evals.update(numbers_of(outs))
+    keep_best(result.evals)
     save(run.last)
-    save(run.final)
+    save(run.final, full=False)
+    if dinfo.is_main:
+        run.export_model(_unwrap(model).state_dict(), {"task": cfg.task, "step": str(step), "config": cfg_dict})
 
     # ---- evaluations and summary ---------------------------------------------------------
-    result = RunResult(run.path, step, loss_value)
     if metrics:
         summary: dict[str, Any] = {"name": cfg.name or run.path.name, "task": cfg.task, "epochs": cfg.optim.epochs,
                                    "steps": step, "seconds": round(time.monotonic() - t_start, 2),
                                    "final_loss": loss_value}
-        for ev in evaluations:
-            res = ev.run(_unwrap(model), store, cfg, dinfo.device)
+        if skipped:
+            summary["skipped_videos"] = len(skipped)
+        for ev, res in outs:
             run.write_eval(ev.name, res)
             ev.plot(res, run)
-            result.evals.update(res.summary())
         if evaluations:
             metrics.write({"kind": "eval", "epoch": step / max(1, steps_per_epoch), "step": step, **result.evals})
         summary.update(result.evals)

@@ -35,7 +35,7 @@ from train.config import TrainConfig, content_of
 from train.loop import RunResult
 from train.models import arch_signature
 from train.online import ChunkFn, ClipFeed, OnlineClipStream, ReplayBuffer
-from train.rundir import RunDir
+from train.rundir import RunDir, load_checkpoint
 from train.tasks import get_task
 
 __all__ = ["OnlineConfig", "StreamInfo", "fit_online"]
@@ -179,7 +179,7 @@ def fit_online(cfg: TrainConfig, video_ids: Sequence[str], chunks: ChunkFn, info
             if cfg.max_steps is not None and step >= cfg.max_steps:
                 break
     checkpoint()
-    run.save_checkpoint(run.final, torch.load(run.last, map_location="cpu", weights_only=False))
+    run.save_checkpoint(run.final, load_checkpoint(run.last))
     metrics.close()
     run.write_summary({"name": cfg.name or run.path.name, "task": cfg.task, "online": True, "steps": step,
                        "clips": clips_seen, "seconds": round(time.monotonic() - t0, 2), "final_loss": loss_value,

@@ -52,7 +52,7 @@ class LoadedProjection:
 def load_projection(run: str | os.PathLike) -> LoadedProjection:
     """g of a ``cosettle`` run (its final checkpoint, else the last one)."""
     ckpt_path = resolve_init(str(run))
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     cfg = load_train_config(state["config"])
     if cfg.task != "cosettle":
         raise ProjectionError(f"{run} is a {cfg.task!r} run; a projection comes from `freezeframe pretrain --task cosettle`")

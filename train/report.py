@@ -122,6 +122,8 @@ class RunRecord:
         dataset: stem of ``data.store`` (the feature store the run trained on).
         num_classes: ``model.num_classes``.
         complete: True when ``summary.json`` exists (the loop writes it last).
+        other_evals: top-1 of evaluations on another split or store (``freezeframe evaluate --split``
+            / ``--store``), by their tag (e.g. ``split=val``); never mixed into ``top1``.
         config: the full resolved config (used for pairing; not shown).
     """
 
@@ -143,6 +145,7 @@ class RunRecord:
     dataset: str | None = None
     num_classes: int | None = None
     complete: bool = True
+    other_evals: dict[str, float | None] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -202,6 +205,9 @@ def load_run(run_dir: str | Path) -> RunRecord:
     if epochs is None:
         epochs = _as_int(_get(cfg, "optim", "epochs"))
 
+    other: dict[str, float | None] = {}
+    for tag, path in run.tagged_evals().items():
+        other[tag] = _as_float((run.read_json(path) or {}).get("top1"))
     store = _get(cfg, "data", "store")
     init = cfg.get("init")
     return RunRecord(
@@ -223,6 +229,7 @@ def load_run(run_dir: str | Path) -> RunRecord:
         dataset=Path(str(store).rstrip("/\\")).stem if store else None,
         num_classes=_as_int(_get(cfg, "model", "num_classes")),
         complete=run.complete,
+        other_evals=other,
         config=cfg,
     )
 
@@ -329,14 +336,26 @@ DELTA_COLUMNS = ("dataset", "model", "seed", "scratch run", "PRP run", "PRP init
                  "top-1 scratch %", "top-1 PRP %", "Δ-Acc (pp)")
 
 
-def _run_cells(r: RunRecord, deltas: Sequence[DeltaRow]) -> list[str]:
+#: shown only when a run has evaluations on another split or store
+OTHER_EVALS_COLUMN = "other evaluations (top-1 %)"
+
+
+def _run_columns(records: Sequence[RunRecord]) -> tuple[str, ...]:
+    return RUN_COLUMNS + ((OTHER_EVALS_COLUMN,) if any(r.other_evals for r in records) else ())
+
+
+def _other_evals_cell(r: RunRecord) -> str:
+    return ", ".join(f"{tag}: {_pct(v)}" for tag, v in r.other_evals.items()) or "-"
+
+
+def _run_cells(r: RunRecord, deltas: Sequence[DeltaRow], other: bool = False) -> list[str]:
     mine = [d for d in deltas if d.pretrained is r]
     delta = ", ".join(_pp(d.delta_acc) for d in mine) if mine else "-"
     name = r.name if r.complete else f"{r.name} (running)"
     return [
         name, r.task, r.dataset or "-", r.model_label, _int(r.blocks), r.init_label, _int(r.seed), _int(r.epochs),
         _pct(r.top1), _pct(r.top5), delta, _loss(r.final_loss), _duration(r.seconds),
-    ]
+    ] + ([_other_evals_cell(r)] if other else [])
 
 
 def _delta_cells(d: DeltaRow) -> list[str]:
@@ -381,8 +400,9 @@ def render_table(records: Sequence[RunRecord], deltas: Sequence[DeltaRow] = ()) 
     Compact for a terminal: short headers; dataset / blocks / epochs move into the title when all
     runs share them.
     """
-    rows = [_run_cells(r, deltas) for r in records]
-    return _terminal_table("freezeframe runs", RUN_COLUMNS, rows, [None if r.complete else "dim" for r in records])
+    columns = _run_columns(records)
+    rows = [_run_cells(r, deltas, len(columns) > len(RUN_COLUMNS)) for r in records]
+    return _terminal_table("freezeframe runs", columns, rows, [None if r.complete else "dim" for r in records])
 
 
 def render_delta_table(deltas: Sequence[DeltaRow]) -> Table:
@@ -409,7 +429,9 @@ def _md_table(columns: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
 
 def render_markdown(records: Sequence[RunRecord], deltas: Sequence[DeltaRow] = ()) -> str:
     """Markdown: the run table and the Delta-Acc table (accuracies in %, Delta-Acc in percentage points)."""
-    parts = ["## Runs", "", _md_table(RUN_COLUMNS, (_run_cells(r, deltas) for r in records)), ""]
+    columns = _run_columns(records)
+    other = len(columns) > len(RUN_COLUMNS)
+    parts = ["## Runs", "", _md_table(columns, (_run_cells(r, deltas, other) for r in records)), ""]
     parts += [
         "## Δ-Acc (pretraining gain)",
         "",

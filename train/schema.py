@@ -10,10 +10,38 @@ report) are declared once, on the field, with :func:`pipeline.config.runtime`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 from pipeline.config import runtime
 from train.models import ModelConfig
+
+
+def range_problems(obj: Any, at_least: Iterable[tuple[str, float]] = (), positive: Iterable[str] = (),
+                   choices: Iterable[tuple[str, tuple[str, ...]]] = ()) -> list[str]:
+    """One line per field of ``obj`` out of range: ``(name, low)`` pairs must be ``>= low``
+    (``None`` allowed where the field is optional), ``positive`` names ``> 0``, ``choices``
+    ``(name, allowed)`` one of the allowed strings. Type errors are the loader's job."""
+    out: list[str] = []
+    for name, low in at_least:
+        v = getattr(obj, name)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v < low:
+            out.append(f"{name} must be >= {low}, got {v!r}")
+    for name in positive:
+        v = getattr(obj, name)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not v > 0:
+            out.append(f"{name} must be > 0, got {v!r}")
+    for name, allowed in choices:
+        v = getattr(obj, name)
+        if v not in allowed:
+            out.append(f"{name} must be one of {list(allowed)}, got {v!r}")
+    return out
+
+
+def raise_problems(problems: list[str]) -> None:
+    """Raise one ValueError listing every problem (``pipeline.config.from_dict`` reports it with
+    the section's dotted name, together with the other sections' problems)."""
+    if problems:
+        raise ValueError("\n".join(problems))
 
 
 @dataclass
@@ -35,16 +63,33 @@ class OptimConfig:
     grad_clip: float | None = None
     decay_matrices_only: bool = False  # weight decay on weight matrices only (not biases, norms)
 
+    def __post_init__(self) -> None:
+        problems = range_problems(self, at_least=[("epochs", 1), ("batch_size", 1), ("warmup_epochs", 0),
+                                                  ("min_lr", 0), ("weight_decay", 0), ("label_smoothing", 0),
+                                                  ("base_lr", 0)])  # base_lr 0: weights kept (checks)
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            problems.append(f"grad_clip must be > 0 or unset (null), got {self.grad_clip!r}")
+        if not 0 <= self.label_smoothing < 1:
+            problems.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        raise_problems(problems)
+
 
 @dataclass
 class DataConfig:
     store: str = ""
+    splits: str = ""  # split table (JSONL: video_id, split[, label]; a manifest works) replacing the store's splits
     train_split: str = "train"
     test_split: str = "test"
     workers: int = runtime(2)  # DataLoader workers per rank
     in_memory: str = runtime("auto")  # auto | yes | no: read the whole store into RAM first
     in_memory_max_gb: float = runtime(4.0)  # "auto" loads the store when it is smaller than this
     augment: tuple[str, ...] = ()  # feature-space augmentations, e.g. ("hflip", "grid-crop")
+    allow_incomplete: bool = runtime(False)  # train on a store whose extraction has not finished
+    skip_bad_videos: bool = False  # leave out (count, report) training videos with NaN/inf features
+
+    def __post_init__(self) -> None:
+        raise_problems(range_problems(self, at_least=[("workers", 0)], positive=["in_memory_max_gb"],
+                                      choices=[("in_memory", ("auto", "yes", "no"))]))
 
 
 @dataclass
@@ -62,6 +107,8 @@ class TrainConfig:
     device: str = runtime("auto")
     amp: bool = True  # bf16 autocast on CUDA
     init: str | None = None  # a run dir or checkpoint to start from (tasks that accept one)
+    init_unfinished: bool = runtime(False)  # allow init from a run that did not finish training
+    init_other_store: bool = runtime(False)  # allow init from a run trained on a store of other features
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -69,5 +116,18 @@ class TrainConfig:
     checkpoint_every: int = runtime(50)  # steps between checkpoints (also at every epoch end)
     log_every: int = runtime(10)  # steps between metric lines
     max_steps: int | None = runtime(None)  # stop early (debugging); the lr schedule is unchanged
+    keep_last: int = runtime(0)  # keep the last N end-of-epoch checkpoints (checkpoints/epoch-<e>.pt); 0: none
+    best_metric: str = runtime("")  # keep checkpoints/best.pt by this evaluation number (e.g. top1; *loss*: lower)
     task_cfg: Any = None  # the active task's section (a Task.Config instance), set by the resolver
     eval_cfg: dict[str, Any] = field(default_factory=dict)  # evaluation name -> its section
+
+    def __post_init__(self) -> None:
+        raise_problems(self.own_problems())
+
+    def own_problems(self) -> list[str]:
+        """Out-of-range values of the top-level fields (the sections check themselves)."""
+        problems = range_problems(self, at_least=[("eval_every", 0), ("checkpoint_every", 1), ("log_every", 1),
+                                                  ("keep_last", 0)])
+        if self.max_steps is not None and isinstance(self.max_steps, int) and self.max_steps < 1:
+            problems.append(f"max_steps must be >= 1 or unset (null), got {self.max_steps!r}")
+        return problems

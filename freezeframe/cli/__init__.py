@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "represent": "freezeframe.cli.train",
     "project": "freezeframe.cli.train",
     "report": "freezeframe.cli.train",
+    "sweep": "freezeframe.cli.train",
     "synth-longform": "freezeframe.cli.longform",
     "pretext": "freezeframe.cli.longform",
     "pretext-online": "freezeframe.cli.longform",

@@ -17,6 +17,7 @@ from rich.text import Text
 from freezeframe.cli.common import console, new_app
 from freezeframe.cli.common import out as out_console
 from manifests import ManifestWarning, build_manifest
+from manifests.splits import hold_out, splits_from_table
 from pipeline.manifest import (
     ManifestRow,
     class_names,
@@ -32,6 +33,12 @@ _ROOT = typer.Option(..., "--root", help="Folder holding the videos.")
 _ANN = typer.Option(..., "--annotations", help="Folder holding the official annotation files.")
 _SPLITS = typer.Option(None, "--split", help="Split to include (repeat for several; default: all found).")
 _CLASSES_FILE = typer.Option(None, "--classes-file", help="Class names, one per line (label = line order).")
+_SPLIT_FILE = typer.Option(None, "--split-file", help="Split table (JSONL: video_id, split[, label]) deciding each "
+                           "video's split; videos it does not list are left out.", show_default=False)
+_HOLDOUT = typer.Option(None, "--holdout", help="Fraction of the train split to hold out (per class, seeded).",
+                        show_default=False)
+_HOLDOUT_SPLIT = typer.Option("val", "--holdout-split", help="Split name of the held-out videos.")
+_HOLDOUT_SEED = typer.Option(0, "--holdout-seed", help="Seed of the held-out choice.")
 
 
 def summary_table(rows: list[ManifestRow]) -> Table:
@@ -48,11 +55,18 @@ def summary_table(rows: list[ManifestRow]) -> Table:
     return table
 
 
-def run_builder(fmt: str, out_path: Path, **options: Any) -> list[ManifestRow]:
-    """Build, validate, write ``out_path`` and print a summary (warnings on stderr)."""
+def run_builder(fmt: str, out_path: Path, *, split_file: Optional[Path] = None, holdout: Optional[float] = None,
+                holdout_split: str = "val", holdout_seed: int = 0, **options: Any) -> list[ManifestRow]:
+    """Build, validate, write ``out_path`` and print a summary (warnings on stderr). ``split_file``
+    (a split table) then ``holdout`` (a fraction of ``train`` moved to ``holdout_split``) decide
+    the splits after the builder (:mod:`manifests.splits`)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ManifestWarning)
         rows = build_manifest(fmt, **options)
+        if split_file is not None:
+            rows = splits_from_table(rows, split_file)
+        if holdout is not None:
+            rows = hold_out(rows, holdout, seed=holdout_seed, to_split=holdout_split)
         validate_manifest(rows, check_files=False)  # files were checked by the builder
     for w in caught:
         console.print(
@@ -173,10 +187,13 @@ def ava_cmd(
 def folder_cmd(
     root: Path = _ROOT,
     split: str = typer.Option("train", help="Split name of every row."),
+    split_file: Optional[Path] = _SPLIT_FILE, holdout: Optional[float] = _HOLDOUT,
+    holdout_split: str = _HOLDOUT_SPLIT, holdout_seed: int = _HOLDOUT_SEED,
     out: Path = _OUT,
 ) -> None:
     """Every video under a folder (recursive), unlabelled; video_id = relative path without extension."""
-    run_builder("folder", out, root=root, split=split)
+    run_builder("folder", out, root=root, split=split, split_file=split_file, holdout=holdout,
+                holdout_split=holdout_split, holdout_seed=holdout_seed)
 
 
 @app.command("folder-per-class")
@@ -185,11 +202,14 @@ def folder_per_class_cmd(
     layout: str = typer.Option("auto", help="auto, class (<root>/<class>/) or split-class (<root>/<split>/<class>/)."),
     split: str = typer.Option("train", help="Split name for the 'class' layout."),
     classes_file: Optional[Path] = _CLASSES_FILE,
+    split_file: Optional[Path] = _SPLIT_FILE, holdout: Optional[float] = _HOLDOUT,
+    holdout_split: str = _HOLDOUT_SPLIT, holdout_seed: int = _HOLDOUT_SEED,
     out: Path = _OUT,
 ) -> None:
     """<root>/<class>/<video> (or <root>/<split>/<class>/<video>); labels = sorted class folders."""
     run_builder(
-        "folder-per-class", out, root=root, layout=layout, split=split, classes_file=classes_file
+        "folder-per-class", out, root=root, layout=layout, split=split, classes_file=classes_file,
+        split_file=split_file, holdout=holdout, holdout_split=holdout_split, holdout_seed=holdout_seed,
     )
 
 

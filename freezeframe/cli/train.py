@@ -16,6 +16,7 @@ import typer
 from rich.table import Table
 
 from freezeframe.cli.common import config_option, console, flag_overrides, new_app, out
+from pipeline.config import to_dict
 from train.config import TrainConfig, resolve_train_config
 from train.evaluate import evaluate_run
 from pipeline.store import open_store
@@ -24,8 +25,9 @@ from train.project import apply_projection, check_fits, load_projection
 from train.report import report_main
 from train.represent import measure_store
 from train.stats import tmm_stats
+from train.sweep import expand_sweep, load_sweep, sweep_configs
 
-app = new_app("Stage 2: stats, pretrain, finetune, evaluate, represent, project, report.")
+app = new_app("Stage 2: stats, pretrain, finetune, evaluate, represent, project, report, sweep.")
 
 _DATASET = typer.Option(None, help="Training config train/configs/<name>.toml (e.g. ucf101, synth-motion).")
 _CONFIG = typer.Option(None, help="TOML config file ([common], [pretrain], [finetune] tables).")
@@ -37,11 +39,17 @@ _KT = config_option(TrainConfig, "model.tmm.temporal_kernel", "TMM temporal kern
 _ARCH = config_option(TrainConfig, "model.arch", "tmm | avgpool.")
 _SET = typer.Option([], "--set", metavar="KEY=VALUE", show_default=False,
                     help="Override any config field (repeatable; e.g. --set optim.base_lr=5e-4).")
+_PRINT = typer.Option(False, "--print-config", help="Print the resolved config as JSON and exit without training.")
 
 
-def _train(task: str, dataset: Optional[str], config: Optional[Path], set_: list[str], **flags: object) -> None:
-    """Resolve the config of ``task`` and train it with :func:`train.loop.fit`."""
-    res = fit(resolve_train_config(task, dataset, config, flag_overrides(**flags) + list(set_)), console)
+def _train(task: str, dataset: Optional[str], config: Optional[Path], set_: list[str], print_config: bool = False,
+           **flags: object) -> None:
+    """Resolve the config of ``task`` and train it with :func:`train.loop.fit` (or only print it)."""
+    cfg = resolve_train_config(task, dataset, config, flag_overrides(**flags) + list(set_))
+    if print_config:
+        print(json.dumps(to_dict(cfg), indent=2))
+        return
+    res = fit(cfg, console)
     msg = f"run {res.run_dir}: {res.steps} steps, final loss {res.final_loss:.4f}"
     if res.top1 is not None:
         msg += f", test top-1 {100 * res.top1:.2f}% top-5 {100 * (res.top5 or 0):.2f}%"
@@ -56,10 +64,10 @@ def pretrain(
     temporal_kernel: Optional[int] = _KT, arch: Optional[str] = _ARCH,
     task: str = typer.Option("prp", help="prp (TMM + head, playback-rate perception) | cosettle (Co-Settle "
                              "projection g on patch tokens, docs/cosettle.md)."),
-    set_: list[str] = _SET,
+    set_: list[str] = _SET, print_config: bool = _PRINT,
 ) -> None:
     """Pretraining on cached features: PRP (TMM + head) or Co-Settle (projection g); torchrun for several ranks."""
-    _train(task, dataset, config, set_, **{
+    _train(task, dataset, config, set_, print_config, **{
         "data.store": store, "run_dir": run_dir, "optim.epochs": epochs, "seed": seed,
         "model.tmm.temporal_kernel": temporal_kernel, "model.arch": arch})
 
@@ -72,10 +80,10 @@ def finetune(
                                         "--set init=\"\" trains from scratch).", show_default=False),
     epochs: Optional[int] = _EPOCHS, seed: Optional[int] = _SEED,
     temporal_kernel: Optional[int] = _KT, arch: Optional[str] = _ARCH,
-    set_: list[str] = _SET,
+    set_: list[str] = _SET, print_config: bool = _PRINT,
 ) -> None:
     """Fine-tune TMM + a new head on labels, then evaluate with the multi-view test protocol."""
-    _train("finetune", dataset, config, set_, **{
+    _train("finetune", dataset, config, set_, print_config, **{
         "data.store": store, "run_dir": run_dir, "init": init, "optim.epochs": epochs,
         "seed": seed, "model.tmm.temporal_kernel": temporal_kernel, "model.arch": arch})
 
@@ -87,9 +95,17 @@ def evaluate(
                                          show_default=False),
     split: Optional[str] = typer.Option(None, help="Split to evaluate (default: the run's test split).",
                                         show_default=False),
+    splits: Optional[Path] = typer.Option(None, help="Split table to take the split from (default: the run's "
+                                          "data.splits; on another store, that store's own splits).",
+                                          show_default=False),
+    device: str = typer.Option("auto", help="auto (this rank's GPU, else CPU) | cpu | cuda | cuda:N; "
+                               "under torchrun the ranks share the videos."),
 ) -> None:
-    """Top-1, top-5, per-class accuracy and a confusion-matrix PNG of a run's final checkpoint."""
-    ev = evaluate_run(run_dir, store=store, split=split)
+    """Top-1, top-5, per-class accuracy and a confusion-matrix PNG of a run's final checkpoint
+    (on another split or store: a result file of its own, never the run's eval.json)."""
+    ev = evaluate_run(run_dir, store=store, split=split, splits=splits, device=device)
+    if ev.file is None:  # not rank 0
+        return
     res = ev.output
     t = Table(title=f"evaluation of {run_dir} on {ev.store}:{ev.split}")
     t.add_column("class")
@@ -98,7 +114,8 @@ def evaluate(
         t.add_row(str(name), f"{100 * acc:.1f}%" if acc == acc else "-")
     out.print(t)
     out.print(f"top-1 {100 * res.top1:.2f}%  top-5 {100 * res.top5:.2f}%  ({res.num_videos} videos, "
-              f"{res.views} views each); confusion matrix: {', '.join(map(str, ev.plots))}")
+              f"{res.views} views each); written to {ev.file}"
+              + (f"; confusion matrix: {', '.join(map(str, ev.plots))}" if ev.plots else ""))
 
 
 @app.command()
@@ -157,6 +174,27 @@ def report(
 ) -> None:
     """Tabulate runs side by side, with the PRP pretraining gain (Delta-Acc) where pairs exist."""
     raise typer.Exit(report_main(list(runs), out_md))
+
+
+@app.command()
+def sweep(
+    spec: Path = typer.Argument(..., help="Sweep spec (TOML: task, out, set, [grid], [[runs]]; see train/sweep.py)."),
+    index: int = typer.Option(0, help="This job's index (Slurm array task id, or one machine of several)."),
+    count: int = typer.Option(1, help="Number of jobs sharing the sweep (run i goes to job i % count)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the runs and their overrides, train nothing."),
+) -> None:
+    """Train a grid of ablations over one store, one run directory each (reruns resume), then report them."""
+    s = load_sweep(spec)
+    runs = expand_sweep(s)
+    if dry_run:
+        for r in runs:
+            out.print(f"{Path(s.out) / r.name}: {' '.join(r.overrides)}", soft_wrap=True, highlight=False)
+        return
+    for cfg in sweep_configs(s, resolve_train_config, index, count):
+        console.log(f"sweep run {cfg.run_dir}")
+        fit(cfg, console)
+    if count == 1:
+        raise typer.Exit(report_main([Path(s.out) / r.name for r in runs], Path(s.out) / "report.md"))
 
 
 @app.command()

@@ -35,6 +35,8 @@ from pipeline.store.layout import (
     Failure,
     VideoEntry,
     create_once,
+    file_lock,
+    file_locked,
     lock_path,
     marker_path,
     read_markers,
@@ -59,6 +61,7 @@ __all__ = [
     "ATTR_KEY", "CODECS", "FORMAT_VERSION", "HEADER_FILE", "INTEGRITY_VERSION", "PEA_OFFSETS", "PEA_PREFIX",
     "STORAGE_DTYPES", "Failure", "FeatureStore", "Problem", "ShardWriter", "StorageDtype", "StoreStatus",
     "VerifyReport", "VideoEntry", "check_store", "content_mismatch", "create_once", "decode_pea", "encode_pea",
-    "init_store", "lock_path", "marker_path", "open_store", "read_header", "read_markers", "repair_store",
-    "scan_markers", "shard_lock", "shard_locked", "shard_name", "store_status", "verify_store",
+    "file_lock", "file_locked", "init_store", "lock_path", "marker_path", "open_store", "read_header",
+    "read_markers", "repair_store", "scan_markers", "shard_lock", "shard_locked", "shard_name", "store_status",
+    "verify_store",
 ]

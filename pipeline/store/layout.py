@@ -145,17 +145,16 @@ def lock_path(root: str | os.PathLike, shard: str) -> Path:
 
 
 @contextmanager
-def shard_lock(root: str | os.PathLike, shard: str) -> Iterator[bool]:
-    """Try to become the writer of ``shard``: yields True while this process holds its lock,
-    False (at once, without waiting) when another process holds it.
+def file_lock(path: str | os.PathLike) -> Iterator[bool]:
+    """Try to take the advisory ``flock`` on ``path`` (created if missing): yields True while
+    this process holds it, False (at once, without waiting) when another process holds it.
 
-    An advisory ``flock`` on ``STORE/locks/<shard>.lock``: the kernel drops it when its holder
-    exits, even by SIGKILL, so a crashed run never leaves a stale lock. The file names the
-    holder (host, pid) for people looking. (``flock`` is reliable on local disks and most
-    cluster file systems; torchrun ranks and ``--shard-index`` jobs never need it, since their
-    shards are disjoint.)
+    The kernel drops the lock when its holder exits, even by SIGKILL, so a crashed process
+    never leaves a stale lock. The file names the holder (host, pid) for people looking.
+    (``flock`` is reliable on local disks and most cluster file systems.) Used for store
+    shards (:func:`shard_lock`) and training run directories.
     """
-    path = lock_path(root, shard)
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -171,10 +170,9 @@ def shard_lock(root: str | os.PathLike, shard: str) -> Iterator[bool]:
         os.close(fd)  # releases the lock
 
 
-def shard_locked(root: str | os.PathLike, shard: str) -> bool:
-    """Whether a live process holds ``shard``'s lock (i.e. is writing it now)."""
-    path = lock_path(root, shard)
-    if not path.exists():
+def file_locked(path: str | os.PathLike) -> bool:
+    """Whether a live process holds the :func:`file_lock` on ``path``."""
+    if not Path(path).exists():
         return False
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -184,3 +182,20 @@ def shard_locked(root: str | os.PathLike, shard: str) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+@contextmanager
+def shard_lock(root: str | os.PathLike, shard: str) -> Iterator[bool]:
+    """Try to become the writer of ``shard``: yields True while this process holds its lock,
+    False (at once, without waiting) when another process holds it.
+
+    A :func:`file_lock` on ``STORE/locks/<shard>.lock``. (torchrun ranks and
+    ``--shard-index`` jobs never need it, since their shards are disjoint.)
+    """
+    with file_lock(lock_path(root, shard)) as held:
+        yield held
+
+
+def shard_locked(root: str | os.PathLike, shard: str) -> bool:
+    """Whether a live process holds ``shard``'s lock (i.e. is writing it now)."""
+    return file_locked(lock_path(root, shard))

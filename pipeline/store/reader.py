@@ -12,6 +12,7 @@ saying what to do (``freezeframe verify``, then ``--repair``). See
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,6 +22,7 @@ import zarr
 from zarr.core.sync import sync
 
 from pipeline.errors import StoreError
+from pipeline.splits import SplitEntry, split_table_sha256
 from pipeline.store.header import read_header
 from pipeline.store.integrity import expected_files, frames_per_file, marker_digest, shard_file_key
 from pipeline.store.layout import Failure, VideoEntry, read_markers, shards_dir
@@ -58,6 +60,7 @@ class FeatureStore:
         self._handles: dict[str, dict[str, zarr.Array]] = {}
         self._pid = os.getpid()
         self._memory: dict[str, dict[str, np.ndarray]] | None = None
+        self.split_table: str | None = None  # sha256 of the split table applied (None: the store's own splits)
         if in_memory:
             self.load_into_memory()
 
@@ -91,8 +94,35 @@ class FeatureStore:
     def splits(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for e in self._index.values():
-            out[e.split] = out.get(e.split, 0) + 1
+            if e.split:  # "": left out by a split table
+                out[e.split] = out.get(e.split, 0) + 1
         return out
+
+    def apply_split_table(self, table: dict[str, SplitEntry], source: str = "the split table") -> None:
+        """Take splits (and labels, where the table gives them) from ``table`` instead of the
+        ones recorded at extraction; videos of the store not in the table are in no split.
+
+        Every video of the table must be stored: otherwise one :class:`StoreError` lists the
+        missing ones (with the reason of those that failed at extraction)."""
+        missing = [v for v in table if v not in self._index]
+        if missing:
+            failed = {f.video_id: f for f in self.failures()}
+            lines = [f"  - {v}" + (f" (failed at extraction: {failed[v].stage}: {failed[v].message})"
+                                   if v in failed else "") for v in missing[:50]]
+            more = [f"  ... and {len(missing) - 50} more"] if len(missing) > 50 else []
+            raise StoreError(
+                f"{len(missing)} video(s) of {source} are not in store {self.path} ({len(table) - len(missing)} "
+                "are); extract them (a manifest that lists them), or leave them out of the table:\n"
+                + "\n".join(lines + more))
+        for vid, e in self._index.items():
+            t = table.get(vid)
+            if t is None:
+                self._index[vid] = dataclasses.replace(e, split="")
+            elif t.has_label:
+                self._index[vid] = dataclasses.replace(e, split=t.split, label=t.label, label_name=t.label_name)
+            else:
+                self._index[vid] = dataclasses.replace(e, split=t.split)
+        self.split_table = split_table_sha256(table)
 
     def failures(self) -> list[Failure]:
         """Failures of videos that are not (yet) stored, latest attempt last."""

@@ -34,6 +34,9 @@ class Evaluation:
     name: ClassVar[str] = ""
     section: ClassVar[str | None] = None
     Config: ClassVar[type] = NoOptions
+    #: True: ``run`` is called on every rank (each takes its share of the work and the output is
+    #: gathered, the same on every rank); False: on rank 0 alone while the others wait
+    distributed: ClassVar[bool] = False
 
     def options(self, cfg: TrainConfig) -> Any:
         return cfg.eval_cfg.get(self.name) or self.Config()

@@ -9,8 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from pipeline.store import FeatureStore
 from train.data import TestViewConfig, TestViewDataset
@@ -26,16 +27,24 @@ from train.schema import TrainConfig
 class MultiViewTest(Evaluation):
     section = "test"
     Config = TestViewConfig
+    distributed = True  # under torchrun each rank scores every world-th video; logits are gathered
 
     def preflight(self, store: FeatureStore, cfg: TrainConfig) -> None:
         TestViewDataset(store, cfg.data.test_split, self.options(cfg))  # refuses an empty test split now
 
     @torch.no_grad()
     def run(self, model: nn.Module, store: FeatureStore, cfg: TrainConfig, device: torch.device) -> EvalResult:
-        """Logits of every view ``(B, V, K)`` averaged over V per video; eval mode, restored after."""
+        """Logits of every view ``(B, V, K)`` averaged over V per video; eval mode, restored after.
+
+        Under torchrun (a process group) rank r scores videos r, r + world, ... on its own device
+        and the per-video logits are gathered on every rank, in video order: the same result as
+        one process, in 1/world of the time."""
         opts = self.options(cfg)
         ds = TestViewDataset(store, cfg.data.test_split, opts)
-        loader = DataLoader(ds, batch_size=8, num_workers=0, generator=torch.Generator())  # leaves the global RNG alone
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        mine = list(range(rank, len(ds), world))
+        loader = DataLoader(Subset(ds, mine), batch_size=8, num_workers=0,
+                            generator=torch.Generator())  # leaves the global RNG alone
         was_training = model.training
         model.eval()
         all_logits, all_targets = [], []
@@ -45,8 +54,15 @@ class MultiViewTest(Evaluation):
             all_logits.append(logits.cpu())
             all_targets.append(y)
         model.train(was_training)
-        return evaluate_logits(torch.cat(all_logits), torch.cat(all_targets), class_names(store, cfg.model.num_classes),
-                               views=opts.num_clips)
+        logits = torch.cat(all_logits) if all_logits else torch.zeros(0, cfg.model.num_classes)
+        targets = torch.cat(all_targets) if all_targets else torch.zeros(0, dtype=torch.long)
+        if world > 1:
+            parts: list = [None] * world
+            dist.all_gather_object(parts, (mine, logits, targets))
+            order = torch.tensor([i for p in parts for i in p[0]]).argsort()
+            logits = torch.cat([p[1] for p in parts])[order]
+            targets = torch.cat([p[2] for p in parts])[order]
+        return evaluate_logits(logits, targets, class_names(store, cfg.model.num_classes), views=opts.num_clips)
 
     def plot(self, out: EvalResult, run: RunDir, title: str | None = None) -> list[Path]:  # type: ignore[override]
         return [plot_confusion(out, run.confusion_png, title=title)]

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from pipeline.errors import FreezeframeError
 from pipeline.store import FeatureStore
 from train.models import build_model
+from train.rundir import check_init_source, store_identity
 from train.schema import TrainConfig
 
 
@@ -69,6 +70,9 @@ class Task:
         if self.cfg.init and not self.accepts_init:
             raise FreezeframeError(f"init (weights of an earlier run) is not used by task {self.name!r}; "
                                    "remove init, or use a task that starts from one (e.g. finetune)")
+        if self.cfg.init:  # an unfinished run, or features of another kind, are refused unless asked
+            check_init_source(self.cfg.init, store_identity(self.store), allow_unfinished=self.cfg.init_unfinished,
+                              allow_other_store=self.cfg.init_other_store)
 
     def train_dataset(self, seed: int) -> Dataset:
         """Map-style dataset of training items seeded by ``(seed, epoch, index)``; has ``set_epoch``."""
