@@ -15,14 +15,19 @@ from pipeline.cli import flag_overrides
 console = Console(stderr=True)
 out = Console()
 
-def _train_command(task: str, dataset, config, store, run_dir, init, epochs, seed, temporal_kernel, arch, set_):
-    from train.config import resolve_train_config
-    from train.loop import fit
+def _train_command(task: str, dataset, config, store, run_dir, init, epochs, seed, temporal_kernel, arch, set_,
+                   print_config: bool = False):
+    from train.config import render_config, resolve_train_config
 
     cfg = resolve_train_config(task, dataset, config, flag_overrides(
         **{"data.store": str(store) if store else None, "run_dir": str(run_dir) if run_dir else None,
            "init": str(init) if init else None, "optim.epochs": epochs, "seed": seed,
            "model.tmm.temporal_kernel": temporal_kernel, "model.arch": arch}) + list(set_))
+    if print_config:
+        print(render_config(cfg))
+        return
+    from train.loop import fit
+
     res = fit(cfg, console)
     msg = f"run {res.run_dir}: {res.steps} steps, final loss {res.final_loss:.4f}"
     if res.top1 is not None:
@@ -41,6 +46,7 @@ def register(app: typer.Typer) -> None:
         temporal_kernel=typer.Option(None, help="TMM temporal kernel kt (1 = released code, 3 = paper)."),
         arch=typer.Option(None, help="tmm | avgpool."),
         set_=typer.Option([], "--set", help="Override any config field: key=value (e.g. optim.base_lr=5e-4)."),
+        print_config=typer.Option(False, "--print-config", help="Print the resolved config (and the lr per world size); run nothing."),
     )
 
     @app.command()
@@ -49,10 +55,11 @@ def register(app: typer.Typer) -> None:
         store: Optional[Path] = common["store"], run_dir: Optional[Path] = common["run_dir"],
         epochs: Optional[int] = common["epochs"], seed: Optional[int] = common["seed"],
         temporal_kernel: Optional[int] = common["temporal_kernel"], arch: Optional[str] = common["arch"],
-        set_: list[str] = common["set_"],
+        set_: list[str] = common["set_"], print_config: bool = common["print_config"],
     ) -> None:
         """PRP pretraining of the TMM + head on cached features (torchrun for several GPUs/ranks)."""
-        _train_command("prp", dataset, config, store, run_dir, None, epochs, seed, temporal_kernel, arch, set_)
+        _train_command("prp", dataset, config, store, run_dir, None, epochs, seed, temporal_kernel, arch, set_,
+                       print_config)
 
     @app.command()
     def finetune(
@@ -61,10 +68,11 @@ def register(app: typer.Typer) -> None:
         init: Optional[Path] = typer.Option(None, help="Pretraining run dir or checkpoint (omit: from scratch)."),
         epochs: Optional[int] = common["epochs"], seed: Optional[int] = common["seed"],
         temporal_kernel: Optional[int] = common["temporal_kernel"], arch: Optional[str] = common["arch"],
-        set_: list[str] = common["set_"],
+        set_: list[str] = common["set_"], print_config: bool = common["print_config"],
     ) -> None:
         """Fine-tune TMM + a new head on labels, then evaluate with the multi-view test protocol."""
-        _train_command("finetune", dataset, config, store, run_dir, init, epochs, seed, temporal_kernel, arch, set_)
+        _train_command("finetune", dataset, config, store, run_dir, init, epochs, seed, temporal_kernel, arch, set_,
+                       print_config)
 
     @app.command()
     def evaluate(

@@ -37,6 +37,8 @@ from train.evals import get_evaluation
 from train.models import arch_signature, check_input_channels
 from train.report import draw_curves
 from train.rundir import RunDir
+from train.schema import peak_lr as scaled_lr
+from train.schema import per_rank_batch as batch_per_rank
 from train.tasks import get_task
 
 __all__ = ["fit", "RunResult", "lr_at", "SkipSampler"]
@@ -107,7 +109,7 @@ def fit(cfg: TrainConfig, console: Any = None) -> RunResult:
         ev.preflight(store, cfg)
     task.preflight()
     train_set: Any = task.train_dataset(cfg.seed)
-    per_rank_batch = cfg.optim.batch_size
+    per_rank_batch = batch_per_rank(cfg.optim, dinfo.world)
     if len(train_set) < per_rank_batch * dinfo.world:
         per_rank_batch = max(1, len(train_set) // dinfo.world)
         con.log(f"[yellow]batch_size lowered to {per_rank_batch} videos per rank: the split has only {len(train_set)} videos")
@@ -123,9 +125,11 @@ def fit(cfg: TrainConfig, console: Any = None) -> RunResult:
     if dinfo.enabled:
         model = D.convert_sync_batchnorm(model, dinfo.device)
         model = DistributedDataParallel(model, device_ids=[dinfo.device.index] if dinfo.device.type == "cuda" else None)
-    peak_lr = cfg.optim.base_lr * per_rank_batch * dinfo.world / 64
+    peak_lr = scaled_lr(cfg.optim, per_rank_batch, dinfo.world)
     opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if (dinfo.device.type == "cuda" and cfg.amp) else nullcontext()
+    # the TMM and head run in float32 unless amp asks for bf16 autocast (the frozen image model's
+    # precision was the extraction's: the store holds its features in the store's dtype)
+    amp = torch.autocast(dinfo.device.type, dtype=torch.bfloat16) if cfg.amp else nullcontext()
 
     # ---- run directory, resume ------------------------------------------------------------
     cfg_dict, content = to_dict(cfg), content_of(cfg)
@@ -144,6 +148,7 @@ def fit(cfg: TrainConfig, console: Any = None) -> RunResult:
         run.write_provenance({"store": str(store.path), "store_header": store.header, "environment": environment(),
                               "world_size": dinfo.world, "device": str(dinfo.device),
                               "torch_threads": torch.get_num_threads(), "peak_lr": peak_lr,
+                              "precision": "bfloat16 autocast" if cfg.amp else "float32",
                               "per_rank_batch": per_rank_batch, "steps_per_epoch": steps_per_epoch})
         run.truncate_metrics(step, total_steps)
 
