@@ -97,6 +97,7 @@ def write_synthetic_store(
     videos_per_shard: int = 5,
     seed: int = 0,
     features: FeatureFn | None = None,
+    label_names: Sequence[str] | None = None,
 ) -> SynthStore:
     """Write a tiny store: ``splits`` maps split -> number of videos (default 8 train, 4 test).
 
@@ -138,7 +139,7 @@ def write_synthetic_store(
             x = np.ascontiguousarray(make(rng, number, v.label, v.length), dtype=np.float32)
             feats[v.video_id] = x
             w.begin_video({"video_id": v.video_id, "split": v.split, "label": v.label,
-                           "label_name": f"class{v.label}"})
+                           "label_name": label_names[v.label] if label_names else f"class{v.label}"})
             w.append(x, np.arange(v.length, dtype=np.float64) / 10.0)
             w.end_video()
         w.finish()

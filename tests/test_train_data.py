@@ -246,3 +246,22 @@ def test_prp_item_equals_decoding_and_backbone_on_float16_store(
         # ... and the tolerance still tells neighbouring frames apart
         far = np.abs(shifted.numpy().reshape(ref.shape) - ref)
         assert far.max() > 20 * bound.max()
+
+
+def test_hflip_is_refused_on_left_right_labels(tmp_path: Path) -> None:
+    """A horizontal flip turns an "up_left" clip into "up_right" motion: fine-tuning refuses it
+    before any training; on labels without a direction it is allowed."""
+    from train.config import resolve_train_config
+    from train.loop import fit
+
+    store = write_synthetic_store(tmp_path / "s.zarr", num_classes=3, label_names=("up_left", "up_right", "still"))
+    cfg = resolve_train_config("finetune", None, None, [
+        f'data.store="{store.path}"', f'run_dir="{tmp_path / "run"}"', 'data.augment=["hflip"]', "data.workers=0",
+        "model.num_classes=3", "model.tmm.in_channels=16", "optim.epochs=1", "clip.num_frames=4"])
+    with pytest.raises(DataError, match="hflip.*up_left"):
+        fit(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    from train.data import check_label_preserving
+
+    check_label_preserving(("hflip",), ["class0", "playing_guitar"])  # no direction in the names: allowed
+    check_label_preserving(("grid-crop",), ["up_left"])  # a crop does not mirror

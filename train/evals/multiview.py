@@ -46,7 +46,7 @@ class MultiViewTest(Evaluation):
             all_targets.append(y)
         model.train(was_training)
         return evaluate_logits(torch.cat(all_logits), torch.cat(all_targets), class_names(store, cfg.model.num_classes),
-                               views=opts.num_clips)
+                               views=opts.num_clips, video_ids=ds.video_ids)
 
     def plot(self, out: EvalResult, run: RunDir, title: str | None = None) -> list[Path]:  # type: ignore[override]
         return [plot_confusion(out, run.confusion_png, title=title)]
