@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 # torch, the backbones and the runner are imported inside the functions: the decode workers
 # are *spawned*, and a spawned child imports the main module first, so heavy imports here
 # would add seconds to every worker's start-up that `freezeframe extract` (whose main
-# module, pipeline.cli, imports in 0.2 s) does not pay.
+# module, freezeframe.cli, imports in 0.2 s) does not pay.
 
 
 def model_only_fps(backbone, frames: np.ndarray, batch: int, repeats: int = 2,

@@ -10,10 +10,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from extract.backbones import create_backbone
 from extract.config import ExtractConfig
 from extract.decode import DecodeError, probe
+from extract.encode import feature_shape
 from extract.runner import plan_shards
-from pipeline.manifest import ManifestRow
+from pipeline.manifest import ManifestRow, read_manifest
 from pipeline.store import STORAGE_DTYPES
 
 
@@ -66,3 +68,10 @@ def make_plan(rows: list[ManifestRow], cfg: ExtractConfig, shape: tuple[int, int
         bytes_per_frame=bytes_per_frame(shape, cfg.dtype),
         unreadable=bad,
     )
+
+
+def plan_extraction(cfg: ExtractConfig) -> Plan:
+    """The plan of ``cfg.manifest`` for ``cfg`` (``freezeframe plan``): the backbone is built
+    with random weights, since only its grid and width are needed (no checkpoint is read)."""
+    backbone = create_backbone(cfg.backbone, pretrained=False, image_size=cfg.image_size)
+    return make_plan(read_manifest(cfg.manifest), cfg, feature_shape(backbone, cfg))

@@ -1,3 +1,4 @@
-"""freezeframe shared core: manifests, feature store, configs, provenance and the CLI."""
+"""freezeframe shared core: manifest and store formats, configs, registry, errors, provenance,
+file I/O, ranks. Imports no stage (and never the application, ``freezeframe/``)."""
 
 __version__ = "0.1.0"

@@ -79,6 +79,9 @@ def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
     """Read a JSONL manifest; every malformed line is reported at once."""
     rows: list[ManifestRow] = []
     problems: list[str] = []
+    if not os.path.isfile(path):
+        raise ManifestError(f"manifest {path} does not exist; build one with "
+                            f"`freezeframe manifest FORMAT ... --out {path}`")
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             line = line.strip()

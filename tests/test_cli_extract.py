@@ -21,16 +21,16 @@ FLAGS = ["--random-weights", "--image-size", "64", "--fps", "5", "--videos-per-s
 
 
 def cli_app() -> typer.Typer:
-    """The ``freezeframe`` app with every command registered (once per process)."""
-    from pipeline.cli import _register, app
+    """The ``freezeframe`` app (its commands are loaded on first use)."""
+    from freezeframe.cli import app
 
-    if not any(c.callback is not None and c.callback.__name__ == "extract" for c in app.registered_commands):
-        _register()
     return app
 
 
 def invoke(args: list[str]) -> Result:
-    return CliRunner().invoke(cli_app(), args)
+    """``freezeframe --debug ARGS``: a FreezeframeError reaches ``Result.exception`` (without
+    ``--debug`` it is printed as one ``error:`` line, see tests/test_cli_app.py)."""
+    return CliRunner().invoke(cli_app(), ["--debug", *args])
 
 
 def table_value(text: str, label: str) -> str:

@@ -17,7 +17,7 @@ def test_demo_training_gives_equal_weights_with_pinned_threads(tmp_path: Path) -
     """Two demo trainings of the same run (the synth-motion config, 4x4x1280 features) end with
     ``torch.equal`` weights and equal test logits, and run on ``train_threads`` threads whatever
     the caller's count (a different count gives different float reductions in the backward)."""
-    from pipeline.demo import DemoConfig, DemoRun, _train_run
+    from freezeframe.demo import DemoConfig, DemoRun, _train_run
 
     store = write_synthetic_store(tmp_path / "s.zarr", splits={"train": 16, "test": 4}, num_classes=4,
                                   lengths=(16, 24), grid=(4, 4), channels=1280)
@@ -42,7 +42,7 @@ def test_demo_training_gives_equal_weights_with_pinned_threads(tmp_path: Path) -
 
 @pytest.mark.skipif(mobilenet_checkpoint() is None, reason="MobileNetV2 weights not cached: run `make weights`")
 def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path: Path) -> None:
-    from pipeline.demo import QUICK, run_demo
+    from freezeframe.demo import QUICK, run_demo
     from pipeline.store import open_store, verify_store
 
     report = run_demo(tmp_path / "demo", quick=True)

@@ -87,10 +87,8 @@ def invoke_in_process(args: list[str]) -> str:
     """Run a ``freezeframe`` command in this process (typer's CliRunner); returns stdout."""
     from typer.testing import CliRunner
 
-    from pipeline.cli import _register, app
+    from freezeframe.cli import app
 
-    if not any(c.callback is not None and c.callback.__name__ == "extract" for c in app.registered_commands):
-        _register()
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0 and r.exception is None, r.output
     return r.stdout

@@ -28,7 +28,7 @@ from manifests import (
     dataset_config,
     dataset_names,
 )
-from manifests.cli import app
+from freezeframe.cli.manifest import app
 from pipeline.errors import ManifestError
 from pipeline.manifest import ManifestRow, read_manifest, validate_manifest
 

@@ -1,4 +1,4 @@
-"""Stage-2 training on tiny cached-feature stores (train/loop.py, train/tasks/, train/cli.py).
+"""Stage-2 training on tiny cached-feature stores (train/loop.py, train/tasks/, freezeframe/cli/train.py).
 
 Resume equality (a real SIGKILL of `freezeframe pretrain`, and a fine-tuning run from a PRP
 init stopped mid-epoch), refusals before any training step, the stats/evaluate/report
@@ -68,10 +68,8 @@ def _cli(args: list[str], monkeypatch: pytest.MonkeyPatch):
     """Run the real ``freezeframe`` typer app in-process (commands registered once)."""
     from typer.testing import CliRunner
 
-    from pipeline import cli
+    from freezeframe import cli
 
-    if not cli.app.registered_commands:
-        cli._register()
     monkeypatch.setenv("COLUMNS", "220")
     return CliRunner().invoke(cli.app, args)
 

@@ -1,7 +1,8 @@
 """``freezeframe manifest <format>``: build, validate and write a JSONL manifest.
 
 One command per format of :data:`manifests.BUILDERS`; each prints a summary (rows per
-split, classes). Problems are printed as one list, without a traceback, with exit code 2.
+split, classes). Problems (a :class:`~pipeline.errors.ManifestError` listing all of them) are
+printed by :class:`freezeframe.cli.common.AppGroup`: no traceback, exit code 2.
 """
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from freezeframe.cli.common import console, new_app
+from freezeframe.cli.common import out as out_console
 from manifests import ManifestWarning, build_manifest
-from pipeline.errors import FreezeframeError
 from pipeline.manifest import (
     ManifestRow,
     class_names,
@@ -24,14 +25,7 @@ from pipeline.manifest import (
     write_manifest,
 )
 
-app = typer.Typer(
-    help="Build a JSONL manifest from a dataset's official annotation files.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
-out_console = Console()
-err_console = Console(stderr=True)
+app = new_app("Build a JSONL manifest from a dataset's official annotation files.", name="manifest")
 
 _OUT = typer.Option(..., "--out", "-o", help="JSONL manifest to write.")
 _ROOT = typer.Option(..., "--root", help="Folder holding the videos.")
@@ -54,21 +48,17 @@ def summary_table(rows: list[ManifestRow]) -> Table:
     return table
 
 
-def run_builder(fmt: str, out: Path, **options: Any) -> list[ManifestRow]:
-    """Build, validate, write ``out`` and print a summary; exit 2 on a FreezeframeError."""
+def run_builder(fmt: str, out_path: Path, **options: Any) -> list[ManifestRow]:
+    """Build, validate, write ``out_path`` and print a summary (warnings on stderr)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ManifestWarning)
-        try:
-            rows = build_manifest(fmt, **options)
-            validate_manifest(rows, check_files=False)  # files were checked by the builder
-        except FreezeframeError as e:
-            err_console.print(Text("error: ", style="bold red"), Text(str(e)), sep="", soft_wrap=True)
-            raise typer.Exit(2) from None
+        rows = build_manifest(fmt, **options)
+        validate_manifest(rows, check_files=False)  # files were checked by the builder
     for w in caught:
-        err_console.print(
+        console.print(
             Text("warning: ", style="bold yellow"), Text(str(w.message)), sep="", soft_wrap=True
         )
-    path = write_manifest(rows, out)
+    path = write_manifest(rows, out_path)
     out_console.print(summary_table(rows))
     names = class_names(rows)
     if names:

@@ -27,7 +27,15 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from synth.benchmark import SynthConfig
+from extract.config import ExtractConfig
+from extract.runner import run_extract
+from extract.weights import fetch_mobilenet
+from pipeline.store import verify_store
+from synth.benchmark import SynthConfig, write_synthetic
+from train.config import resolve_train_config
+from train.loop import fit
+from train.plots import plot_comparison
+from train.report import compare_runs, comparison_rows, delta_acc, render_markdown
 
 
 @dataclass(frozen=True)
@@ -69,12 +77,6 @@ QUICK = DemoConfig(synth=SynthConfig(train_per_class=4, test_per_class=2, frames
 def run_demo(out: Path, *, quick: bool = False, console: Console | None = None,
              cfg: DemoConfig | None = None) -> Path:
     """Run the demo into ``out``; returns the path of the Markdown report."""
-    from extract.config import ExtractConfig
-    from extract.runner import run_extract
-    from extract.weights import fetch_mobilenet
-    from synth.benchmark import write_synthetic
-    from pipeline.store import verify_store
-
     con = console or Console(stderr=True)
     cfg = cfg or (QUICK if quick else DemoConfig())
     out = Path(out)
@@ -119,9 +121,6 @@ def run_demo(out: Path, *, quick: bool = False, console: Console | None = None,
 
 
 def _train_run(run: DemoRun, task: str, store: Path, runs_root: Path, cfg: DemoConfig, con: Console) -> Path:
-    from train.config import resolve_train_config
-    from train.loop import fit as train
-
     run_dir = runs_root / run.name
     if (run_dir / "summary.json").exists():
         con.log(f"{task}/{run.name}: already done")
@@ -136,7 +135,7 @@ def _train_run(run: DemoRun, task: str, store: Path, runs_root: Path, cfg: DemoC
     tcfg = resolve_train_config(run.task, dataset, None, overrides + list(cfg.overrides))
     con.log(f"{task}/{run.name}: {run.task} {run.arch} kt={run.temporal_kernel} init={run.init}")
     with torch_threads(cfg.train_threads):
-        res = train(tcfg, con)
+        res = fit(tcfg, con)
     if res.top1 is not None:
         con.log(f"{task}/{run.name}: top-1 {100 * res.top1:.1f}%")
     return run_dir
@@ -156,9 +155,6 @@ def torch_threads(n: int) -> Iterator[None]:
 
 def _write_report(out: Path, run_dirs: dict[str, list[Path]], cfg: DemoConfig, timings: dict[str, float],
                   con: Console) -> Path:
-    from train.plots import plot_comparison
-    from train.report import compare_runs, comparison_rows, delta_acc, render_markdown
-
     table = Table(title="freezeframe demo: 10-view test top-1 on the synthetic benchmark")
     table.add_column("run")
     for task in run_dirs:

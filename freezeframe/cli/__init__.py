@@ -1,0 +1,84 @@
+"""The ``freezeframe`` command line: the root app, its ``--debug`` option and ``main``.
+
+Each command group lives in its own module (``freezeframe/cli/<group>.py``, a typer app) and
+is imported only when one of its commands runs or ``--help`` lists them: ``freezeframe`` is
+also the main module of every spawned decode worker, so its import must stay light (the
+training commands import torch through their configs).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import typer
+from typer.core import TyperGroup
+
+from freezeframe.cli.common import AppGroup, new_app
+
+# command -> module whose typer app holds it, in the order of the root help
+COMMANDS: dict[str, str] = {
+    "manifest": "freezeframe.cli.manifest",
+    "synth": "freezeframe.cli.data",
+    "weights": "freezeframe.cli.data",
+    "plan": "freezeframe.cli.extract",
+    "extract": "freezeframe.cli.extract",
+    "status": "freezeframe.cli.store",
+    "verify": "freezeframe.cli.store",
+    "stats": "freezeframe.cli.train",
+    "pretrain": "freezeframe.cli.train",
+    "finetune": "freezeframe.cli.train",
+    "evaluate": "freezeframe.cli.train",
+    "report": "freezeframe.cli.train",
+    "demo": "freezeframe.cli.demo",
+}
+# commands that are a whole module's app (a group of subcommands), not one command in it
+GROUPS = {"manifest"}
+
+
+class RootGroup(AppGroup):
+    """The root group: commands of :data:`COMMANDS`, each module imported on first use."""
+
+    _loaded: dict[str, Any] = {}
+
+    def list_commands(self, ctx: typer.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: typer.Context, cmd_name: str) -> Any:
+        module = COMMANDS.get(cmd_name)
+        if module is None:
+            return None
+        if module not in self._loaded:
+            self._loaded[module] = typer.main.get_command(importlib.import_module(module).app)
+        cmd = self._loaded[module]
+        if cmd_name in GROUPS:
+            cmd.name = cmd_name
+            return cmd
+        return cmd.get_command(ctx, cmd_name) if isinstance(cmd, TyperGroup) else cmd
+
+
+app = new_app(
+    "Video SSL on cached features of frozen image models. Stage 1: manifest, synth, weights, plan, "
+    "extract, status, verify. Stage 2: stats, pretrain, finetune, evaluate, report. Both: demo. "
+    "Options left out take their value from --dataset / --config files, else the default shown "
+    "in parentheses (the config dataclass's). Errors a user can fix are printed as one line "
+    "'error: ...' with exit status 2.",
+    name="freezeframe",
+    cls=RootGroup,
+)
+
+
+@app.callback()
+def root(
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error "
+                               "(also: environment variable FREEZEFRAME_DEBUG=1)."),
+) -> None:
+    pass  # --debug is read where errors are caught (freezeframe.cli.common.AppGroup)
+
+
+def main() -> None:
+    """Entry point of the ``freezeframe`` console script."""
+    app(prog_name="freezeframe")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Stage-1 commands: ``plan`` and ``extract``.
+
+Each command resolves its config (:func:`extract.config.resolve_extract_config`), calls one
+library function (:func:`extract.plan.plan_extraction`, :func:`extract.runner.run_extract`)
+and renders the result. Imported only when one of its commands runs (it brings torch)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from extract.config import ExtractConfig, resolve_extract_config
+from extract.plan import plan_extraction
+from extract.runner import run_extract
+from freezeframe.cli.common import config_option, console, flag_overrides, new_app, out
+from freezeframe.cli.store import print_failures
+from pipeline.errors import FreezeframeError
+from pipeline.store import store_status
+
+app = new_app("Stage 1: plan and extract.")
+
+_SET = typer.Option([], "--set", metavar="KEY=VALUE", show_default=False,
+                    help="Override any config field (repeatable; e.g. --set codec=blosc).")
+_DATASET = typer.Option(None, help="Dataset defaults: the [extract] table of manifests/configs/<name>.toml.")
+_CONFIG = typer.Option(None, help="TOML config file ([extract] table or top level).")
+
+
+def _opt(key: str, help: str, *decls: str):
+    return config_option(ExtractConfig, key, help, *decls)
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+@app.command()
+def plan(
+    manifest: Path = typer.Option(..., help="JSONL manifest."),
+    dataset: Optional[str] = _DATASET,
+    config: Optional[Path] = _CONFIG,
+    backbone: Optional[str] = _opt("backbone", "Backbone name (extract.backbones.BACKBONES)."),
+    image_size: Optional[int] = _opt("image_size", "Backbone input side in px (none: the backbone's)."),
+    fps: Optional[float] = _opt("fps", "Frames per second to keep (none: every frame)."),
+    dtype: Optional[str] = _opt("dtype", "float16 | float32 | int8."),
+    spatial_pool: Optional[int] = _opt("spatial_pool", "Pool the grid to k x k at extraction."),
+    channel_pool: Optional[int] = _opt("channel_pool", "Pool channels down to c at extraction."),
+    videos_per_shard: Optional[int] = _opt("videos_per_shard", "Videos per store shard."),
+    set_: list[str] = _SET,
+) -> None:
+    """Dry run: frames, bytes and shards an extraction would produce (headers only, no decoding)."""
+    cfg = resolve_extract_config(dataset, config, flag_overrides(
+        manifest=manifest, backbone=backbone, image_size=image_size, fps=fps, dtype=dtype,
+        spatial_pool=spatial_pool, channel_pool=channel_pool, videos_per_shard=videos_per_shard) + list(set_))
+    p = plan_extraction(cfg)
+    t = Table(title=f"plan for {escape(str(cfg.manifest))}")
+    t.add_column("quantity")
+    t.add_column("value", justify="right")
+    t.add_row("videos", str(p.videos))
+    t.add_row("store shards", str(p.shards))
+    t.add_row("hours of video", f"{p.seconds_of_video / 3600:.2f}")
+    t.add_row("frames (estimate)", f"{p.frames:,}")
+    t.add_row("feature grid (H, W, C)", str(p.feature_shape))
+    t.add_row(f"bytes per frame ({cfg.dtype}, uncompressed)", f"{p.bytes_per_frame:,}")
+    t.add_row("store size (uncompressed)", _human_bytes(p.bytes))
+    t.add_row("unreadable headers", str(len(p.unreadable)))
+    out.print(t)
+    for vid, why in p.unreadable[:20]:
+        out.print(f"[yellow]unreadable[/] {escape(vid)}: {escape(why)}")
+
+
+@app.command()
+def extract(
+    manifest: Optional[Path] = typer.Option(None, help="JSONL manifest (see `freezeframe manifest`)."),
+    store: Optional[Path] = typer.Option(None, help="Output zarr store (created or resumed)."),
+    dataset: Optional[str] = _DATASET,
+    config: Optional[Path] = _CONFIG,
+    backbone: Optional[str] = _opt("backbone", "Backbone name (extract.backbones.BACKBONES)."),
+    weights: Optional[Path] = _opt("weights", "Local checkpoint file for the backbone (none: the library's "
+                                   "pretrained tag or the weights cache)."),
+    random_weights: Optional[bool] = typer.Option(None, "--random-weights", help="Random init (tests only).",
+                                                  show_default=False),
+    image_size: Optional[int] = _opt("image_size", "Backbone input side in px (none: the backbone's)."),
+    fps: Optional[float] = _opt("fps", "Frames per second to keep (none: every frame)."),
+    geometry: Optional[str] = _opt("geometry", "short_side_crop | squash."),
+    dtype: Optional[str] = _opt("dtype", "float16 | float32 | int8 (int8: per-token scale)."),
+    codec: Optional[str] = _opt("codec", "zstd | blosc | none."),
+    spatial_pool: Optional[int] = _opt("spatial_pool", "Pool the grid to k x k at extraction."),
+    channel_pool: Optional[int] = _opt("channel_pool", "Pool channels down to c at extraction."),
+    videos_per_shard: Optional[int] = _opt("videos_per_shard", "Videos per store shard."),
+    batch_size: Optional[int] = _opt("batch_size", "Frames per backbone forward."),
+    workers: Optional[int] = _opt("workers", "Decode worker processes (0 = auto: cores - 1)."),
+    threads: Optional[int] = _opt("threads", "CPU threads of the backbone (0 = this rank's cores)."),
+    streams: Optional[int] = _opt("streams", "Batches encoded at once (0 = auto: CPU one per thread up to 4, "
+                                  "CUDA 2)."),
+    decode_timeout: Optional[float] = _opt("decode_timeout", "Seconds before a stalled decode is killed."),
+    device: Optional[str] = _opt("device", "auto | cpu | cuda | cuda:N."),
+    shard_index: Optional[int] = _opt("shard_index", "This job's index (independent jobs, e.g. a Slurm array)."),
+    num_shards: Optional[int] = _opt("num_shards", "Number of independent jobs."),
+    retry_failed: Optional[bool] = typer.Option(None, "--retry-failed", help="Retry only recorded failures.",
+                                                show_default=False),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+    set_: list[str] = _SET,
+) -> None:
+    """Extract frozen-backbone patch features of every video into a sharded zarr v3 store."""
+    cfg = resolve_extract_config(dataset, config, flag_overrides(
+        manifest=manifest, store=store, backbone=backbone, weights=weights,
+        random_weights=random_weights, image_size=image_size, fps=fps, geometry=geometry, dtype=dtype, codec=codec,
+        spatial_pool=spatial_pool, channel_pool=channel_pool, videos_per_shard=videos_per_shard,
+        batch_size=batch_size, workers=workers, threads=threads, streams=streams, decode_timeout=decode_timeout,
+        device=device, shard_index=shard_index, num_shards=num_shards, retry_failed=retry_failed,
+        progress=False if no_progress else None) + list(set_))
+    if not cfg.manifest or not cfg.store:
+        raise FreezeframeError("give --manifest and --store (or a --dataset/--config that sets them)")
+    s = run_extract(cfg, console)
+    st = store_status(cfg.store)
+    t = Table(title=f"extraction summary: {escape(str(cfg.store))}")
+    t.add_column("quantity")
+    t.add_column("value", justify="right")
+    t.add_row("shards done now / skipped (already complete)", f"{s.shards_done} / {s.shards_skipped}")
+    if s.shards_busy:
+        t.add_row("shards left to another running process", str(len(s.shards_busy)))
+    t.add_row("videos done now", str(s.videos_done))
+    t.add_row("frames done now", f"{s.frames_done:,}")
+    t.add_row("frames/s", f"{s.frames_per_s:.1f}")
+    if s.startup_seconds is not None:
+        t.add_row("start-up s (workers ready) / frames/s after it",
+                  f"{s.startup_seconds:.1f} / {s.steady_frames_per_s:.1f}")
+    t.add_row("failures now", str(len(s.failures)))
+    t.add_row("store: videos stored / planned", f"{st.videos_stored} / {st.planned_videos}")
+    t.add_row("store: shards complete / planned", f"{st.complete_shards} / {st.planned_shards}")
+    t.add_row("store: failed videos", str(st.failures))
+    out.print(t)
+    print_failures([(f.video_id, f.stage, f.error_type, f.message) for f in s.failures])
+    if s.shards_busy:
+        out.print(f"[yellow]{len(s.shards_busy)} shard(s) were being written by another process[/] "
+                  f"({', '.join(s.shards_busy[:5])}{'...' if len(s.shards_busy) > 5 else ''}); "
+                  "rerun this command once it ends to finish anything it did not")
