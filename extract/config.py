@@ -41,6 +41,9 @@ class ExtractConfig:
     geometry: str = "short_side_crop"  # short_side_crop | squash
     interpolation: str | None = None  # None = the backbone's own
     min_frames: int = 1  # fewer decoded frames -> failure "too_short"
+    # at a set fps, two consecutive frames further apart (seconds) -> failure "too_long" instead
+    # of storing one frame for the whole gap; None: no limit
+    max_gap: float | None = 60.0
     # storage (content)
     dtype: str = "float16"  # float16 | float32 | int8 (per-token scale)
     codec: str = "zstd"  # zstd | blosc | none
@@ -102,12 +105,14 @@ class ExtractConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 hint = " or unset (null)" if optional else ""
                 out.append(f"{key}: must be an integer >= {low}{hint}, got {value!r}")
-        for key, value, optional in (("fps", self.fps, True), ("decode_timeout", self.decode_timeout, False)):
-            if value is None and optional:
+        positive = [("fps", self.fps, " or unset (null: every native frame)"),
+                    ("decode_timeout", self.decode_timeout, None),
+                    ("max_gap", self.max_gap, " or unset (null: no limit)")]
+        for key, value, unset in positive:
+            if value is None and unset is not None:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                hint = " or unset (null: every native frame)" if optional else ""
-                out.append(f"{key}: must be a number > 0{hint}, got {value!r}")
+                out.append(f"{key}: must be a number > 0{unset or ''}, got {value!r}")
         return out
 
 

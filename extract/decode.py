@@ -31,6 +31,18 @@ Errors (:class:`DecodeError`, ``stage`` says where it failed)
     and the consumer discards the partial video. ``empty``: no frame (in the requested
     segment). ``too_short``: fewer than ``min_frames`` frames; nothing is yielded before
     ``min_frames`` frames are available, so this error never follows a yielded chunk.
+    ``too_long``: at a target ``fps``, more frames than the video can honestly hold: more
+    than :func:`frame_cap` (its header duration times ``fps``, with a margin), or two
+    consecutive frames more than ``max_gap`` seconds apart (one frame would be repeated
+    for the whole gap). Like ``decode``, it can follow yielded chunks.
+
+Bounded work
+    A tiny variable-frame-rate file can ask for unbounded work: with a 100,000 s timestamp
+    gap, ``fps=8`` repeats one frame 800,000 times. Two limits apply when ``fps`` is set:
+    the stored-frame cap from the header duration (frames whose timestamps run far past
+    what the header says) and, when the caller sets it, ``max_gap`` (the extraction does:
+    ``ExtractConfig.max_gap``). Both raise ``too_long`` as soon as they are crossed, so the
+    work done before is bounded by the cap or by ``max_gap * fps`` repeats.
 
 Memory
     Frames are decoded, selected and converted one at a time and packed into fresh
@@ -68,6 +80,7 @@ __all__ = [
     "GeometryError",
     "VideoProbe",
     "decode_all",
+    "frame_cap",
     "iter_frames",
     "opened_video",
     "probe",
@@ -210,11 +223,16 @@ _HINTS = {
     "(e.g. ffmpeg -i IN -c:v libx264 OUT.mp4), or drop it from the manifest",
     "empty": "it has no frames (in the requested segment): check start/end or drop it",
     "too_short": "lower min_frames or drop this video from the manifest",
+    "too_long": "its timestamps span far more time than its frames (a variable-frame-rate gap or "
+    "timestamps past the duration in its header): re-encode it at a constant rate "
+    "(ffmpeg -i IN -fps_mode cfr -r 25 OUT.mp4), raise max_gap if long still frames are "
+    "real, or drop it from the manifest",
 }
 
 
 class DecodeError(FreezeframeError):
-    """A video cannot be decoded. ``stage`` is one of ``open``, ``decode``, ``empty``, ``too_short``.
+    """A video cannot be decoded. ``stage`` is one of ``open``, ``decode``, ``empty``,
+    ``too_short``, ``too_long``.
 
     ``path`` is the video and ``reason`` what was found; ``str(error)`` adds what to do.
     """
@@ -332,15 +350,21 @@ def opened_video(path: str | os.PathLike) -> Iterator[av.container.InputContaine
             release()
 
 
+def _header_duration(container: av.container.InputContainer,
+                     s: av.video.stream.VideoStream) -> float | None:
+    """The video's duration in seconds from the headers (stream, else container), or None."""
+    if s.duration is not None and s.time_base is not None and s.duration > 0:
+        return float(s.duration * s.time_base)
+    if container.duration is not None and container.duration > 0:
+        return container.duration / av.time_base
+    return None
+
+
 def probe(path: str | os.PathLike) -> VideoProbe:
     """Read duration, frame rate, size and codec from the container headers (no decoding)."""
     with opened_video(path) as container:
         s = video_stream(container, str(path))
-        duration: float | None = None
-        if s.duration is not None and s.time_base is not None and s.duration > 0:
-            duration = float(s.duration * s.time_base)
-        elif container.duration is not None and container.duration > 0:
-            duration = container.duration / av.time_base
+        duration = _header_duration(container, s)
         rate = s.average_rate or s.guessed_rate
         return VideoProbe(
             duration=duration,
@@ -434,10 +458,16 @@ def _decode_from(
 
 
 class _Selector:
-    """Chooses which decoded frames to emit (see the module docstring for the rule)."""
+    """Chooses which decoded frames to emit (see the module docstring for the rule).
 
-    def __init__(self, fps: float | None, start: float | None, end: float | None, eps: float) -> None:
+    ``max_gap`` (seconds, None: no limit): with ``fps`` set, a frame may fill a gap of at most
+    this long with repeats; a longer one raises ``DecodeError("too_long")`` before any repeat.
+    """
+
+    def __init__(self, fps: float | None, start: float | None, end: float | None, eps: float,
+                 *, max_gap: float | None = None, src: str = "<video>") -> None:
         self.fps, self.start, self.end, self.eps = fps, start, end, eps
+        self.max_gap, self.src = max_gap, src
         self.t0: float | None = start
         self.k = 0
         self.prev: tuple[av.VideoFrame, float] | None = None
@@ -445,6 +475,17 @@ class _Selector:
     def _target(self) -> float:
         assert self.t0 is not None and self.fps is not None
         return self.t0 + self.k / self.fps
+
+    def _check_gap(self, until: float, what: str) -> None:
+        """Refuse to repeat the previous frame from its time up to ``until`` seconds if that is
+        longer than ``max_gap``."""
+        assert self.prev is not None and self.fps is not None
+        gap = until - self.prev[1]
+        if self.max_gap is not None and gap > self.max_gap + self.eps:
+            raise DecodeError("too_long", self.src, (
+                f"the frame at {self.prev[1]:.3f} s is followed by {what} {gap:.3f} s later, a gap over "
+                f"max_gap={self.max_gap:g} s: at {self.fps:g} fps one frame would be stored about "
+                f"{math.floor(gap * self.fps):,} times"))
 
     def push(self, frame: av.VideoFrame, t: float) -> Iterator[tuple[av.VideoFrame, float]]:
         """Feed a frame of the segment (``start <= t < end``); yield the frames to emit now
@@ -458,6 +499,7 @@ class _Selector:
             # The first frame stands for the last grid point at or before it.
             self.k = max(0, math.floor((t - self.t0) * self.fps + 1e-9))
         else:
+            self._check_gap(t, "the next frame")
             while t > self._target() + self.eps:
                 yield self.prev
                 self.k += 1
@@ -469,6 +511,9 @@ class _Selector:
         if self.fps is None or self.prev is None:
             return
         last_t = self.prev[1]
+        if cut_by_end:
+            assert self.end is not None
+            self._check_gap(self.end, "the end of the segment")
         while True:
             target = self._target()
             if cut_by_end:
@@ -552,6 +597,30 @@ class _Chunker:
         return FrameChunk(self.frames[: self.n], self.times[: self.n])
 
 
+#: :func:`frame_cap` allows this much more time than the header states (fraction) ...
+CAP_MARGIN = 0.25
+#: ... plus this many seconds of frames.
+CAP_SLACK_S = 1.0
+
+
+def frame_cap(duration: float | None, fps: float, start: float | None = None,
+              end: float | None = None) -> int | None:
+    """Most frames :func:`iter_frames` stores at ``fps`` for a video whose header says it lasts
+    ``duration`` seconds (segment ``[start, end)`` in seconds, as in :func:`iter_frames`).
+
+    ``ceil(fps * ((1 + CAP_MARGIN) * span + CAP_SLACK_S))`` where ``span`` is the segment's
+    length within the duration; None (no cap) when neither ``duration`` nor ``end`` is known.
+    """
+    lo = start or 0.0
+    if duration is None:
+        if end is None:
+            return None
+        span = end - lo
+    else:
+        span = (min(end, duration) if end is not None else duration) - lo
+    return math.ceil(fps * ((1 + CAP_MARGIN) * max(span, 0.0) + CAP_SLACK_S))
+
+
 def _check_args(fps: float | None, start: float | None, end: float | None, chunk_size: int,
                 threads: int, min_frames: int) -> None:
     if fps is not None and not fps > 0:
@@ -574,6 +643,7 @@ def iter_frames(
     chunk_size: int = 32,
     threads: int = 0,
     min_frames: int = 1,
+    max_gap: float | None = None,
 ) -> Iterator[FrameChunk]:
     """Decode ``path`` and yield :class:`FrameChunk` s of at most ``chunk_size`` frames.
 
@@ -589,12 +659,18 @@ def iter_frames(
         threads: codec threads (``thread_type="AUTO"``); 0 = library default.
         min_frames: fewer frames -> ``DecodeError(stage="too_short")``. Nothing is yielded
             until ``min_frames`` frames are available.
+        max_gap: with ``fps`` set, the longest gap (seconds) between two consecutive frames
+            that may be filled by repeating the first one; None: no limit. With ``fps`` set
+            the stored frames are also capped by :func:`frame_cap` of the header duration.
 
     Raises:
-        DecodeError: stage ``open`` / ``decode`` / ``empty`` / ``too_short``. A ``decode``
-            error can follow yielded chunks: the consumer must discard the partial video.
+        DecodeError: stage ``open`` / ``decode`` / ``empty`` / ``too_short`` / ``too_long``.
+            A ``decode`` or ``too_long`` error can follow yielded chunks: the consumer must
+            discard the partial video.
     """
     _check_args(fps, start, end, chunk_size, threads, min_frames)
+    if max_gap is not None and not max_gap > 0:
+        raise ValueError(f"max_gap must be > 0 seconds or None (no limit), got {max_gap}")
     chunker = _Chunker(chunk_size, geometry.size)
     src = str(path)
     pending: list[FrameChunk] = []  # full chunks held back until min_frames frames exist
@@ -607,6 +683,11 @@ def iter_frames(
                 raise DecodeError("decode", src, f"cannot convert the frame at {t:.3f} s to RGB "
                                   f"({type(e).__name__}: {e})") from e
             full = chunker.add(image, t)
+            if cap is not None and chunker.total > cap:
+                raise DecodeError("too_long", src, (
+                    f"more than {cap:,} frames at {fps:g} fps, the cap for {span} (+{CAP_MARGIN:.0%} "
+                    f"+{CAP_SLACK_S:g} s): timestamps run past the duration its header states "
+                    f"(frame at {t:.3f} s)"))
             if full is not None:
                 pending.append(full)
                 if chunker.total >= min_frames:
@@ -620,7 +701,13 @@ def iter_frames(
         convert = _Converter(geometry, stream)  # used by emit() from here on
         timeline = _Timeline(stream)
         eps = timeline.eps
-        selector = _Selector(fps, start, end, eps)
+        selector = _Selector(fps, start, end, eps, max_gap=max_gap, src=src)
+        header_duration = _header_duration(container, stream)
+        cap = None if fps is None else frame_cap(header_duration, fps, start, end)
+        span = "its unknown duration" if header_duration is None else \
+            f"its header duration of {header_duration:.3f} s"
+        if start is not None or end is not None:
+            span = f"the segment [{start or 0.0}, {end or 'end'}) s within {span}"
         frames = _decode_from(container, stream, start, timeline)
         cut_by_end = False
         try:
@@ -669,10 +756,12 @@ def decode_all(
     chunk_size: int = 32,
     threads: int = 0,
     min_frames: int = 1,
+    max_gap: float | None = None,
 ) -> FrameChunk:
     """All of :func:`iter_frames` concatenated (for tests and small videos): ``(N, S, S, 3)``, ``(N,)``."""
     chunks = list(iter_frames(path, geometry=geometry, fps=fps, start=start, end=end,
-                              chunk_size=chunk_size, threads=threads, min_frames=min_frames))
+                              chunk_size=chunk_size, threads=threads, min_frames=min_frames,
+                              max_gap=max_gap))
     return FrameChunk(
         frames=np.concatenate([c.frames for c in chunks]),
         timestamps=np.concatenate([c.timestamps for c in chunks]),

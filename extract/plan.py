@@ -6,6 +6,8 @@ by :func:`extract.config.resolve_extract_config`) and plans shards with the same
 """
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,12 +44,42 @@ def bytes_per_frame(shape: tuple[int, int, int], dtype: str) -> int:
     return h * w * c * np.dtype(sd.feature_dtype).itemsize + extra + np.dtype(np.float64).itemsize
 
 
+def special_file(path: str) -> str | None:
+    """What a local ``path`` is if it exists but is not a regular file (``"a FIFO"``,
+    ``"a directory"``, ...), else None. Opening a FIFO blocks until someone writes to it, so
+    :func:`make_plan` reports such paths instead of probing them. For a chained fsspec URL
+    (``tar://member::/x/shard.tar``) the local file at its end is checked."""
+    local = path.rsplit("::", 1)[-1]
+    if local.startswith("file://"):
+        local = local[len("file://"):]
+    elif "://" in local:
+        return None
+    try:
+        mode = os.stat(local).st_mode
+    except OSError:  # missing or unreadable: the probe says so
+        return None
+    for test, what in ((stat.S_ISREG, None), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
 def make_plan(rows: list[ManifestRow], cfg: ExtractConfig, shape: tuple[int, int, int]) -> Plan:
-    """Probe every video's header (no decoding) and add up frames, bytes and shards."""
+    """Probe every video's header (no decoding) and add up frames, bytes and shards.
+
+    Paths that are not regular files (a FIFO would block the probe forever) are listed in
+    ``unreadable`` without being opened."""
     frames = 0
     seconds = 0.0
     bad: list[tuple[str, str]] = []
     for r in rows:
+        kind = special_file(r.path)
+        if kind is not None:
+            bad.append((r.video_id, f"{r.path}: {kind}, not a regular file; not opened "
+                                    "(point the manifest at the video file itself)"))
+            continue
         try:
             p = probe(r.path)
         except DecodeError as e:

@@ -86,6 +86,7 @@ def store_header(cfg: ExtractConfig, backbone: Backbone, rows: Sequence[Manifest
         "geometry": geometry.to_dict(),
         "fps": cfg.fps,
         "min_frames": cfg.min_frames,
+        "max_gap": cfg.max_gap,
         "dtype": cfg.dtype,
         "codec": cfg.codec,
         "spatial_pool": cfg.spatial_pool,
@@ -217,7 +218,7 @@ def run_extract(cfg: ExtractConfig, console: object | None = None) -> ExtractSum
     if device.type == "cpu":
         torch.set_num_threads(plan.threads_per_stream)
     decode_kwargs = dict(geometry=geometry, fps=cfg.fps, chunk_size=cfg.chunk_size,
-                         threads=cfg.decode_threads, min_frames=cfg.min_frames)
+                         threads=cfg.decode_threads, min_frames=cfg.min_frames, max_gap=cfg.max_gap)
     total_videos = sum(len(r) for _, r in pending)
     t0 = summary._t0 = time.monotonic()
     try:

@@ -274,6 +274,18 @@ def _build(cls: type[C], d: Mapping, where: str, problems: _Problems) -> C:
     return base
 
 
+def check_value(tp: Any, value: Any, where: str) -> tuple[Any, list[str]]:
+    """``value`` checked against type annotation ``tp`` as :func:`from_dict` checks a field
+    (no bool for an int, no float for an int, nan refused, int -> float, list -> tuple).
+
+    Returns the converted value and the problems found (``"where: expected ..."``), empty
+    when it fits. For records that are not configs (manifest rows) but want the same rules.
+    """
+    problems = _Problems()
+    out = _coerce(tp, value, where, problems)
+    return out, list(problems)
+
+
 def from_dict(cls: type[C], d: Mapping, _where: str = "") -> C:
     """Build dataclass ``cls`` from a dict, type-checking every value.
 

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import typing
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from pipeline.config import check_value
 from pipeline.errors import ManifestError
 from pipeline.fileio import atomic_write_lines
 
@@ -52,22 +55,59 @@ class ManifestRow:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ManifestRow":
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown manifest fields {sorted(unknown)}")
-        if "video_id" not in d or "path" not in d:
-            raise ValueError("a manifest row needs 'video_id' and 'path'")
-        label = d.get("label")
-        return cls(
-            video_id=str(d["video_id"]),
-            path=str(d["path"]),
-            split=str(d.get("split", "train")),
-            label=None if label is None else int(label),
-            label_name=d.get("label_name"),
-            start=None if d.get("start") is None else float(d["start"]),
-            end=None if d.get("end") is None else float(d["end"]),
-        )
+        """A row from a decoded JSON object, every field checked for type and value.
+
+        ``video_id``, ``path`` and ``split`` must be non-empty strings (a null is refused,
+        never turned into ``"None"``), ``label`` an integer (``1.7`` and ``true`` are
+        refused), ``label_name`` a string, ``start``/``end`` finite seconds with
+        ``0 <= start < end``.
+
+        Raises:
+            ManifestError: listing every problem of the row (one per line, ``field: ...``).
+        """
+        problems = row_problems(d)
+        if problems:
+            raise ManifestError(f"invalid manifest row: {len(problems)} problem(s)", problems)
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: check_value(hints[k], v, k)[0] for k, v in d.items()})
+
+
+_REQUIRED = ("video_id", "path")
+_NON_EMPTY = ("video_id", "path", "split")
+
+
+def row_problems(d: object) -> list[str]:
+    """Every problem of a manifest row given as a decoded JSON object (empty: it is valid)."""
+    if not isinstance(d, dict):
+        return [f"expected a JSON object, got {d!r}"]
+    hints = typing.get_type_hints(ManifestRow)
+    names = [f.name for f in fields(ManifestRow)]
+    problems = [f"unknown manifest field {k!r}; known fields: {names}" for k in sorted(set(d) - set(names))]
+    problems += [f"{k}: missing (a manifest row needs 'video_id' and 'path')" for k in _REQUIRED if k not in d]
+    values: dict[str, object] = {}
+    for k in names:
+        if k not in d:
+            continue
+        values[k], found = check_value(hints[k], d[k], k)
+        problems += found
+        if found:
+            values.pop(k)
+    for k in _NON_EMPTY:
+        if isinstance(values.get(k), str) and not values[k].strip():
+            problems.append(f"{k}: expected a non-empty string, got {d[k]!r}")
+    for k in ("start", "end"):
+        v = values.get(k)
+        if isinstance(v, float) and not math.isfinite(v):
+            problems.append(f"{k}: expected a finite number of seconds, got {d[k]!r}")
+            values.pop(k)
+    start, end = values.get("start"), values.get("end")
+    if isinstance(start, float) and start < 0:
+        problems.append(f"start: expected seconds >= 0, got {d['start']!r}")
+    if isinstance(start, float) and isinstance(end, float) and not start < end:
+        problems.append(f"start {start} s must be before end {end} s")
+    if isinstance(end, float) and start is None and not end > 0:
+        problems.append(f"end: expected seconds > 0, got {d['end']!r}")
+    return problems
 
 
 def write_manifest(rows: Iterable[ManifestRow], path: str | os.PathLike) -> Path:
@@ -76,7 +116,8 @@ def write_manifest(rows: Iterable[ManifestRow], path: str | os.PathLike) -> Path
 
 
 def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
-    """Read a JSONL manifest; every malformed line is reported at once."""
+    """Read a JSONL manifest; every problem of every line is reported at once (one
+    :class:`ManifestError`, one ``line N: field: problem`` entry each)."""
     rows: list[ManifestRow] = []
     problems: list[str] = []
     if not os.path.isfile(path):
@@ -88,11 +129,18 @@ def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
             if not line:
                 continue
             try:
-                rows.append(ManifestRow.from_dict(json.loads(line)))
-            except (ValueError, TypeError) as e:
+                d = json.loads(line)
+            except ValueError as e:
                 problems.append(f"line {lineno}: {e}")
+                continue
+            found = row_problems(d)
+            if found:
+                problems += [f"line {lineno}: {p}" for p in found]
+            else:
+                rows.append(ManifestRow.from_dict(d))
     if problems:
-        raise ManifestError(f"{path}: {len(problems)} malformed line(s)", problems)
+        lines = len({p.split(":")[0] for p in problems})
+        raise ManifestError(f"{path}: {len(problems)} problem(s) on {lines} malformed line(s)", problems)
     return rows
 
 
