@@ -38,6 +38,18 @@ Weights (``create_backbone``)
       at once naming ``--weights PATH`` (the hub is probed first so an offline machine does
       not sit through the hub client's retries).
 
+Any input size (``forward_dense``)
+    Dense evaluation runs at non-square protocol sizes (DAVIS 480 x 880, ...).
+    ``forward_dense`` takes ``(N, 3, H, W)`` with ``H, W`` multiples of ``dense_step`` and
+    returns the ``(N, H / p, W / p, C)`` grid. ViTs interpolate the grid part of the
+    positional embedding to the input's grid as their library does (bicubic,
+    ``align_corners=False``, antialiased; CLS / register entries unchanged): timm models are
+    built with ``dynamic_size=True`` (timm's ``dynamic_img_size``, keeping the checkpoint's
+    native PE grid, e.g. 37 x 37 for DINOv2), open_clip towers resample ``positional_embedding``
+    as ``open_clip.model.resize_pos_embed`` does when loading at another size. The CNN is
+    fully convolutional (grid ``ceil(H / 32) x ceil(W / 32)``; ``dense_step`` 32 keeps cells
+    exact).
+
 The open_clip ``openai`` weights were trained with QuickGELU, so the CLIP towers are
 built with QuickGELU: a ``--weights`` file for them must be an OpenAI-trained checkpoint
 (e.g. ``open_clip_pytorch_model.bin`` of ``timm/vit_base_patch16_clip_224.openai``).
@@ -168,9 +180,36 @@ class Backbone(nn.Module):
         """Frozen: stays in eval mode whatever ``mode`` is (BN statistics never update)."""
         return super().train(False)
 
+    #: Input sides of :meth:`forward_dense` must be multiples of this (pixels per grid cell).
+    dense_step: int = 0
+
     def grid(self) -> tuple[int, int]:
         """``(H, W)`` of the patch grid at ``preprocess.size``."""
         raise NotImplementedError
+
+    def dense_grid(self, height: int, width: int) -> tuple[int, int]:
+        """``(h, w)`` of :meth:`forward_dense` at a ``height x width`` input (pixels)."""
+        self._check_dense_size(height, width)
+        return height // self.dense_step, width // self.dense_step
+
+    def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, 3, H, W)`` float32 normalised, any ``H, W`` multiple of :attr:`dense_step`
+        -> ``(N, H / step, W / step, C)`` float32."""
+        raise BackboneError(f"{self.name} has no any-size forward; build it with dynamic_size=True")
+
+    def _check_dense_size(self, height: int, width: int) -> None:
+        step = self.dense_step
+        if not step or height <= 0 or width <= 0 or height % step or width % step:
+            raise BackboneError(
+                f"{self.name}: dense input {height}x{width} px must be positive multiples of {step or '?'} "
+                f"(pixels per grid cell); resize frames to such a size"
+            )
+
+    def _check_dense_input(self, x: torch.Tensor) -> tuple[int, int]:
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise BackboneError(f"{self.name} expects input of shape (N, 3, H, W), got {tuple(x.shape)}")
+        self._check_dense_size(int(x.shape[2]), int(x.shape[3]))
+        return int(x.shape[2]) // self.dense_step, int(x.shape[3]) // self.dense_step
 
     def prepare(self, frames: torch.Tensor | np.ndarray) -> torch.Tensor:
         """``(N, S, S, 3)`` uint8 RGB -> ``(N, 3, S, S)`` float32 ``(x / 255 - mean) / std``.
@@ -232,6 +271,7 @@ class TimmViTBackbone(Backbone):
         self.model = model
         self.num_prefix_tokens = npt
         self._grid = (grid[0], grid[1])
+        self.dense_step = int(model.patch_embed.patch_size[0]) if getattr(model, "dynamic_img_size", False) else 0
         self._freeze()
 
     def grid(self) -> tuple[int, int]:
@@ -242,6 +282,14 @@ class TimmViTBackbone(Backbone):
         self._check_input(x)
         tokens = self.model.forward_features(x)[:, self.num_prefix_tokens:]
         h, w = self._grid
+        return tokens.reshape(tokens.shape[0], h, w, tokens.shape[-1]).float()
+
+    def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
+        """Any size (timm ``dynamic_img_size``: the PE resampled to the input's grid by timm)."""
+        if not self.dense_step:
+            return super().forward_dense(x)
+        h, w = self._check_dense_input(x)
+        tokens = self.model.forward_features(x)[:, self.num_prefix_tokens:]
         return tokens.reshape(tokens.shape[0], h, w, tokens.shape[-1]).float()
 
 
@@ -259,6 +307,7 @@ class TimmCNNBackbone(Backbone):
         super().__init__(channels=int(probe.shape[1]), extra=extra, **kw)
         self.model = model
         self._grid = (int(probe.shape[2]), int(probe.shape[3]))
+        self.dense_step = 32  # output stride: whole cells at multiples of 32
         self._freeze()
 
     def grid(self) -> tuple[int, int]:
@@ -267,6 +316,11 @@ class TimmCNNBackbone(Backbone):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, 3, S, S)`` -> ``(N, h, w, C)`` float32."""
         self._check_input(x)
+        return self.model.forward_features(x).permute(0, 2, 3, 1).float().contiguous()
+
+    def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
+        """Any size multiple of 32 (fully convolutional)."""
+        self._check_dense_input(x)
         return self.model.forward_features(x).permute(0, 2, 3, 1).float().contiguous()
 
 
@@ -289,10 +343,40 @@ class OpenClipViTBackbone(Backbone):
         super().__init__(channels=int(visual.ln_post.normalized_shape[0]), extra=extra, **kw)
         self.visual = visual
         self._grid = (int(visual.grid_size[0]), int(visual.grid_size[1]))
+        self.dense_step = int(visual.conv1.kernel_size[0])
+        self._pe_cache: dict[tuple[int, int], torch.Tensor] = {}
         self._freeze()
 
     def grid(self) -> tuple[int, int]:
         return self._grid
+
+    def dense_positional_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
+        """``(1 + h * w, width)``: CLS entry unchanged, the grid part resampled to ``grid``
+        (bicubic, antialias, ``align_corners=False``: ``open_clip.model.resize_pos_embed``)."""
+        if grid == self._grid:
+            return self.visual.positional_embedding
+        if grid not in self._pe_cache:
+            pe = self.visual.positional_embedding.detach()
+            cls_pe, img = pe[:1], pe[1:].float()
+            gh, gw = self._grid
+            img = img.reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
+            img = torch.nn.functional.interpolate(img, size=grid, mode="bicubic", antialias=True, align_corners=False)
+            img = img.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pe.dtype)
+            self._pe_cache[grid] = torch.cat([cls_pe, img], dim=0)
+        return self._pe_cache[grid]
+
+    def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
+        """Any size: ``VisionTransformer.forward`` with the resampled positional embedding."""
+        h, w = self._check_dense_input(x)
+        v = self.visual
+        y = v.conv1(x)  # (N, width, h, w)
+        y = y.reshape(y.shape[0], y.shape[1], -1).permute(0, 2, 1)
+        cls = v.class_embedding.to(y.dtype).view(1, 1, -1).expand(y.shape[0], -1, -1)
+        y = torch.cat([cls, y], dim=1) + self.dense_positional_embedding((h, w)).to(y.device, y.dtype)
+        y = v.ln_pre(v.patch_dropout(y))
+        y = v.ln_post(v.transformer(y))  # ln_post on all tokens (pool_type tok, checked in __init__)
+        tokens = y[:, 1:]
+        return tokens.reshape(tokens.shape[0], h, w, tokens.shape[-1]).float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, 3, S, S)`` -> ``(N, H, W, C)`` float32."""
@@ -430,7 +514,8 @@ def _hub_error(name: str, what: str, exc: BaseException, offline: bool) -> Weigh
 # specs and factories
 # --------------------------------------------------------------------------------------
 class BackboneFactory(Protocol):
-    def __call__(self, *, weights: Path | None, pretrained: bool, image_size: int | None) -> Backbone: ...
+    def __call__(self, *, weights: Path | None, pretrained: bool, image_size: int | None,
+                 dynamic_size: bool = False) -> Backbone: ...
 
 
 @dataclass(frozen=True)
@@ -488,13 +573,18 @@ def _timm_load_file(model: nn.Module, path: Path, spec: TimmSpec) -> None:
 
 
 def _build_timm(spec: TimmSpec, cls: type[Backbone], is_vit: bool, *, weights: Path | None,
-                pretrained: bool, image_size: int | None) -> Backbone:
+                pretrained: bool, image_size: int | None, dynamic_size: bool = False) -> Backbone:
     import timm
 
     size = int(image_size or 224)
     _check_size(spec.name, size, spec.size_step, "the patch size" if is_vit else "half the output stride")
     kwargs: dict[str, Any] = {"num_classes": 0}
-    if is_vit:
+    if is_vit and dynamic_size:
+        # keep the checkpoint's native PE grid; timm resamples it to each input's grid
+        kwargs["dynamic_img_size"] = True
+        if image_size is not None:
+            kwargs["img_size"] = size
+    elif is_vit:
         kwargs["img_size"] = size
     # the tagged name even for random init, so pretrained_cfg (mean/std) is the tag's own
     full = f"{spec.arch}.{spec.tag}" if spec.tag else spec.arch
@@ -519,6 +609,8 @@ def _build_timm(spec: TimmSpec, cls: type[Backbone], is_vit: bool, *, weights: P
                 raise _hub_error(spec.name, f"timm {full}", exc, offline) from exc
         source = f"hub:{full}"
     cfg = model.pretrained_cfg
+    if is_vit and dynamic_size:
+        size = int(model.patch_embed.img_size[0])  # the native size is the square input
     extra = {"pretrained_tag": spec.tag,
              "preprocess_source": f"timm pretrained_cfg of {cfg.get('architecture')}.{cfg.get('tag')}"
                                   + (f" (interpolation set to {spec.interpolation})" if spec.interpolation else "")}
@@ -535,7 +627,7 @@ def _openclip_visual_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _build_open_clip(spec: OpenClipSpec, *, weights: Path | None, pretrained: bool,
-                     image_size: int | None) -> Backbone:
+                     image_size: int | None, dynamic_size: bool = False) -> Backbone:
     import open_clip
     from open_clip.model import _build_vision_tower
 
@@ -617,7 +709,7 @@ _add_timm(TimmSpec("mae-vitl16", "vit_large_patch16_224", "mae", size_step=16), 
 
 
 def create_backbone(name: str, *, weights: str | Path | None = None, pretrained: bool = True,
-                    image_size: int | None = None) -> Backbone:
+                    image_size: int | None = None, dynamic_size: bool = False) -> Backbone:
     """Build the frozen backbone ``name`` (see the module docstring for the registered names).
 
     Args:
@@ -626,6 +718,9 @@ def create_backbone(name: str, *, weights: str | Path | None = None, pretrained:
         pretrained: False -> random weights (tests). Cannot be combined with ``weights``.
         image_size: input side in px (default 224). timm ViTs: a multiple of the patch size
             (pos-embed resampled); MobileNetV2: a multiple of 32; open_clip: native size only.
+        dynamic_size: also accept any input size in :meth:`Backbone.forward_dense` (timm ViTs
+            are then built with ``dynamic_img_size`` and, without ``image_size``, at their
+            native size; open_clip and the CNN always accept it).
 
     Raises:
         KeyError: unknown name (the message lists the registered ones).
@@ -638,4 +733,4 @@ def create_backbone(name: str, *, weights: str | Path | None = None, pretrained:
     if image_size is not None and (isinstance(image_size, bool) or int(image_size) != image_size):
         raise BackboneError(f"image_size must be an integer, got {image_size!r}")
     return factory(weights=Path(weights) if weights is not None else None, pretrained=pretrained,
-                   image_size=int(image_size) if image_size is not None else None)
+                   image_size=int(image_size) if image_size is not None else None, dynamic_size=dynamic_size)

@@ -30,6 +30,12 @@ COMMANDS: dict[str, str] = {
     "evaluate": "freezeframe.cli.train",
     "report": "freezeframe.cli.train",
     "demo": "freezeframe.cli.demo",
+    "synth-davis": "freezeframe.cli.dense",
+    "dense-extract": "freezeframe.cli.dense",
+    "propagate": "freezeframe.cli.dense",
+    "davis-eval": "freezeframe.cli.dense",
+    "jhmdb-eval": "freezeframe.cli.dense",
+    "vip-eval": "freezeframe.cli.dense",
 }
 # commands that are a whole module's app (a group of subcommands), not one command in it
 GROUPS = {"manifest"}
@@ -59,6 +65,7 @@ class RootGroup(AppGroup):
 app = new_app(
     "Video SSL on cached features of frozen image models. Stage 1: manifest, synth, weights, plan, "
     "extract, status, verify. Stage 2: stats, pretrain, finetune, evaluate, report. Both: demo. "
+    "Dense evaluation: synth-davis, dense-extract, propagate, davis-eval, jhmdb-eval, vip-eval. "
     "Options left out take their value from --dataset / --config files, else the default shown "
     "in parentheses (the config dataclass's). Errors a user can fix are printed as one line "
     "'error: ...' with exit status 2.",

@@ -6,7 +6,7 @@ training (and every ``eval_every`` epochs) and ``RunDir.write_eval`` stores thei
 """
 from __future__ import annotations
 
-from train.evals import multiview  # noqa: F401  (built-ins register on import)
+from train.evals import multiview, propagation  # noqa: F401  (built-ins register on import)
 from train.evals.base import EvalOutput, Evaluation
 from train.evals.registry import EVALUATIONS, get_evaluation, register_evaluation
 

@@ -1,0 +1,161 @@
+"""Dense-benchmark manifests: videos given as frame files plus their label files.
+
+DAVIS-2017, JHMDB and VIP ship videos as folders of frames with per-frame label PNGs (or
+one joint file per video). A :class:`DenseVideo` lists the frame files in order and the
+label files referenced by that video; :func:`write_dense_manifest` /
+:func:`read_dense_manifest` store them as JSON Lines (one video per line), and
+:meth:`DenseVideo.row` is the plain :class:`~pipeline.manifest.ManifestRow` (``path`` = the
+frames folder) that feature extraction reads.
+
+Builders register in :data:`DENSE_BUILDERS` and report every problem (missing frames,
+labels without a frame, frames without a label, sizes that disagree, ...) in one
+:class:`~pipeline.errors.ManifestError`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from PIL import Image
+
+from manifests._common import Problems
+from pipeline.errors import ManifestError
+from pipeline.fileio import atomic_write_lines
+from pipeline.manifest import ManifestRow
+from pipeline.registry import Registry
+
+__all__ = [
+    "DENSE_BUILDERS",
+    "DenseBuilder",
+    "DenseVideo",
+    "LABEL_KINDS",
+    "image_size",
+    "read_dense_manifest",
+    "write_dense_manifest",
+]
+
+#: What a video's label files hold.
+#:  ``davis-objects``: palette PNG per labelled frame, ids 0 (background) .. K, 255 void;
+#:  ``vip-parts``: grey PNG per labelled frame, part class ids, 255 ignored;
+#:  ``jhmdb-joints``: one MAT-file per video with ``pos_img`` (2, 15, T), 1-based pixels.
+LABEL_KINDS = ("davis-objects", "vip-parts", "jhmdb-joints")
+
+
+@dataclass(frozen=True)
+class DenseVideo:
+    """One video of a dense benchmark.
+
+    Attributes:
+        video_id: unique id (the sequence / video folder name).
+        split: e.g. ``train``, ``val``, ``test``.
+        frames: absolute paths of the frame images, in temporal order.
+        labels: absolute paths of the label files (per labelled frame, or one per video).
+        label_frames: for per-frame labels, the index in ``frames`` of each label file;
+            empty for a per-video label file.
+        label_kind: one of :data:`LABEL_KINDS`.
+        size: ``(height, width)`` of the frames in pixels.
+    """
+
+    video_id: str
+    split: str
+    frames: tuple[str, ...]
+    labels: tuple[str, ...]
+    label_frames: tuple[int, ...] = field(default=())
+    label_kind: str = "davis-objects"
+    size: tuple[int, int] = (0, 0)
+
+    @property
+    def frames_dir(self) -> str:
+        """The folder holding the frames."""
+        return os.path.dirname(self.frames[0]) if self.frames else ""
+
+    @property
+    def frame_names(self) -> tuple[str, ...]:
+        """Frame file stems (``00000``, ...), the names results are written under."""
+        return tuple(Path(f).stem for f in self.frames)
+
+    def label_for(self, frame_index: int) -> str | None:
+        """The label file of frame ``frame_index`` (None if that frame is not labelled)."""
+        try:
+            return self.labels[self.label_frames.index(frame_index)]
+        except ValueError:
+            return None
+
+    def row(self) -> ManifestRow:
+        """The extraction manifest row: the frames folder as the video."""
+        return ManifestRow(video_id=self.video_id, path=self.frames_dir, split=self.split)
+
+    def to_json(self) -> str:
+        d = {
+            "video_id": self.video_id,
+            "split": self.split,
+            "label_kind": self.label_kind,
+            "size": list(self.size),
+            "frames": list(self.frames),
+            "labels": list(self.labels),
+            "label_frames": list(self.label_frames),
+        }
+        return json.dumps(d, ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DenseVideo":
+        missing = {"video_id", "frames", "labels"} - set(d)
+        if missing:
+            raise ValueError(f"missing field(s) {sorted(missing)}")
+        kind = str(d.get("label_kind", "davis-objects"))
+        if kind not in LABEL_KINDS:
+            raise ValueError(f"unknown label_kind {kind!r}; one of {', '.join(LABEL_KINDS)}")
+        size = tuple(int(x) for x in d.get("size", (0, 0)))
+        return cls(
+            video_id=str(d["video_id"]),
+            split=str(d.get("split", "val")),
+            frames=tuple(str(f) for f in d["frames"]),
+            labels=tuple(str(f) for f in d["labels"]),
+            label_frames=tuple(int(i) for i in d.get("label_frames", ())),
+            label_kind=kind,
+            size=(size[0], size[1]),
+        )
+
+
+#: A dense builder takes keyword options and returns videos in a deterministic order.
+DenseBuilder = Callable[..., list[DenseVideo]]
+
+#: format name -> builder (``davis2017``, ``jhmdb``, ``vip``).
+DENSE_BUILDERS: Registry[DenseBuilder] = Registry("dense benchmark format")
+
+
+def write_dense_manifest(videos: Iterable[DenseVideo], path: str | os.PathLike) -> Path:
+    """Write videos as JSON Lines (atomically). Returns the path."""
+    return atomic_write_lines(path, (v.to_json() for v in videos))
+
+
+def read_dense_manifest(path: str | os.PathLike) -> list[DenseVideo]:
+    """Read a dense JSONL manifest; every malformed line is reported at once."""
+    out: list[DenseVideo] = []
+    problems: list[str] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(DenseVideo.from_dict(json.loads(line)))
+            except (ValueError, TypeError, KeyError) as e:
+                problems.append(f"line {lineno}: {e}")
+    if problems:
+        raise ManifestError(f"{path}: {len(problems)} malformed line(s)", problems)
+    return out
+
+
+def image_size(path: Path, problems: Problems, what: str) -> tuple[int, int] | None:
+    """``(height, width)`` read from an image header (None, with a problem, if unreadable)."""
+    try:
+        with Image.open(path) as im:
+            return im.height, im.width
+    except FileNotFoundError:
+        problems.add(f"missing {what} {str(path)!r}")
+    except OSError as e:
+        problems.add(f"unreadable {what} {str(path)!r}: {e}")
+    return None
