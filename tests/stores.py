@@ -98,6 +98,7 @@ def write_synthetic_store(
     videos_per_shard: int = 5,
     seed: int = 0,
     features: FeatureFn | None = None,
+    label_names: Sequence[str] | None = None,
 ) -> SynthStore:
     """Write a tiny store: ``splits`` maps split -> number of videos (default 8 train, 4 test).
 
@@ -139,7 +140,7 @@ def write_synthetic_store(
             x = np.ascontiguousarray(make(rng, number, v.label, v.length), dtype=np.float32)
             feats[v.video_id] = x
             w.begin_video({"video_id": v.video_id, "split": v.split, "label": v.label,
-                           "label_name": f"class{v.label}"})
+                           "label_name": label_names[v.label] if label_names else f"class{v.label}"})
             w.append(x, np.arange(v.length, dtype=np.float64) / 10.0)
             w.end_video()
         w.finish()
@@ -173,10 +174,12 @@ def make_real_store(
     geometry: str = "short_side_crop",
     dtype: str = "float32",
     seed: int = 0,
+    backbone: str = "mobilenetv2-imagenet",
 ) -> RealStore:
     """Extract ``num_videos`` lossless :func:`tests.videos.pattern_frames` videos (H x W =
-    ``size_hw``, all in split "train", labels 0/1) with a random-weight MobileNetV2 at
-    ``image_size`` px (2 x 2 x 1280 features at 64 px) into ``tmp/store.zarr``."""
+    ``size_hw``, all in split "train", labels 0/1) with a random-weight ``backbone`` at
+    ``image_size`` px (MobileNetV2: 2 x 2 x 1280 features at 64 px; ``dinov2-vits14``:
+    2 x 2 x 384 at 28 px) into ``tmp/store.zarr``, stored as ``dtype``."""
     import torch
 
     from extract.backbones import create_backbone
@@ -188,7 +191,7 @@ def make_real_store(
     tmp = Path(tmp)
     tmp.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    net = create_backbone("mobilenetv2-imagenet", pretrained=False, image_size=image_size)
+    net = create_backbone(backbone, pretrained=False, image_size=image_size)
     # non-trivial BatchNorm statistics so eval-mode features are not a near-identity of init
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -197,7 +200,7 @@ def make_real_store(
                 buf.copy_(0.1 * torch.randn(buf.shape, generator=g))
             elif name.endswith("running_var"):
                 buf.copy_(0.5 + torch.rand(buf.shape, generator=g))
-    weights = tmp / "random-mobilenetv2.pt"
+    weights = tmp / f"random-{backbone}.pt"
     inner = getattr(net, "model", None)
     torch.save((inner if isinstance(inner, torch.nn.Module) else net).state_dict(), weights)
 
@@ -210,8 +213,8 @@ def make_real_store(
         rows.append(ManifestRow(vid, str(p), "train", i % 2, f"class{i % 2}"))
     manifest = write_manifest(rows, tmp / "manifest.jsonl")
     store = tmp / "store.zarr"
-    run_extract(ExtractConfig(manifest=str(manifest), store=str(store), backbone="mobilenetv2-imagenet",
+    run_extract(ExtractConfig(manifest=str(manifest), store=str(store), backbone=backbone,
                               weights=str(weights), image_size=image_size, geometry=geometry, dtype=dtype,
                               videos_per_shard=2, frames_per_file=16, batch_size=7, workers=1,
                               device="cpu", progress=False))
-    return RealStore(store, manifest, weights, paths, "mobilenetv2-imagenet", image_size, geometry)
+    return RealStore(store, manifest, weights, paths, backbone, image_size, geometry)

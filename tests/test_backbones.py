@@ -38,6 +38,8 @@ EXPECTED = {
     "dinov2-vitb14": ((16, 16), 768, IMAGENET_MEAN, IMAGENET_STD, "bicubic"),
     "dinov2-vits14-reg": ((16, 16), 384, IMAGENET_MEAN, IMAGENET_STD, "bicubic"),
     "mae-vitb16": ((14, 14), 768, IMAGENET_MEAN, IMAGENET_STD, "bicubic"),
+    "dinov2-vitl14": ((16, 16), 1024, IMAGENET_MEAN, IMAGENET_STD, "bicubic"),
+    "mae-vitl16": ((14, 14), 1024, IMAGENET_MEAN, IMAGENET_STD, "bicubic"),
 }
 
 _CACHE: dict[str, Backbone] = {}
@@ -84,7 +86,8 @@ def test_random_backbone_shapes_preprocess_and_frozen(name: str) -> None:
     assert all(not p.requires_grad for p in bb.parameters())
     bb.train()
     assert not bb.training and all(not m.training for m in bb.modules())
-    n = 1 if name in ("clip-vit-l14", "clip-vit-b16", "dinov2-vitb14", "mae-vitb16") else 2
+    n = 1 if name in ("clip-vit-l14", "clip-vit-b16", "dinov2-vitb14", "mae-vitb16", "dinov2-vitl14",
+                      "mae-vitl16") else 2
     y = bb(bb.prepare(random_frames(n, 224)))
     assert y.shape == (n, *grid, channels) and y.dtype == torch.float32
     assert not y.requires_grad and torch.isfinite(y).all()
@@ -151,7 +154,8 @@ def test_open_clip_refuses_non_native_size() -> None:
         create_backbone("clip-vit-b16", pretrained=False, image_size=336)
 
 
-@pytest.mark.parametrize("name,prefix", [("dinov2-vits14", 1), ("dinov2-vits14-reg", 5)])
+@pytest.mark.parametrize("name,prefix", [("dinov2-vits14", 1), ("dinov2-vits14-reg", 5), ("dinov2-vitl14", 1),
+                                         ("mae-vitl16", 1)])
 def test_timm_vit_drops_exactly_the_prefix_tokens(name: str, prefix: int) -> None:
     bb = random_backbone(name)
     assert bb.num_prefix_tokens == prefix == bb.model.num_prefix_tokens

@@ -63,3 +63,30 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path: Path) -> No
     assert "chance" in text
     # rerunning is cheap: every step is found complete
     assert run_demo(tmp_path / "demo", quick=True) == report
+
+
+def test_report_statistics_pair_videos_and_check_the_claim() -> None:
+    """The demo's report states per-seed Wilson intervals, exact McNemar tests on the same test
+    videos, and whether kt = 3 beats average pooling by >= 40 points with disjoint intervals."""
+    from freezeframe.demo import ArmResult, _claim, _comparisons
+    from train.metrics import EvalResult
+
+    targets = [i % 4 for i in range(96)]
+    ids = [f"v{i}" for i in range(96)]
+
+    def result(correct: int) -> EvalResult:
+        preds = [t if i < correct else (t + 1) % 4 for i, t in enumerate(targets)]
+        return EvalResult(top1=correct / 96, top5=1.0, per_class=[0.0] * 4, confusion=[[0] * 4] * 4,
+                          class_names=["a", "b", "c", "d"], num_videos=96, views=10, video_ids=ids,
+                          predictions=preds, targets=targets)
+
+    arms = {"tmm-kt3-scratch": ArmResult("tmm-kt3-scratch", [result(72), result(70)]),
+            "avgpool-scratch": ArmResult("avgpool-scratch", [result(24), result(26)])}
+    assert arms["tmm-kt3-scratch"].mean_sd() == "74.0 +/- 1.5"  # 75.0 and 72.9
+    assert arms["avgpool-scratch"].per_seed().startswith("25.0 [17, 35]")
+    lines = _comparisons(arms)
+    assert len(lines) == 2 and "only tmm-kt3-scratch right on 48 videos, only avgpool-scratch on 0" in lines[0]
+    assert "p = 7.1e-15" in lines[0]  # 2 * 0.5**48
+    assert "**holds**" in _claim(arms)
+    arms["tmm-kt3-scratch"] = ArmResult("tmm-kt3-scratch", [result(72), result(60)])  # 35 points on seed 1
+    assert "does NOT hold (1/2 seeds)" in _claim(arms)

@@ -158,7 +158,7 @@ def test_videos_are_real_h264_matching_the_renderer(bench: tuple[Path, dict[str,
             assert frames.shape == (SMALL.frames, SMALL.size, SMALL.size, 3)
             assert stream.average_rate == SMALL.fps
             i = int(r.video_id[-4:])
-            want = gen.render(video_rng(SMALL.seed, task, r.split, r.label, i), r.label, i)
+            want = gen.render(video_rng(SMALL.seed, task, r.split, r.label, i), r.label, i, r.split)
             mse = np.mean((frames.astype(np.float64) - want) ** 2)
             assert 10 * np.log10(255.0 ** 2 / mse) > 28.0, (r.video_id, mse)
 

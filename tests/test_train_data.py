@@ -7,6 +7,7 @@ same frames and running the same frozen backbone on them gives. Plus shapes, see
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -188,3 +189,79 @@ def test_refusals_of_datasets(synth: SynthStore) -> None:
         PRPDataset(store, "train", PRPConfig(num_frames=8, stride=20, short_video="clamp"))
     # with wrap-around the same config is allowed (released behaviour)
     assert len(ClipDataset(store, "train", ClipConfig(num_frames=8, stride=20, short_video="wrap"))) == 8
+
+
+# --------------------------------------------------------------------------------------
+# 1b. the same equivalence on the default float16 store, with a CNN and with a ViT
+# --------------------------------------------------------------------------------------
+#: float16 unit roundoff (round to nearest, 10 stored mantissa bits): |fp16(x) - x| <= 2**-11 |x|
+#: for normal numbers, and <= 2**-25 (half the subnormal spacing 2**-24) below 2**-14
+FP16_RTOL = 2.0 ** -11
+FP16_ATOL = 2.0 ** -25
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone,image_size,shape", [
+    ("mobilenetv2-imagenet", 64, (2, 2, 1280)),  # the default backbone
+    ("dinov2-vits14", 28, (2, 2, 384)),  # a ViT: patch tokens after the final norm
+])
+def test_prp_item_equals_decoding_and_backbone_on_float16_store(
+        tmp_path: Path, backbone: str, image_size: int, shape: tuple[int, int, int]) -> None:
+    """A PRP item from a float16 store equals decode + backbone on the same frames up to the
+    float16 rounding of the stored value, stated here from the storage dtype:
+
+        |stored - ref| <= 2**-11 * |ref| + 2**-25 + (float32 recomputation noise)
+
+    with the float32 recomputation noise bounded as in the float32 test above (other batch
+    sizes and algorithms than the extraction's: 1e-4 relative, 5e-5 of the feature scale)."""
+    real = make_real_store(tmp_path, dtype="float16", backbone=backbone, image_size=image_size, num_videos=2,
+                           frames=(24, 30))
+    store = open_store(real.path)
+    assert store.dtype.feature_dtype == "float16"  # the default extraction dtype
+    cfg = PRPConfig(num_frames=4, stride=2, clips_per_video=3, jitter=0.2)
+    ds = PRPDataset(store, "train", cfg, seed=11)
+    backbone_net = create_backbone(real.backbone, weights=real.weights, image_size=real.image_size).eval()
+    geometry = Geometry(size=backbone_net.preprocess.size, mode=real.geometry,
+                        interpolation=backbone_net.preprocess.interpolation)
+    for index in range(len(ds)):
+        x, y = ds[index]
+        vid = ds.video_ids[index]
+        length = store.num_frames(vid)
+        clips = prp_clips(length, np.random.default_rng((11, 0, index)), cfg)
+        assert y.tolist() == [c.rate_label for c in clips]
+        idx = np.stack([c.indices for c in clips])
+        frames = decode_all(real.video_paths[vid], geometry=geometry).frames
+        with torch.inference_mode():
+            ref = backbone_net(backbone_net.prepare(frames[idx.reshape(-1)]))
+            shifted = backbone_net(backbone_net.prepare(frames[(idx.reshape(-1) + 1) % length]))
+        ref = ref.reshape(*idx.shape, *ref.shape[1:]).numpy().astype(np.float64)
+        assert x.shape == ref.shape == (3, 4, *shape) and x.dtype == torch.float32
+        scale = float(np.abs(ref).max())
+        assert scale > 0.1
+        err = np.abs(x.numpy().astype(np.float64) - ref)
+        bound = (FP16_RTOL + 1e-4) * np.abs(ref) + FP16_ATOL + 5e-5 * scale
+        assert np.all(err <= bound), float((err - bound).max())
+        # the float16 rounding is really there (the store is not float32 in disguise) ...
+        assert float(err.max()) > 1e-6 * scale
+        # ... and the tolerance still tells neighbouring frames apart
+        far = np.abs(shifted.numpy().reshape(ref.shape) - ref)
+        assert far.max() > 20 * bound.max()
+
+
+def test_hflip_is_refused_on_left_right_labels(tmp_path: Path) -> None:
+    """A horizontal flip turns an "up_left" clip into "up_right" motion: fine-tuning refuses it
+    before any training; on labels without a direction it is allowed."""
+    from train.config import resolve_train_config
+    from train.loop import fit
+
+    store = write_synthetic_store(tmp_path / "s.zarr", num_classes=3, label_names=("up_left", "up_right", "still"))
+    cfg = resolve_train_config("finetune", None, None, [
+        f'data.store="{store.path}"', f'run_dir="{tmp_path / "run"}"', 'data.augment=["hflip"]', "data.workers=0",
+        "model.num_classes=3", "model.tmm.in_channels=16", "optim.epochs=1", "clip.num_frames=4"])
+    with pytest.raises(DataError, match="hflip.*up_left"):
+        fit(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    from train.data import check_label_preserving
+
+    check_label_preserving(("hflip",), ["class0", "playing_guitar"])  # no direction in the names: allowed
+    check_label_preserving(("grid-crop",), ["up_left"])  # a crop does not mirror

@@ -13,10 +13,11 @@ from typing import Any, Mapping, Sequence
 from pipeline.config import drop_keys, from_dict, load_toml, merge, parse_overrides, runtime_keys, to_dict
 from pipeline.errors import ConfigError, FreezeframeError
 from train.evals import EVALUATIONS
-from train.schema import DataConfig, OptimConfig, TrainConfig
+from train.presets import PRESETS, preset_layers
+from train.schema import DataConfig, OptimConfig, TrainConfig, peak_lr, per_rank_batch
 from train.tasks import TASKS, Task, get_task
 
-__all__ = ["CONFIG_DIR", "TrainConfig", "OptimConfig", "DataConfig", "resolve_train_config", "load_train_config",
+__all__ = ["CONFIG_DIR", "render_config", "TrainConfig", "OptimConfig", "DataConfig", "resolve_train_config", "load_train_config",
            "plugin_sections", "content_of", "RUNTIME_KEYS"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -58,10 +59,13 @@ def _assemble(task: type[Task], d: Mapping[str, Any], task_section: Mapping | No
 
 def resolve_train_config(task: str, dataset: str | None, config_file: str | Path | None,
                          overrides: Sequence[str]) -> TrainConfig:
-    """Defaults <- ``train/configs/<dataset>.toml`` <- ``config_file`` <- dotted ``overrides``.
+    """Defaults <- recipe preset <- ``train/configs/<dataset>.toml`` <- ``config_file`` <- ``overrides``.
 
     From each file, ``[common]`` then the task's own table (``[pretrain]`` for PRP,
-    ``[finetune]``...) apply. Sections of every registered task and evaluation are accepted
+    ``[finetune]``...) then the recipe's table of that file (``[paper.finetune]``...) apply.
+    The recipe (``recipe``: ``paper``, ``released`` or "" for none, see ``train.presets``) is
+    the last one named by the overrides, the config file's or the dataset file's ``[common]``;
+    its preset file is applied first, under everything else. Sections of every registered task and evaluation are accepted
     and type-checked (one override list serves several tasks); only the active task's section
     and its evaluations' are kept. Wrong types and unknown keys raise ``ConfigError``.
     """
@@ -75,12 +79,24 @@ def resolve_train_config(task: str, dataset: str | None, config_file: str | Path
         files.append(path)
     if config_file:
         files.append(Path(config_file))
+    tables = [load_toml(f) for f in files]
+    over = parse_overrides(overrides)
+    recipe = ""
+    for layer in [t.get("common", {}) for t in tables] + [over]:
+        recipe = layer.get("recipe", recipe)
+    if not isinstance(recipe, str) or (recipe and recipe not in PRESETS):
+        raise ConfigError(f"invalid config: recipe={recipe!r}; choose one of {PRESETS.names()} (or \"\" for none)")
+    table = task_cls.table()
     d: dict = copy.deepcopy(task_cls.defaults)  # the task's own recipe, under every file and override
-    for f in files:
-        t = load_toml(f)
+    for layer in preset_layers(recipe, table):
+        d = merge(d, layer)
+    for t in tables:
         d = merge(d, t.get("common", {}))
-        d = merge(d, t.get(task_cls.table(), {}))
-    d = merge(d, parse_overrides(overrides))
+        d = merge(d, t.get(table, {}))
+        if recipe:
+            d = merge(d, (t.get(recipe) or {}).get(table, {}))
+    d = merge(d, over)
+    d["recipe"] = recipe
     d["task"] = task
     for key in _PLUGIN_KEYS:
         if key in d:
@@ -143,3 +159,23 @@ def content_of(cfg: TrainConfig) -> dict[str, Any]:
     for name, section in cfg.eval_cfg.items():
         keys += [f"eval_cfg.{name}.{k}" for k in runtime_keys(type(section))]
     return drop_keys(to_dict(cfg), keys)
+
+
+def render_config(cfg: TrainConfig, world_sizes: Sequence[int] = (1, 4, 8)) -> str:
+    """The resolved config as indented JSON, then the batch and peak lr it gives on ``world_sizes``
+    ranks (what ``--print-config`` prints; nothing is run)."""
+    import json
+
+    lines = [json.dumps(to_dict(cfg), indent=2, sort_keys=True, default=str)]
+    o = cfg.optim
+    lines.append(f"# recipe {cfg.recipe or '(none)'}; optim.batch_size={o.batch_size} counts videos "
+                 f"{'per rank' if o.batch_scope == 'per_rank' else 'over all ranks'} (optim.batch_scope={o.batch_scope})")
+    for world in world_sizes:
+        try:
+            per_rank = per_rank_batch(o, world)
+        except ConfigError as e:
+            lines.append(f"# {world} rank(s): {e}")
+            continue
+        lines.append(f"# {world} rank(s): {per_rank} videos per rank, {per_rank * world} per step, "
+                     f"peak lr {peak_lr(o, per_rank, world):.3g} (base_lr {o.base_lr:g} x {per_rank * world} / 64)")
+    return "\n".join(lines)

@@ -8,6 +8,7 @@ Shapes: a clip is ``(T, H, W, C)`` float32 (store layout); models permute it the
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -63,6 +64,22 @@ def grid_crop(clip: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     x = torch.from_numpy(np.ascontiguousarray(clip[:, y0 : y0 + ch, x0 : x0 + cw])).permute(0, 3, 1, 2)
     x = torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
     return x.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+#: augmentation -> words in a class name whose meaning it swaps (a mirrored "left" is a "right")
+LABEL_CHANGING_WORDS: dict[str, tuple[str, ...]] = {"hflip": ("left", "right", "leftward", "rightward")}
+
+
+def check_label_preserving(augment: tuple[str, ...], class_names: list[str]) -> None:
+    """Refuse an augmentation that changes what a label means (e.g. ``hflip`` on classes named
+    by a left/right direction: a flipped "up_left" clip shows "up_right" motion)."""
+    for name in augment:
+        words = LABEL_CHANGING_WORDS.get(name, ())
+        hit = [c for c in class_names if set(re.split(r"[^a-z]+", str(c).lower())) & set(words)]
+        if hit:
+            raise DataError(
+                f"data.augment has {name!r}, which changes the meaning of the labels {hit[:4]} "
+                f"(it mirrors {'/'.join(words[:2])}): remove {name!r} from data.augment for this dataset")
 
 
 def apply_augmentations(names: tuple[str, ...], clip: np.ndarray, rng: np.random.Generator) -> np.ndarray:

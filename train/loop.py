@@ -40,6 +40,8 @@ from train.models import arch_signature, check_input_channels
 from train.progress import TrainProgress
 from train.report import draw_curves
 from train.rundir import RunDir, store_identity
+from train.schema import peak_lr as scaled_lr
+from train.schema import per_rank_batch as batch_per_rank
 from train.tasks import get_task
 
 __all__ = ["fit", "RunResult", "lr_at", "SkipSampler", "DivergedError"]
@@ -173,7 +175,7 @@ def _fit(cfg: TrainConfig, console: Any, held: ExitStack) -> RunResult:
         if skipped:
             con.log(f"[yellow]left out {len(skipped)} training video(s) with NaN/inf features: "
                     f"{', '.join(skipped[:10])}{' ...' if len(skipped) > 10 else ''}")
-    per_rank_batch = cfg.optim.batch_size
+    per_rank_batch = batch_per_rank(cfg.optim, dinfo.world)
     if len(train_set) < per_rank_batch * dinfo.world:
         per_rank_batch = max(1, len(train_set) // dinfo.world)
         con.log(f"[yellow]batch_size lowered to {per_rank_batch} videos per rank: the split has only {len(train_set)} videos")
@@ -199,10 +201,12 @@ def _fit(cfg: TrainConfig, console: Any, held: ExitStack) -> RunResult:
     if dinfo.enabled:
         model = D.convert_sync_batchnorm(model, dinfo.device)
         model = DistributedDataParallel(model, device_ids=[dinfo.device.index] if dinfo.device.type == "cuda" else None)
-    peak_lr = cfg.optim.base_lr * per_rank_batch * dinfo.world / 64
+    peak_lr = scaled_lr(cfg.optim, per_rank_batch, dinfo.world)
     opt = torch.optim.AdamW(param_groups(model, cfg.optim), lr=peak_lr, betas=cfg.optim.betas,
                             weight_decay=cfg.optim.weight_decay)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if (dinfo.device.type == "cuda" and cfg.amp) else nullcontext()
+    # the TMM and head run in float32 unless amp asks for bf16 autocast (the frozen image model's
+    # precision was the extraction's: the store holds its features in the store's dtype)
+    amp = torch.autocast(dinfo.device.type, dtype=torch.bfloat16) if cfg.amp else nullcontext()
 
     # ---- run directory, resume ------------------------------------------------------------
     if dinfo.is_main:
@@ -225,6 +229,7 @@ def _fit(cfg: TrainConfig, console: Any, held: ExitStack) -> RunResult:
         run.write_provenance({"store": str(store.path), "store_header": store.header, "environment": environment(),
                               "world_size": dinfo.world, "device": str(dinfo.device),
                               "torch_threads": torch.get_num_threads(), "peak_lr": peak_lr,
+                              "precision": "bfloat16 autocast" if cfg.amp else "float32",
                               "per_rank_batch": per_rank_batch, "steps_per_epoch": steps_per_epoch})
         run.truncate_metrics(step, total_steps)
 

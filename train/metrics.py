@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -127,6 +127,9 @@ class EvalResult:
         class_names: the K class names, in class-index order.
         num_videos: N, the number of evaluated videos.
         views: test views (clips) averaged per video.
+        video_ids, predictions, targets: per video (same order), the id, the predicted and the
+            true class, so two runs on the same test videos can be compared pairwise (McNemar,
+            ``train.significance``); empty in results written before they were recorded.
     """
 
     top1: float
@@ -136,6 +139,9 @@ class EvalResult:
     class_names: list[str]
     num_videos: int
     views: int = 1
+    video_ids: list[str] = field(default_factory=list)
+    predictions: list[int] = field(default_factory=list)
+    targets: list[int] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -169,6 +175,9 @@ class EvalResult:
             class_names=[str(c) for c in data["class_names"]],
             num_videos=int(data["num_videos"]),
             views=int(data.get("views", 1)),
+            video_ids=[str(v) for v in data.get("video_ids", [])],
+            predictions=[int(p) for p in data.get("predictions", [])],
+            targets=[int(t) for t in data.get("targets", [])],
         )
 
     def summary(self) -> dict[str, float]:
@@ -185,7 +194,8 @@ class EvalResult:
 
 
 def evaluate_logits(
-    video_logits: Tensor, targets: Tensor, class_names: Sequence[str], views: int = 1
+    video_logits: Tensor, targets: Tensor, class_names: Sequence[str], views: int = 1,
+    video_ids: Sequence[str] = (),
 ) -> EvalResult:
     """Metrics of video-level predictions.
 
@@ -194,6 +204,7 @@ def evaluate_logits(
         targets: ``(N,)`` true class indices in ``[0, K)``.
         class_names: K names in class-index order.
         views: number of views averaged per video (recorded, not used in the computation).
+        video_ids: the N video ids in row order (recorded with the per-video predictions).
     """
     _check_logits_targets(video_logits, targets)
     n, k = video_logits.shape
@@ -203,7 +214,10 @@ def evaluate_logits(
         raise ValueError(f"got {len(class_names)} class names for {k} logit columns")
     counts = topk_correct(video_logits, targets, ks=(1, 5))
     preds = video_logits.detach().argmax(dim=1).cpu().numpy()
-    conf = confusion_matrix(preds, targets.detach().cpu().numpy().astype(np.int64), k)
+    true = targets.detach().cpu().numpy().astype(np.int64)
+    conf = confusion_matrix(preds, true, k)
+    if video_ids and len(video_ids) != n:
+        raise ValueError(f"got {len(video_ids)} video ids for {n} rows of logits")
     return EvalResult(
         top1=counts[1] / n,
         top5=counts[5] / n,
@@ -212,4 +226,7 @@ def evaluate_logits(
         class_names=[str(c) for c in class_names],
         num_videos=int(n),
         views=int(views),
+        video_ids=[str(v) for v in video_ids],
+        predictions=[int(p) for p in preds],
+        targets=[int(t) for t in true],
     )

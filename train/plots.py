@@ -179,7 +179,7 @@ def plot_confusion(result: EvalResult, path: str | Path, title: str | None = Non
     ax.set_ylabel("true class" + suffix)
     head = f"{title}: " if title else ""
     ax.set_title(
-        f"{head}top-1 {100 * result.top1:.1f}%, top-5 {100 * result.top5:.1f}%\n"
+        f"{head}top-1 {100 * result.top1:.1f}%" + (f", top-5 {100 * result.top5:.1f}%" if k > 5 else "") + "\n"
         f"{result.num_videos} videos x {result.views} view(s), rows normalised",
         fontsize=10,
     )

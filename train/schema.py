@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from pipeline.config import runtime
+from pipeline.errors import ConfigError
 from train.models import ModelConfig
 
 
@@ -48,8 +49,13 @@ def raise_problems(problems: list[str]) -> None:
 class OptimConfig:
     """AdamW with linear warmup then cosine to ``min_lr``.
 
-    The peak learning rate is ``base_lr * batch_size * world_size / 64`` (the released
-    code's linear scaling; ``batch_size`` counts videos per rank and step).
+    The peak learning rate is ``base_lr * global_batch / 64`` (linear scaling), where the
+    global batch is what ``batch_scope`` says ``batch_size`` counts:
+
+    * ``"per_rank"`` (the released code: ``BASE_LR * BATCHSIZE_PER_GPU * world / 64``):
+      ``batch_size`` videos per rank and step, global batch ``batch_size * world_size``;
+    * ``"global"`` (the paper's "eta x batch / 64"): ``batch_size`` videos per step over all
+      ranks (must divide by the world size), ``batch_size / world_size`` per rank.
     """
 
     base_lr: float = 1e-3
@@ -58,7 +64,8 @@ class OptimConfig:
     epochs: int = 800
     warmup_epochs: float = 5.0
     min_lr: float = 0.0
-    batch_size: int = 32  # videos per rank per step (PRP: x clips_per_video clips)
+    batch_size: int = 32  # videos per step, per rank or over all ranks (batch_scope); PRP: x clips_per_video clips
+    batch_scope: str = "per_rank"  # per_rank | global: what batch_size counts (lr scaling and DataLoader)
     label_smoothing: float = 0.05
     grad_clip: float | None = None
     decay_matrices_only: bool = False  # weight decay on weight matrices only (not biases, norms)
@@ -72,6 +79,26 @@ class OptimConfig:
         if not 0 <= self.label_smoothing < 1:
             problems.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
         raise_problems(problems)
+
+
+BATCH_SCOPES = ("per_rank", "global")
+
+
+def per_rank_batch(optim: OptimConfig, world: int) -> int:
+    """Videos per rank and step from ``optim.batch_size`` and ``optim.batch_scope``."""
+    if optim.batch_scope not in BATCH_SCOPES:
+        raise ConfigError(f"optim.batch_scope must be one of {BATCH_SCOPES}, got {optim.batch_scope!r}")
+    if optim.batch_scope == "per_rank":
+        return optim.batch_size
+    if optim.batch_size % world:
+        raise ConfigError(f"optim.batch_size={optim.batch_size} is a global batch (optim.batch_scope=global) and "
+                          f"does not divide over {world} ranks; use a multiple of {world}")
+    return optim.batch_size // world
+
+
+def peak_lr(optim: OptimConfig, per_rank: int, world: int) -> float:
+    """``base_lr * global batch / 64``: the linear scaling rule of both the paper and the released code."""
+    return optim.base_lr * per_rank * world / 64
 
 
 @dataclass
@@ -101,11 +128,12 @@ class TrainConfig:
     """
 
     task: str = "prp"
+    recipe: str = ""  # the recipe preset applied under the dataset file (train.presets: paper | released; "" none)
     name: str = runtime("")
     run_dir: str = runtime("")
     seed: int = 0
     device: str = runtime("auto")
-    amp: bool = True  # bf16 autocast on CUDA
+    amp: bool = False  # TMM + head in float32 (as released); True: bf16 autocast on CUDA
     init: str | None = None  # a run dir or checkpoint to start from (tasks that accept one)
     init_unfinished: bool = runtime(False)  # allow init from a run that did not finish training
     init_other_store: bool = runtime(False)  # allow init from a run trained on a store of other features

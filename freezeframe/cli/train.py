@@ -16,8 +16,7 @@ import typer
 from rich.table import Table
 
 from freezeframe.cli.common import config_option, console, flag_overrides, new_app, out
-from pipeline.config import to_dict
-from train.config import TrainConfig, resolve_train_config
+from train.config import TrainConfig, render_config, resolve_train_config
 from train.evaluate import evaluate_run
 from pipeline.store import open_store
 from train.loop import fit
@@ -39,7 +38,7 @@ _KT = config_option(TrainConfig, "model.tmm.temporal_kernel", "TMM temporal kern
 _ARCH = config_option(TrainConfig, "model.arch", "tmm | avgpool.")
 _SET = typer.Option([], "--set", metavar="KEY=VALUE", show_default=False,
                     help="Override any config field (repeatable; e.g. --set optim.base_lr=5e-4).")
-_PRINT = typer.Option(False, "--print-config", help="Print the resolved config as JSON and exit without training.")
+_PRINT = typer.Option(False, "--print-config", help="Print the resolved config and the lr per world size; run nothing.")
 
 
 def _train(task: str, dataset: Optional[str], config: Optional[Path], set_: list[str], print_config: bool = False,
@@ -47,7 +46,7 @@ def _train(task: str, dataset: Optional[str], config: Optional[Path], set_: list
     """Resolve the config of ``task`` and train it with :func:`train.loop.fit` (or only print it)."""
     cfg = resolve_train_config(task, dataset, config, flag_overrides(**flags) + list(set_))
     if print_config:
-        print(json.dumps(to_dict(cfg), indent=2))
+        print(render_config(cfg))
         return
     res = fit(cfg, console)
     msg = f"run {res.run_dir}: {res.steps} steps, final loss {res.final_loss:.4f}"

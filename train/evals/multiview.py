@@ -62,7 +62,8 @@ class MultiViewTest(Evaluation):
             order = torch.tensor([i for p in parts for i in p[0]]).argsort()
             logits = torch.cat([p[1] for p in parts])[order]
             targets = torch.cat([p[2] for p in parts])[order]
-        return evaluate_logits(logits, targets, class_names(store, cfg.model.num_classes), views=opts.num_clips)
+        return evaluate_logits(logits, targets, class_names(store, cfg.model.num_classes), views=opts.num_clips,
+                               video_ids=ds.video_ids)
 
     def plot(self, out: EvalResult, run: RunDir, title: str | None = None) -> list[Path]:  # type: ignore[override]
         return [plot_confusion(out, run.confusion_png, title=title)]

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from pipeline.config import from_dict
 from pipeline.errors import ConfigMismatchError, FreezeframeError
-from train.data import ClipConfig, ClipDataset
+from train.data import ClipConfig, ClipDataset, check_label_preserving
 from train.losses import accuracy, cross_entropy
 from train.models import ModelConfig, arch_signature, build_model, check_arch_compatible
 from train.rundir import load_init
@@ -38,6 +38,9 @@ class ClassifyTask(Task):
                 raise ConfigMismatchError(
                     f"the store has labels up to {top} but model.num_classes={self.cfg.model.num_classes}; "
                     f"set model.num_classes={top + 1}")
+        if self.cfg.data.augment:
+            names = {self.store.meta(v).label_name for v in self.store.video_ids}
+            check_label_preserving(tuple(self.cfg.data.augment), sorted(str(n) for n in names if n is not None))
         if self.cfg.init:
             check_arch_compatible(load_init(self.cfg.init)["arch"], arch_signature(self.cfg.model), new_head=True)
 
