@@ -71,8 +71,9 @@ def test_overrides_win_over_the_preset_and_synth_configs_name_none() -> None:
 
 def test_render_config_states_the_batch_scope_and_lr() -> None:
     text = render_config(resolve_train_config("prp", "ucf101", None, ["recipe=released"]), world_sizes=(4,))
-    body, *notes = text.split("\n#")
-    assert json.loads(body)["optim"]["base_lr"] == 1e-3
+    d = json.loads(text)
+    body, notes = d, d["_notes"]
+    assert body["optim"]["base_lr"] == 1e-3
     assert "per rank" in notes[0] and "peak lr 0.0005" in notes[1]
 
 

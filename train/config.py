@@ -161,21 +161,27 @@ def content_of(cfg: TrainConfig) -> dict[str, Any]:
     return drop_keys(to_dict(cfg), keys)
 
 
-def render_config(cfg: TrainConfig, world_sizes: Sequence[int] = (1, 4, 8)) -> str:
-    """The resolved config as indented JSON, then the batch and peak lr it gives on ``world_sizes``
-    ranks (what ``--print-config`` prints; nothing is run)."""
-    import json
-
-    lines = [json.dumps(to_dict(cfg), indent=2, sort_keys=True, default=str)]
+def config_notes(cfg: TrainConfig, world_sizes: Sequence[int] = (1, 4, 8)) -> list[str]:
+    """What the batch settings mean: the batch scope, then per world size the videos per
+    rank and step and the peak learning rate they give."""
     o = cfg.optim
-    lines.append(f"# recipe {cfg.recipe or '(none)'}; optim.batch_size={o.batch_size} counts videos "
-                 f"{'per rank' if o.batch_scope == 'per_rank' else 'over all ranks'} (optim.batch_scope={o.batch_scope})")
+    lines = [f"recipe {cfg.recipe or '(none)'}; optim.batch_size={o.batch_size} counts videos "
+             f"{'per rank' if o.batch_scope == 'per_rank' else 'over all ranks'} (optim.batch_scope={o.batch_scope})"]
     for world in world_sizes:
         try:
             per_rank = per_rank_batch(o, world)
         except ConfigError as e:
-            lines.append(f"# {world} rank(s): {e}")
+            lines.append(f"{world} rank(s): {e}")
             continue
-        lines.append(f"# {world} rank(s): {per_rank} videos per rank, {per_rank * world} per step, "
+        lines.append(f"{world} rank(s): {per_rank} videos per rank, {per_rank * world} per step, "
                      f"peak lr {peak_lr(o, per_rank, world):.3g} (base_lr {o.base_lr:g} x {per_rank * world} / 64)")
-    return "\n".join(lines)
+    return lines
+
+
+def render_config(cfg: TrainConfig, world_sizes: Sequence[int] = (1, 4, 8)) -> str:
+    """The resolved config as one JSON object (what ``--print-config`` prints; nothing is run),
+    with :func:`config_notes` under the key ``_notes``."""
+    import json
+
+    return json.dumps({**to_dict(cfg), "_notes": config_notes(cfg, world_sizes)}, indent=2, sort_keys=True,
+                      default=str)
