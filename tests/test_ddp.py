@@ -240,8 +240,12 @@ def test_multiview_evaluation_is_shared_by_the_ranks(tmp_path: Path) -> None:
     cfg = load_train_config(run.read_config())
     model = build_model(cfg.model)
     model.load_state_dict(torch.load(run.final, weights_only=True)["model"])
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    ref = get_evaluation("multiview").run(model, open_store(store.path), cfg, torch.device("cpu")).to_json()
+    try:
+        ref = get_evaluation("multiview").run(model, open_store(store.path), cfg, torch.device("cpu")).to_json()
+    finally:
+        torch.set_num_threads(threads)  # later tests in this process keep the default thread count
     assert (got["top1"], got["top5"], got["confusion"]) == (ref["top1"], ref["top5"], ref["confusion"])
     evals = [m for m in run.read_metrics() if m["kind"] == "eval"]
     assert [m["step"] for m in evals] == [2, 4]  # periodic and final, written once by rank 0
