@@ -34,3 +34,15 @@ def lossless_clip(tmp_path: Path) -> Clip:
     """1 s lossless video: 30 distinct 32x32 :func:`pattern_frames` at 30 fps (frame k at k/30 s)."""
     frames = pattern_frames(30, 32, 32, seed=0)
     return Clip(make_lossless_video(tmp_path / "lossless.mp4", frames, 30), frames, 30)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run the test on one torch intra-op thread and restore the caller's count afterwards
+    (training results depend on the thread count; see docs/demo.md, Reproducibility)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -29,12 +29,7 @@ TINY = ["optim.batch_size=2", "optim.epochs=2", "optim.warmup_epochs=1", "data.w
         "checkpoint_every=1", "seed=3"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

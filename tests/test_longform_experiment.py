@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from pipeline.config import load_toml
 from pipeline.errors import FreezeframeError
@@ -50,12 +49,7 @@ test.stride = 2
 """
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_experiment_runs_every_cell_and_reports(tmp_path: Path) -> None:

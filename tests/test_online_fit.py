@@ -29,12 +29,7 @@ MOCO = ["moco.proj_hidden=16", "moco.proj_dim=8", "moco.queue_size=32", "moco.st
         "moco.stream.stride_frames=4", "moco.stream.streams=2", "moco.momentum=0.9"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from freezeframe.cli import app
@@ -19,12 +18,7 @@ TINY = ["model.tmm.in_channels=16", "model.tmm.hidden=8", "model.tmm.out_channel
         "optim.batch_size=2", "optim.warmup_epochs=1", "data.workers=0", "model.num_classes=3", "optim.epochs=1"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _spec(tmp_path: Path, store: Path, extra: str = "") -> Path:

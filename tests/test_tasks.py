@@ -49,12 +49,7 @@ TINY = [
 STEPS = 2 * 4  # 8 train videos, 2 per step, 2 epochs
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
