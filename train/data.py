@@ -4,7 +4,11 @@ Each item is one video. Randomness is drawn from ``np.random.default_rng((seed, 
 index))``, so an item is the same whichever DataLoader worker or rank reads it and
 whenever it is read: that makes resumed runs bit-identical to uninterrupted ones.
 
-Shapes: a clip is ``(T, H, W, C)`` float32 (store layout); models permute it themselves.
+Shapes: a clip is ``(T, H, W, C)`` (store layout); models permute it themselves. Items keep
+the store's float16 (half the bytes through workers, pinned memory and the host-to-device
+copy); the training loop casts them to float32 on the device (:func:`to_model_dtype`), which
+is exact: every float16 value is a float32 value. Other storage dtypes, and items that run
+feature-space augmentations, are float32 already in the worker.
 """
 from __future__ import annotations
 
@@ -88,6 +92,11 @@ def apply_augmentations(names: tuple[str, ...], clip: np.ndarray, rng: np.random
     return clip
 
 
+def to_model_dtype(x: torch.Tensor) -> torch.Tensor:
+    """A float16 tensor (features as stored) as float32, on its own device; anything else as it is."""
+    return x.float() if x.dtype == torch.float16 else x
+
+
 # --------------------------------------------------------------------------------------
 # datasets
 # --------------------------------------------------------------------------------------
@@ -125,6 +134,16 @@ class _StoreVideos(Dataset):
                 f"wrap-around is off; use fewer frames, a smaller stride, or {section}.short_video=wrap"
             )
 
+    def frames(self, video_id: str, indices: np.ndarray, augment: tuple[str, ...] = ()) -> np.ndarray:
+        """Frames ``indices`` (n,) of a video, ``(n, H, W, C)``, checked finite: as stored (float16)
+        when the store holds float16 and no augmentation will run on them, else float32 (the
+        augmentations compute in float32, int8 is dequantised here)."""
+        if augment or self.store.dtype.extras:
+            feats = self.store.features(video_id, indices)
+        else:
+            feats = self.store.stored_features(video_id, indices)["features"]
+        return self.checked(video_id, indices, feats)
+
     def checked(self, video_id: str, indices: np.ndarray, feats: np.ndarray) -> np.ndarray:
         """``feats`` (``len(indices)`` frames first) unless a value is NaN/inf: then
         :class:`NonFiniteFeaturesError` naming the video, the stored frame and its shard."""
@@ -161,7 +180,7 @@ class _StoreVideos(Dataset):
 class PRPDataset(_StoreVideos):
     """Playback-rate perception: ``clips_per_video`` clips per video, each with its own rate.
 
-    Item: ``(clips (K, T, H, W, C) float32, rate labels (K,) int64)``. Resampling at rate r
+    Item: ``(clips (K, T, H, W, C) float16 as stored (or float32, see :meth:`frames`), rate labels (K,) int64)``. Resampling at rate r
     is done by choosing cached frame indices (``train.sampling.prp_clips``), exactly what
     decoding those frames would give.
     """
@@ -178,8 +197,7 @@ class PRPDataset(_StoreVideos):
         vid = self.video_ids[index]
         clips = prp_clips(int(self.lengths[index]), rng, self.cfg)
         idx = np.stack([c.indices for c in clips])  # (K, T)
-        feats = self.checked(vid, idx.reshape(-1), self.store.features(vid, idx.reshape(-1)))
-        feats = feats.reshape(*idx.shape, *self.store.feature_shape)
+        feats = self.frames(vid, idx.reshape(-1), self.augment).reshape(*idx.shape, *self.store.feature_shape)
         if self.augment:
             feats = np.stack([apply_augmentations(self.augment, f, rng) for f in feats])
         labels = np.array([c.rate_label for c in clips], dtype=np.int64)
@@ -212,7 +230,7 @@ class ClipDataset(_StoreVideos):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         rng = self._rng(index)
         idx = random_clip(int(self.lengths[index]), rng, self.cfg.num_frames, self.cfg.stride, self.cfg.short_video)
-        clip = self.checked(self.video_ids[index], idx, self.store.features(self.video_ids[index], idx))
+        clip = self.frames(self.video_ids[index], idx, self.augment)
         if self.augment:
             clip = apply_augmentations(self.augment, clip, rng)
         return torch.from_numpy(np.ascontiguousarray(clip)), self.label(index)
@@ -244,8 +262,7 @@ class TestViewDataset(_StoreVideos):
         idx = test_clips(int(self.lengths[index]), self.cfg.num_clips, self.cfg.num_frames, self.cfg.stride,
                          self.cfg.short_video)  # (V, T)
         vid = self.video_ids[index]
-        feats = self.checked(vid, idx.reshape(-1), self.store.features(vid, idx.reshape(-1)))
-        feats = feats.reshape(*idx.shape, *self.store.feature_shape)
+        feats = self.frames(vid, idx.reshape(-1)).reshape(*idx.shape, *self.store.feature_shape)
         return torch.from_numpy(np.ascontiguousarray(feats)), self.label(index)
 
 

@@ -23,6 +23,7 @@ from zarr.core.sync import sync
 
 from pipeline.errors import StoreError
 from pipeline.splits import SplitEntry, split_table_sha256
+from pipeline.store.frames import FrameReader, frame_reader
 from pipeline.store.header import read_header
 from pipeline.store.integrity import expected_files, frames_per_file, marker_digest, shard_file_key
 from pipeline.store.layout import Failure, VideoEntry, read_markers, shards_dir
@@ -58,6 +59,7 @@ class FeatureStore:
                     raise StoreError(f"{self.path}: video {e.video_id!r} stored twice")
                 self._index[e.video_id] = e
         self._handles: dict[str, dict[str, zarr.Array]] = {}
+        self._frame_readers: dict[tuple[str, str], FrameReader | None] = {}
         self._pid = os.getpid()
         self._memory: dict[str, dict[str, np.ndarray]] | None = None
         self.split_table: str | None = None  # sha256 of the split table applied (None: the store's own splits)
@@ -144,7 +146,7 @@ class FeatureStore:
         if self._memory is not None:
             return self._memory[shard]
         if os.getpid() != self._pid:
-            self._handles, self._pid = {}, os.getpid()
+            self._handles, self._frame_readers, self._pid = {}, {}, os.getpid()
         if shard not in self._handles:
             self._handles[shard] = self._open_shard(shard)
         return self._handles[shard]
@@ -228,23 +230,39 @@ class FeatureStore:
 
     def features(self, video_id: str, indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
         """Features of a video as float32 (T, H, W, C); ``indices`` selects frames (0-based)."""
+        return self.dtype.decode(self.stored_features(video_id, indices))
+
+    def stored_features(self, video_id: str, indices: Sequence[int] | np.ndarray | None = None
+                        ) -> dict[str, np.ndarray]:
+        """The stored arrays of a video's frames, not decoded: ``features`` (T, H, W, C) in the
+        storage dtype (float16 by default) and the dtype's extras (int8: ``scales`` (T, H, W));
+        ``self.dtype.decode`` of them is :meth:`features`. Training keeps float16 until the
+        device (half the bytes through the loader and the host-to-device copy)."""
         e = self.meta(video_id)
         arrays = self._arrays(e.shard)
         keys = ["features", *self.dtype.extras]
         if indices is None:
             sel: Any = slice(e.offset, e.offset + e.length)
             span = np.arange(e.offset, e.offset + e.length)
-            raw = {k: self._read(e.shard, k, arrays[k], lambda k=k: np.asarray(arrays[k][sel]), span)
-                   for k in keys}
-        else:
-            idx = np.asarray(indices, dtype=np.int64)
-            if idx.size and (idx.min() < 0 or idx.max() >= e.length):
-                raise IndexError(f"frame index out of range [0, {e.length}) for {video_id!r}")
-            uniq, inverse = np.unique(idx, return_inverse=True)
-            rows = uniq + e.offset
-            raw = {k: self._read(e.shard, k, arrays[k], lambda k=k: _take(arrays[k], rows), rows)[inverse]
-                   for k in keys}
-        return self.dtype.decode(raw)
+            return {k: self._read(e.shard, k, arrays[k], lambda k=k: np.asarray(arrays[k][sel]), span)
+                    for k in keys}
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= e.length):
+            raise IndexError(f"frame index out of range [0, {e.length}) for {video_id!r}")
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        rows = uniq + e.offset
+        return {k: self._read(e.shard, k, arrays[k], lambda k=k: self._rows(e.shard, k, arrays[k], rows), rows)[inverse]
+                for k in keys}
+
+    def _rows(self, shard: str, key: str, array: Any, rows: np.ndarray) -> np.ndarray:
+        """Rows (sorted, unique) of an array: by :class:`~pipeline.store.frames.FrameReader`
+        when the array has its layout (one pread per frame, no zarr event loop), else zarr."""
+        if isinstance(array, np.ndarray):
+            return _take(array, rows)
+        if (shard, key) not in self._frame_readers:
+            self._frame_readers[shard, key] = frame_reader(shards_dir(self.path) / shard / key, array)
+        reader = self._frame_readers[shard, key]
+        return reader.read(rows) if reader is not None else _take(array, rows)
 
     # ---- PEA return views (Co-Settle; ``extract --pea-views K``) -------------------------
     @property

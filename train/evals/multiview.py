@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from pipeline.store import FeatureStore
-from train.data import TestViewConfig, TestViewDataset
+from train.data import TestViewConfig, TestViewDataset, to_model_dtype
 from train.evals.registry import register_evaluation
 from train.evals.base import Evaluation
 from train.metrics import EvalResult, evaluate_logits
@@ -50,7 +50,7 @@ class MultiViewTest(Evaluation):
         all_logits, all_targets = [], []
         for x, y in loader:  # x: (B, V, T, H, W, C)
             b, v = x.shape[:2]
-            logits = model(x.flatten(0, 1).to(device)).float().reshape(b, v, -1).mean(1)
+            logits = model(to_model_dtype(x.flatten(0, 1).to(device, non_blocking=True))).float().reshape(b, v, -1).mean(1)
             all_logits.append(logits.cpu())
             all_targets.append(y)
         model.train(was_training)
