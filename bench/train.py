@@ -69,6 +69,8 @@ from extract.encode import build_backbone
 from extract.source import OnlineFeatureSource
 from pipeline.errors import ConfigMismatchError, FreezeframeError
 from bench.inputs import have_media, media_rows, synthetic_rows
+from bench.loader import QUICK_LOADER, LoaderBench, print_loader
+from bench.loader import measure as measure_loader
 from pipeline.manifest import ManifestRow, read_manifest, write_manifest
 from pipeline.registry import Registry
 from train.config import DataConfig, OptimConfig
@@ -130,11 +132,13 @@ class BenchConfig:
     threads: int | None = None
     device: str = "auto"
     seed: int = 0
+    loader: LoaderBench = field(default_factory=LoaderBench)  # the loader vs decompression part (bench/loader.py)
 
 
 #: ``--quick``: a smoke run (tests): MobileNetV2 at 64 px, 2 videos of 2 s, 2 clips x 4 frames, 1 step.
 QUICK = dict(backbones=("mobilenetv2-imagenet",), image_size=64, fps=4.0, seconds=2.0, max_videos=2,
-             batch=2, steps=1, min_steps=1, budget_s=1.0, prp=PRPConfig(num_frames=4, clips_per_video=2))
+             batch=2, steps=1, min_steps=1, budget_s=1.0, prp=PRPConfig(num_frames=4, clips_per_video=2),
+             loader=LoaderBench(**QUICK_LOADER))
 
 
 @dataclass(frozen=True)
@@ -709,6 +713,7 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
                                    "torch_threads": torch.get_num_threads(), "backbones": []}
         for name in cfg.backbones:
             results["backbones"].append(bench_backbone(name, cfg, Path(manifest), tmp, log))
+        results["loader"] = measure_loader(cfg.loader, tmp, log)
         results["wall_seconds"] = time.perf_counter() - t_start
         return results
     finally:
@@ -734,8 +739,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, Path | N
     ap.add_argument("--device", default=None, help="auto | cpu | cuda")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (tests)")
     ap.add_argument("--out", type=Path, default=None, help="write all numbers as JSON here")
+    ap.add_argument("--loader-only", action="store_true",
+                    help="only the loader vs decompression part (CLIP ViT-B/16 geometry, bench/loader.py)")
     a = ap.parse_args(argv)
     cfg = BenchConfig(**QUICK) if a.quick else d  # type: ignore[arg-type]
+    if a.loader_only:
+        cfg = replace(cfg, backbones=())
     given = {"backbones": tuple(a.backbones) if a.backbones else None, "steps": a.steps, "min_steps": a.min_steps,
              "budget_s": a.budget, "batch": a.batch, "fps": a.fps, "seconds": a.seconds, "max_videos": a.videos,
              "input": a.input, "image_size": a.image_size, "workers": a.workers, "threads": a.threads,
@@ -749,7 +758,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg, out = parse_args(argv)
     con = Console() if sys.stdout.isatty() else Console(width=150)
     results = run(cfg, log=lambda s: con.log(s))
-    print_tables(results, con)
+    if results["backbones"]:
+        print_tables(results, con)
+    print_loader(results["loader"], con)
     con.print(f"total {results['wall_seconds']:.0f} s")
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)

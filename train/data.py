@@ -92,6 +92,21 @@ def apply_augmentations(names: tuple[str, ...], clip: np.ndarray, rng: np.random
     return clip
 
 
+#: IEEE exponent bits of each float dtype: all ones means inf or NaN
+_EXPONENT = {np.dtype(np.float16): (np.uint16, 0x7C00), np.dtype(np.float32): (np.uint32, 0x7F800000)}
+
+
+def finite_rows(x: np.ndarray) -> np.ndarray:
+    """(n, k) floats -> (n,) bool: every value of the row is finite. The same as
+    ``np.isfinite(x).all(axis=1)``, read from the exponent bits (an integer mask and compare,
+    about 15x faster on float16, which numpy's ``isfinite`` handles without SIMD)."""
+    bits = _EXPONENT.get(x.dtype)
+    if bits is None or not x.flags.c_contiguous:
+        return np.isfinite(x).all(axis=1)
+    uint, mask = bits
+    return ((x.view(uint) & uint(mask)) != uint(mask)).all(axis=1)
+
+
 def to_model_dtype(x: torch.Tensor) -> torch.Tensor:
     """A float16 tensor (features as stored) as float32, on its own device; anything else as it is."""
     return x.float() if x.dtype == torch.float16 else x
@@ -147,8 +162,7 @@ class _StoreVideos(Dataset):
     def checked(self, video_id: str, indices: np.ndarray, feats: np.ndarray) -> np.ndarray:
         """``feats`` (``len(indices)`` frames first) unless a value is NaN/inf: then
         :class:`NonFiniteFeaturesError` naming the video, the stored frame and its shard."""
-        flat = feats.reshape(len(indices), -1)
-        finite = np.isfinite(flat).all(axis=1)
+        finite = finite_rows(feats.reshape(len(indices), -1))
         if not finite.all():
             frame = int(np.asarray(indices)[int(np.argmin(finite))])
             raise NonFiniteFeaturesError(

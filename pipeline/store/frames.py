@@ -99,7 +99,7 @@ class FrameReader:
                     out[j] = self.fill
                 else:
                     chunk = _checked(os.pread(fd, int(nbytes), int(offset)), path, f"chunk {inner}")
-                    out[j] = np.frombuffer(self._zstd.decode(chunk), dtype=self.dtype).reshape(self.frame_shape)
+                    self._zstd.decode(chunk, out=out[j])  # decompressed straight into the result
                 done[inner] = int(j)
         finally:
             os.close(fd)

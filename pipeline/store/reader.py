@@ -251,8 +251,10 @@ class FeatureStore:
             raise IndexError(f"frame index out of range [0, {e.length}) for {video_id!r}")
         uniq, inverse = np.unique(idx, return_inverse=True)
         rows = uniq + e.offset
-        return {k: self._read(e.shard, k, arrays[k], lambda k=k: self._rows(e.shard, k, arrays[k], rows), rows)[inverse]
-                for k in keys}
+        ordered = len(uniq) == len(idx) and bool((uniq == idx).all())  # already sorted, no repeats: no reorder copy
+        out = {k: self._read(e.shard, k, arrays[k], lambda k=k: self._rows(e.shard, k, arrays[k], rows), rows)
+               for k in keys}
+        return out if ordered else {k: v[inverse] for k, v in out.items()}
 
     def _rows(self, shard: str, key: str, array: Any, rows: np.ndarray) -> np.ndarray:
         """Rows (sorted, unique) of an array: by :class:`~pipeline.store.frames.FrameReader`
