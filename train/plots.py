@@ -25,7 +25,7 @@ from matplotlib.ticker import MaxNLocator
 from train.metrics import EvalResult
 from train.rundir import RunDir, RunDirError
 
-__all__ = ["ComparisonRow", "plot_curves", "plot_confusion", "plot_comparison"]
+__all__ = ["AblationPoint", "ComparisonRow", "plot_ablation", "plot_curves", "plot_confusion", "plot_comparison"]
 
 TRAIN_COLOUR = "tab:blue"
 EVAL_COLOUR = "tab:orange"
@@ -242,5 +242,46 @@ def plot_comparison(
     ax.set_ylim(0, min(100.0, top * 1.12 + 4.0) if top < 95 else 105.0)
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return _save(fig, path)
+
+
+@dataclass
+class AblationPoint:
+    """One row of an ablation table as a chart point: its label, cost and accuracies.
+
+    Attributes:
+        label: the row's values of the table's keys (e.g. ``"2"`` for spatial_pool=2).
+        macs: multiply-accumulates per clip (0: no TMM); params: trainable parameters.
+        top1_scratch, top1_prp: fractions in [0, 1], None when the run has not evaluated.
+    """
+
+    label: str
+    macs: int
+    params: int
+    top1_scratch: float | None
+    top1_prp: float | None
+
+
+def plot_ablation(points: Sequence[AblationPoint], path: str | Path, title: str = "ablation") -> Path:
+    """Top-1 (%) against GMACs per clip (log axis; a model without TMM sits at the left edge),
+    scratch and PRP-initialised as two series, each point labelled with its row."""
+    fig = _figure(6.4, 4.4)
+    ax = fig.add_subplot()
+    positive = [p.macs for p in points if p.macs > 0]
+    floor = (min(positive) / 4 if positive else 1e6) / 1e9
+    for series, colour, get in (("scratch", SERIES_COLOURS[1], lambda p: p.top1_scratch),
+                                ("PRP", SERIES_COLOURS[2], lambda p: p.top1_prp)):
+        pts = [(max(p.macs / 1e9, floor), 100 * get(p), p.label) for p in points if get(p) is not None]
+        if not pts:
+            continue
+        ax.scatter([x for x, _, _ in pts], [y for _, y, _ in pts], color=colour, label=series, zorder=3)
+        for x, y, label in pts:
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("TMM GMACs per clip (log)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     return _save(fig, path)

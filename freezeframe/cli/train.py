@@ -24,7 +24,8 @@ from train.project import apply_projection, check_fits, load_projection
 from train.report import report_main
 from train.represent import measure_store
 from train.stats import tmm_stats
-from train.sweep import expand_sweep, load_sweep, sweep_configs
+from train.ablation import write_sweep_report
+from train.sweep import expand_sweep, load_sweep, single_process, sweep_share, sweep_units
 
 app = new_app("Stage 2: stats, pretrain, finetune, evaluate, represent, project, report, sweep.")
 
@@ -177,23 +178,41 @@ def report(
 
 @app.command()
 def sweep(
-    spec: Path = typer.Argument(..., help="Sweep spec (TOML: task, out, set, [grid], [[runs]]; see train/sweep.py)."),
-    index: int = typer.Option(0, help="This job's index (Slurm array task id, or one machine of several)."),
-    count: int = typer.Option(1, help="Number of jobs sharing the sweep (run i goes to job i % count)."),
+    spec: Path = typer.Argument(..., help="Sweep spec (TOML: task, out, set, [grid], [[runs]], delta, [[tables]]; "
+                                "see train/sweep.py)."),
+    index: Optional[int] = typer.Option(None, help="This job's index (default: the torchrun/srun rank or the Slurm "
+                                        "array task; 0 alone).", show_default=False),
+    count: Optional[int] = typer.Option(None, help="Number of jobs sharing the sweep (point k goes to job k % count; "
+                                        "default: the world size or the array size).", show_default=False),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the runs and their overrides, train nothing."),
+    report_only: bool = typer.Option(False, "--report-only", help="Only (re)write the report of the runs so far."),
 ) -> None:
-    """Train a grid of ablations over one store, one run directory each (reruns resume), then report them."""
+    """Train a grid of ablations over one store, one run directory each (reruns resume), then
+    report them as the paper's ablation tables; under torchrun or a Slurm array each job trains its share."""
     s = load_sweep(spec)
     runs = expand_sweep(s)
     if dry_run:
         for r in runs:
             out.print(f"{Path(s.out) / r.name}: {' '.join(r.overrides)}", soft_wrap=True, highlight=False)
         return
-    for cfg in sweep_configs(s, resolve_train_config, index, count):
-        console.log(f"sweep run {cfg.run_dir}")
-        fit(cfg, console)
-    if count == 1:
-        raise typer.Exit(report_main([Path(s.out) / r.name for r in runs], Path(s.out) / "report.md"))
+    job, jobs = sweep_share(index, count)
+    every = {name: cfg for u in sweep_units(s, resolve_train_config) for name, cfg in u.runs}  # all checked first
+    if not report_only:
+        mine = sweep_units(s, resolve_train_config, job, jobs)
+        console.log(f"sweep job {job} of {jobs}: {sum(len(u.runs) for u in mine)} of {len(every)} runs")
+        with single_process():
+            for u in mine:
+                for name, cfg in u.runs:
+                    console.log(f"sweep run {cfg.run_dir}")
+                    fit(cfg, console)
+    unfinished = [n for n in every if not (Path(s.out) / n / "summary.json").is_file()]
+    if unfinished:  # another job still trains: the last one to finish writes the report
+        out.print(f"{len(unfinished)} run(s) of the sweep not finished yet (e.g. {unfinished[0]}); the report is "
+                  "written when they are (or: freezeframe sweep SPEC --report-only)")
+        if not report_only:
+            return
+    path = write_sweep_report(s, every)
+    out.print(f"wrote {path}")
 
 
 @app.command()
