@@ -18,6 +18,7 @@ from manifests import dataset_config as dataset_file
 from pipeline.config import load_toml, resolve, runtime
 from pipeline.errors import ConfigError
 from pipeline.registry import Registry
+from pipeline.paths import root_keys
 from pipeline.store import CODECS, STORAGE_DTYPES
 
 
@@ -123,9 +124,14 @@ class ExtractConfig:
         return out
 
 
+#: ExtractConfig fields that hold paths (rooted when they come from a shipped dataset file)
+PATH_KEYS = ("manifest", "store")
+
+
 def dataset_config(name: str) -> dict:
-    """The ``[extract]`` table of ``manifests/configs/<name>.toml`` (the dataset's defaults)."""
-    return dict(dataset_file(name).get("extract", {}))
+    """The ``[extract]`` table of ``manifests/configs/<name>.toml`` (the dataset's defaults), its
+    relative paths under the data root (:func:`pipeline.paths.data_root`), not the current directory."""
+    return root_keys(dataset_file(name).get("extract", {}), PATH_KEYS)
 
 
 def resolve_extract_config(dataset: str | None = None, config_file: str | Path | None = None,

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from freezeframe.cli import app
 from pipeline.errors import ConfigError
+from pipeline.paths import project_root
 from tests.stores import write_synthetic_store
 from train.config import resolve_train_config
 from train.stats import tmm_stats
@@ -75,7 +76,8 @@ def test_the_shipped_sweep_resolves() -> None:
         "temporal_kernel=1,spatial_pool=1", "temporal_kernel=1,spatial_pool=2", "temporal_kernel=3,spatial_pool=1",
         "temporal_kernel=3,spatial_pool=2", "arch=avgpool"]
     assert {c.model.spatial_pool for c in cfgs[:4]} == {1, 2} and cfgs[4].model.arch == "avgpool"
-    assert all(c.data.store == "data/stores/motion.zarr" and not c.init for c in cfgs)
+    # the shipped configs' paths are under the project root (pipeline.paths), not the current directory
+    assert all(c.data.store == str(project_root() / "data/stores/motion.zarr") and not c.init for c in cfgs)
 
 
 def _ablation_spec(tmp_path: Path, store: Path) -> Path:

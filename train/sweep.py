@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 from pipeline.config import from_dict, load_toml
 from pipeline.dist import discover_rank
 from pipeline.errors import ConfigError
+from pipeline.paths import project_root, rooted
 
 __all__ = ["SweepSpec", "SweepRun", "SweepTable", "SweepUnit", "load_sweep", "expand_sweep", "sweep_configs",
            "sweep_units", "sweep_share", "single_process", "PRP_SUFFIX", "PRP_FT_SUFFIX"]
@@ -81,8 +82,12 @@ class SweepRun:
 
 
 def load_sweep(path: str | Path) -> SweepSpec:
-    """A sweep spec from TOML (unknown keys and wrong types refused together)."""
+    """A sweep spec from TOML (unknown keys and wrong types refused together). A spec shipped in
+    ``train/configs`` writes under the data root (:mod:`pipeline.paths`); a user's spec where its
+    ``out`` says (relative: the current directory)."""
     spec = from_dict(SweepSpec, load_toml(path))
+    if Path(path).resolve().is_relative_to(project_root() / "train" / "configs"):
+        spec.out = rooted(spec.out)  # a shipped spec: its runs go under the data root, wherever it is run from
     problems = [f"grid.{k}: expected a non-empty list of values, got {v!r}" for k, v in spec.grid.items()
                 if not isinstance(v, list) or not v]
     if not spec.grid and not spec.runs:

@@ -42,7 +42,8 @@ def _human_bytes(n: float) -> str:
 
 @app.command()
 def plan(
-    manifest: Path = typer.Option(..., help="JSONL manifest."),
+    manifest: Optional[Path] = typer.Option(None, help="JSONL manifest (default: the --dataset/--config's).",
+                                            show_default=False),
     dataset: Optional[str] = _DATASET,
     config: Optional[Path] = _CONFIG,
     backbone: Optional[str] = _opt("backbone", "Backbone name (extract.backbones.BACKBONES)."),
@@ -58,6 +59,8 @@ def plan(
     cfg = resolve_extract_config(dataset, config, flag_overrides(
         manifest=manifest, backbone=backbone, image_size=image_size, fps=fps, dtype=dtype,
         spatial_pool=spatial_pool, channel_pool=channel_pool, videos_per_shard=videos_per_shard) + list(set_))
+    if not cfg.manifest:
+        raise FreezeframeError("give --manifest (or a --dataset/--config that sets it)")
     p = plan_extraction(cfg)
     t = Table(title=f"plan for {escape(str(cfg.manifest))}")
     t.add_column("quantity")
