@@ -18,8 +18,9 @@ round of each is reported):
 * **decompress + cast**: the same, then cast to float32 (what the old loader handed out);
 * **item**: ``ClipDataset.__getitem__`` in this process (reads the shard files, checks
   checksums and finiteness, returns the float16 tensor the loop casts on the device);
-* **loader, 1 worker**: a ``DataLoader`` with one worker process (fork), batches of
-  ``batch`` clips, collated and handed through shared memory: clips/s per worker.
+* **loader, 1 worker**: a ``DataLoader`` with one worker process (fork), configured as
+  ``train.loop.fit`` configures it: batches of ``batch`` clips read by ``__getitems__`` straight
+  into one shared-memory tensor (:func:`train.data.collate` hands it over): clips/s per worker.
 
 Target: loader clips/s per worker >= 0.7 x (decompress + cast) clips/s per core.
 
@@ -53,7 +54,7 @@ from pipeline.config import config_hash
 from pipeline.store import ShardWriter, init_store, open_store
 from pipeline.store.integrity import shard_file_key
 from pipeline.store.layout import shards_dir
-from train.data import ClipConfig, ClipDataset
+from train.data import ClipConfig, ClipDataset, collate
 from train.sampling import random_clip
 from train.stats import tmm_stats
 
@@ -179,21 +180,20 @@ def measure(b: LoaderBench, tmp: Path, log: Callable[[str], None] = print) -> di
             ds[i]
         return len(ds)
 
-    # the DataLoader start (fork + first batch) is part of the epoch; many epochs amortise it,
-    # so the loader is timed over a long sampler instead: the dataset repeated
-    rep = max(1, int(np.ceil(64 * b.batch / len(ds))))
-    long_ds = torch.utils.data.ConcatDataset([ds] * rep)
+    # the DataLoader start (fork + first batch) is part of an epoch; many epochs amortise it, so
+    # the loader is timed over a long sampler (the clips repeated) after its first batch
+    order = list(range(len(ds))) * max(1, int(np.ceil(64 * b.batch / len(ds))))
 
-    def loader_long() -> int:
-        dl = DataLoader(long_ds, batch_size=b.batch, num_workers=1, prefetch_factor=4,
-                        multiprocessing_context="fork")
+    def loader() -> int:
+        dl = DataLoader(ds, batch_size=b.batch, sampler=order, num_workers=1, prefetch_factor=4,
+                        multiprocessing_context="fork", collate_fn=collate)  # as train.loop.fit
         it = iter(dl)
         next(it)  # start-up: fork + the first batch, not steady state
         n = 0
         t_start = time.perf_counter()
         for x, _ in it:
             n += len(x)
-        loader_long.seconds = time.perf_counter() - t_start  # type: ignore[attr-defined]
+        loader.seconds = time.perf_counter() - t_start  # type: ignore[attr-defined]
         return n
 
     methods: dict[str, Callable[[], int]] = {"decompress": decompress, "decompress_cast": decompress_cast,
@@ -204,8 +204,8 @@ def measure(b: LoaderBench, tmp: Path, log: Callable[[str], None] = print) -> di
         load.append(os.getloadavg()[0])
         for name, fn in methods.items():
             rates[name].append(_rate(fn, b.seconds_per_method))
-        n = loader_long()
-        rates["loader_1_worker"].append(n / loader_long.seconds)  # type: ignore[attr-defined]
+        n = loader()
+        rates["loader_1_worker"].append(n / loader.seconds)  # type: ignore[attr-defined]
         log(f"  round {r + 1}/{b.rounds}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items())
             + f" clips/s (load {load[-1]:.1f})")
     med = {k: statistics.median(v) for k, v in rates.items()}

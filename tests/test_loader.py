@@ -16,7 +16,7 @@ from pipeline.store import open_store
 from pipeline.store.layout import shards_dir
 from pipeline.store.frames import frame_reader
 from tests.stores import SynthStore, write_synthetic_store
-from train.data import ClipConfig, ClipDataset, PRPDataset, to_model_dtype
+from train.data import ClipConfig, ClipDataset, ItemBatch, PRPDataset, collate, to_model_dtype
 from train.data import TestViewConfig as ViewConfig
 from train.data import TestViewDataset as ViewDataset
 from train.loop import _to_device
@@ -45,6 +45,11 @@ def test_float16_items_cast_on_the_device_equal_the_float32_path(f16: SynthStore
     prp.set_epoch(2)
     batch = next(iter(DataLoader(prp, batch_size=6, num_workers=2, multiprocessing_context="fork")))
     assert batch[0].dtype == torch.float16  # float16 through workers and collation
+    # the loop's collate: the batch read as one shared tensor by __getitems__, handed over as it is
+    fast = next(iter(DataLoader(prp, batch_size=6, num_workers=2, multiprocessing_context="fork", collate_fn=collate)))
+    assert torch.equal(fast[0], batch[0]) and torch.equal(fast[1], batch[1])
+    inproc = collate(prp.__getitems__(list(range(6))))  # in this process: a plain tensor, same values
+    assert isinstance(prp.__getitems__([0, 1]), ItemBatch) and torch.equal(inproc[0], batch[0])
     x = _to_device(batch, torch.device("cpu"))[0]  # what the training loop does
     assert x.dtype == torch.float32
     for i, vid in enumerate(prp.video_ids):
@@ -72,6 +77,8 @@ def test_augmented_and_float32_items_are_float32(tmp_path: Path, f16: SynthStore
     store = open_store(f16.path)
     aug = ClipDataset(store, "train", ClipConfig(num_frames=4, stride=2), seed=0, augment=("hflip",))
     assert aug[0][0].dtype == torch.float32
+    items = aug.__getitems__([0, 1])  # augmented: item by item (float32), collated as before
+    assert not isinstance(items, ItemBatch) and collate(items)[0].shape == (2, 4, 3, 2, 8)
     f32 = write_synthetic_store(tmp_path / "f32.zarr", splits={"train": 2, "test": 1})
     item = ClipDataset(open_store(f32.path), "train", ClipConfig(num_frames=4, stride=2), seed=0)[0][0]
     assert item.dtype == torch.float32

@@ -34,7 +34,7 @@ from pipeline.provenance import environment
 from train import distributed as D
 from train.config import TrainConfig, content_of
 from train.schema import OptimConfig
-from train.data import open_training_store, to_model_dtype
+from train.data import collate, open_training_store, to_model_dtype
 from train.evals import get_evaluation
 from train.models import arch_signature, check_input_channels
 from train.progress import TrainProgress
@@ -303,6 +303,7 @@ def _fit(cfg: TrainConfig, console: Any, held: ExitStack) -> RunResult:
             num_workers=cfg.data.workers, pin_memory=dinfo.device.type == "cuda", drop_last=True,
             persistent_workers=False, multiprocessing_context="fork" if cfg.data.workers else None,
             prefetch_factor=cfg.data.prefetch_factor if cfg.data.workers else None,
+            collate_fn=collate,  # a batch the dataset read as one tensor is handed over without a copy
             generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))  # not the global RNG: see below
         model.train()
         for batch in _batches(loader):

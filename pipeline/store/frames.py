@@ -71,9 +71,14 @@ class FrameReader:
         """Path of shard file ``number`` (rows ``number * per_file`` onwards)."""
         return self.folder / shard_file_key(self.array, number)
 
-    def read(self, rows: np.ndarray) -> np.ndarray:
+    def read(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """``(len(rows), *frame_shape)`` frames, decompressed straight into ``out`` when given."""
         rows = np.asarray(rows, dtype=np.int64)
-        out = np.empty((len(rows), *self.frame_shape), dtype=self.dtype)
+        if out is None:
+            out = np.empty((len(rows), *self.frame_shape), dtype=self.dtype)
+        elif out.shape != (len(rows), *self.frame_shape) or out.dtype != self.dtype or not out.flags.c_contiguous:
+            raise ValueError(f"out must be C-contiguous {self.dtype} {(len(rows), *self.frame_shape)}, "
+                             f"got {out.dtype} {out.shape}")
         if len(rows) and (rows.min() < 0 or rows.max() >= self.array.shape[0]):
             raise IndexError(f"rows out of range [0, {self.array.shape[0]}) of {self.folder}")
         files = rows // self.per_file

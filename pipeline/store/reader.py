@@ -232,16 +232,20 @@ class FeatureStore:
         """Features of a video as float32 (T, H, W, C); ``indices`` selects frames (0-based)."""
         return self.dtype.decode(self.stored_features(video_id, indices))
 
-    def stored_features(self, video_id: str, indices: Sequence[int] | np.ndarray | None = None
-                        ) -> dict[str, np.ndarray]:
+    def stored_features(self, video_id: str, indices: Sequence[int] | np.ndarray | None = None,
+                        out: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """The stored arrays of a video's frames, not decoded: ``features`` (T, H, W, C) in the
         storage dtype (float16 by default) and the dtype's extras (int8: ``scales`` (T, H, W));
         ``self.dtype.decode`` of them is :meth:`features`. Training keeps float16 until the
-        device (half the bytes through the loader and the host-to-device copy)."""
+        device (half the bytes through the loader and the host-to-device copy). ``out``: an
+        array ``(len(indices), H, W, C)`` of the storage dtype to read ``features`` into (a
+        slice of a batch: no copy), with ``indices`` given."""
         e = self.meta(video_id)
         arrays = self._arrays(e.shard)
         keys = ["features", *self.dtype.extras]
         if indices is None:
+            if out is not None:
+                raise ValueError("stored_features(out=...) needs the frame indices")
             sel: Any = slice(e.offset, e.offset + e.length)
             span = np.arange(e.offset, e.offset + e.length)
             return {k: self._read(e.shard, k, arrays[k], lambda k=k: np.asarray(arrays[k][sel]), span)
@@ -252,19 +256,30 @@ class FeatureStore:
         uniq, inverse = np.unique(idx, return_inverse=True)
         rows = uniq + e.offset
         ordered = len(uniq) == len(idx) and bool((uniq == idx).all())  # already sorted, no repeats: no reorder copy
-        out = {k: self._read(e.shard, k, arrays[k], lambda k=k: self._rows(e.shard, k, arrays[k], rows), rows)
+        into = out if ordered else None
+        res = {k: self._read(e.shard, k, arrays[k],
+                             lambda k=k: self._rows(e.shard, k, arrays[k], rows, into if k == "features" else None), rows)
                for k in keys}
-        return out if ordered else {k: v[inverse] for k, v in out.items()}
+        if not ordered:
+            res = {k: np.take(v, inverse, axis=0, out=out if k == "features" else None) for k, v in res.items()}
+        return res
 
-    def _rows(self, shard: str, key: str, array: Any, rows: np.ndarray) -> np.ndarray:
-        """Rows (sorted, unique) of an array: by :class:`~pipeline.store.frames.FrameReader`
-        when the array has its layout (one pread per frame, no zarr event loop), else zarr."""
-        if isinstance(array, np.ndarray):
-            return _take(array, rows)
-        if (shard, key) not in self._frame_readers:
-            self._frame_readers[shard, key] = frame_reader(shards_dir(self.path) / shard / key, array)
-        reader = self._frame_readers[shard, key]
-        return reader.read(rows) if reader is not None else _take(array, rows)
+    def _rows(self, shard: str, key: str, array: Any, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows (sorted, unique) of an array (into ``out`` when given): by
+        :class:`~pipeline.store.frames.FrameReader` when the array has its layout (one pread per
+        frame, no zarr event loop), else zarr."""
+        reader = None
+        if not isinstance(array, np.ndarray):
+            if (shard, key) not in self._frame_readers:
+                self._frame_readers[shard, key] = frame_reader(shards_dir(self.path) / shard / key, array)
+            reader = self._frame_readers[shard, key]
+        if reader is not None:
+            return reader.read(rows, out)
+        res = _take(array, rows)
+        if out is None:
+            return res
+        out[...] = res
+        return out
 
     # ---- PEA return views (Co-Settle; ``extract --pea-views K``) -------------------------
     @property

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from pipeline.store import FeatureStore
-from train.data import TestViewConfig, TestViewDataset, to_model_dtype
+from train.data import TestViewConfig, TestViewDataset, collate, to_model_dtype
 from train.evals.registry import register_evaluation
 from train.evals.base import Evaluation
 from train.metrics import EvalResult, evaluate_logits
@@ -43,7 +43,7 @@ class MultiViewTest(Evaluation):
         ds = TestViewDataset(store, cfg.data.test_split, opts)
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         mine = list(range(rank, len(ds), world))
-        loader = DataLoader(Subset(ds, mine), batch_size=8, num_workers=0,
+        loader = DataLoader(Subset(ds, mine), batch_size=8, num_workers=0, collate_fn=collate,
                             generator=torch.Generator())  # leaves the global RNG alone
         was_training = model.training
         model.eval()
