@@ -6,15 +6,17 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from freezeframe.cli import app
+from pipeline.dist import RankInfo
 from pipeline.errors import ConfigError
 from pipeline.paths import project_root
 from tests.stores import write_synthetic_store
 from train.config import resolve_train_config
 from train.stats import tmm_stats
-from train.sweep import expand_sweep, load_sweep, run_names, sweep_configs, sweep_share
+from train.sweep import expand_sweep, load_sweep, rank_device, run_names, sweep_configs, sweep_share
 
 TINY = ["model.tmm.in_channels=16", "model.tmm.hidden=8", "model.tmm.out_channels=16", "model.mlp_dim=16",
         "clip.num_frames=4", "clip.stride=2", "test.num_clips=2", "test.num_frames=4", "test.stride=2",
@@ -139,6 +141,10 @@ def test_sweep_share_reads_the_launcher() -> None:
     assert sweep_share(env={"RANK": "3", "WORLD_SIZE": "4"}) == (3, 4)
     assert sweep_share(env={"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "5", "SLURM_ARRAY_TASK_COUNT": "3"}) == (2, 3)
     assert sweep_share(2, 5, env={"RANK": "3", "WORLD_SIZE": "4"}) == (2, 5)  # explicit wins
+    # a rank's device is fixed before the launcher variables are hidden: its own GPU, or the CPU
+    rank = RankInfo(rank=3, world=4, local_rank=3, local_world=4, launcher="torchrun")
+    want = f"cuda:{3 % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+    assert rank_device("auto", rank) == want and rank_device("cuda:1", rank) == "cuda:1"
 
 
 @pytest.mark.parametrize("name", ["synth-motion-ablations", "ucf101-ablations"])

@@ -40,12 +40,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from pipeline.config import from_dict, load_toml
-from pipeline.dist import discover_rank
+from pipeline.dist import RankInfo, discover_rank, resolve_device
 from pipeline.errors import ConfigError
 from pipeline.paths import project_root, rooted
 
 __all__ = ["SweepSpec", "SweepRun", "SweepTable", "SweepUnit", "load_sweep", "expand_sweep", "sweep_configs",
-           "sweep_units", "sweep_share", "single_process", "PRP_SUFFIX", "PRP_FT_SUFFIX"]
+           "sweep_units", "sweep_share", "single_process", "rank_device", "PRP_SUFFIX", "PRP_FT_SUFFIX"]
 
 PRP_SUFFIX = "@prp"  # <point>@prp: the point's PRP pretraining run (``delta = true``)
 PRP_FT_SUFFIX = "@prp-ft"  # <point>@prp-ft: the point's fine-tuning initialised from it
@@ -198,6 +198,12 @@ def sweep_share(index: int | None = None, count: int | None = None,
 #: the launcher variables a training run reads to join a process group (train.distributed.setup)
 _LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
                   "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID", "SLURM_LOCALID")
+
+
+def rank_device(device: str, rank: RankInfo | None = None) -> str:
+    """The device a sweep run of this rank trains on: ``auto`` becomes this rank's GPU (local rank
+    modulo the GPUs; else the CPU), fixed before :func:`single_process` hides the rank."""
+    return str(resolve_device(device, rank or discover_rank())) if device == "auto" else device
 
 
 @contextmanager

@@ -25,7 +25,7 @@ from train.report import report_main
 from train.represent import measure_store
 from train.stats import tmm_stats
 from train.ablation import write_sweep_report
-from train.sweep import expand_sweep, load_sweep, single_process, sweep_share, sweep_units
+from train.sweep import expand_sweep, load_sweep, rank_device, single_process, sweep_share, sweep_units
 
 app = new_app("Stage 2: stats, pretrain, finetune, evaluate, represent, project, report, sweep.")
 
@@ -200,6 +200,9 @@ def sweep(
     if not report_only:
         mine = sweep_units(s, resolve_train_config, job, jobs)
         console.log(f"sweep job {job} of {jobs}: {sum(len(u.runs) for u in mine)} of {len(every)} runs")
+        for u in mine:
+            for name, cfg in u.runs:
+                cfg.device = rank_device(cfg.device)  # this rank's GPU, not every rank on cuda:0
         with single_process():
             for u in mine:
                 for name, cfg in u.runs:
