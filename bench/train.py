@@ -74,6 +74,7 @@ from bench.loader import measure as measure_loader
 from pipeline.manifest import ManifestRow, read_manifest, write_manifest
 from pipeline.registry import Registry
 from train.config import DataConfig, OptimConfig
+from train.data import collate, to_model_dtype
 from train.models import ModelConfig, TMMConfig
 from train.sampling import PRPConfig
 
@@ -329,7 +330,7 @@ PREFETCH_FACTOR = 2  # DataLoader's default: batches in flight per worker
 
 def _loader(ds: Dataset, order: list[int], bench: BenchConfig, device: torch.device) -> DataLoader:
     """The DataLoader of every regime, configured as ``train.engine`` configures its own."""
-    return DataLoader(ds, batch_size=bench.batch, sampler=order, num_workers=bench.workers,
+    return DataLoader(ds, batch_size=bench.batch, sampler=order, num_workers=bench.workers, collate_fn=collate,
                       pin_memory=device.type == "cuda", drop_last=True, persistent_workers=False,
                       multiprocessing_context="fork" if bench.workers else None,
                       prefetch_factor=PREFETCH_FACTOR if bench.workers else None)
@@ -393,7 +394,7 @@ def _run_cached(spec: RegimeSpec, device: torch.device, *, in_memory: bool) -> d
             x, y = flatten_clips(next(it))
             if not first:
                 first.append((x, y))
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = to_model_dtype(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)  # as train.loop
         with timer.part("tmm_step"):
             losses.append(float(train_step(x, y)))
         if k == 0:
@@ -407,7 +408,7 @@ def _run_cached(spec: RegimeSpec, device: torch.device, *, in_memory: bool) -> d
     if spec.measure_loader:
         out["loader"] = loader_only(ds, bench, n_videos, device, bench.seed + 1)
     if spec.measure_tmm:
-        x, y = (t.to(device) for t in first[0])
+        x, y = (to_model_dtype(t.to(device)) for t in first[0])
 
         def tmm(_: int) -> None:
             train_step(x, y)
