@@ -158,7 +158,7 @@ def _measure(ctx: DemoContext, store: Path, run: Path, cfg: CosettleDemoConfig) 
         if cached.get("key") == key:
             return cached
     s = open_store(store)
-    accs = {"raw": RepresentationAccumulator(keep_middle=True), "projected": RepresentationAccumulator(keep_middle=True)}
+    accs = {name: RepresentationAccumulator(keep_middle=True) for name in ("raw", "projected")}
     points = {}
     with torch_threads(cfg.threads):
         for name, acc in accs.items():
@@ -188,14 +188,15 @@ def _report(ctx: DemoContext, m: dict, run: Path, store: Path, cfg: CosettleDemo
     pts, ivs, n = m["points"], m["intervals"], m["videos"]
     diff = ivs["projected - raw"]
     where = store.relative_to(ctx.out) if store.is_relative_to(ctx.out) else store
+    h, w, c = open_store(store).feature_shape
     lines = [
-        f"Co-Settle's projection g (Linear(1280, 1280) -> Tanh -> LayerNorm) trained on cached frozen "
-        f"MobileNetV2 tokens of the motion benchmark's training videos (store `{where}`, 4 x 4 x 1280 tokens per frame at "
-        f"{cfg.benchmark.image_size} px). MobileNetV2 has no positional embedding, so there is no PEA view: "
+        f"Co-Settle's projection g (Linear({c}, {c}) -> Tanh -> LayerNorm) trained on cached frozen "
+        f"MobileNetV2 tokens of the motion benchmark's training videos (store `{where}`, {h} x {w} x {c} "
+        f"tokens per frame at {cfg.benchmark.image_size} px). MobileNetV2 has no positional embedding, so there is no PEA view: "
         f"the **plain return view A' = A** is used, which is not Co-Settle's objective (the walk "
         f"A -> B -> A can be solved by matching positions). {cfg.epochs} epochs, batch {cfg.batch_size}, "
         f"peak lr {cfg.peak_lr:g} (the released 1e-4 x batch / 256 leaves g at its initialisation in this "
-        f"many steps), tau 0.03, lambda 3, 2 x 2 pooling (4 nodes). Run: `{run.relative_to(ctx.out)}`.\n",
+        f"many steps), tau 0.03, lambda 3, 2 x 2 pooling ({(h // 2) * (w // 2)} nodes). Run: `{run.relative_to(ctx.out)}`.\n",
         f"Metrics of the released analysis script on the **{n} held-out {cfg.metrics_split} videos** "
         f"(`train/represent.py`), raw tokens vs g(tokens); 95 % percentile bootstrap over videos "
         f"({cfg.resamples} resamples; pairs of a video with itself left out of D_inter); the difference "
@@ -263,8 +264,9 @@ def _explain(pts: dict, diff: dict) -> str:
         f"released evaluation walks on unnormalised dot products / 0.03; on raw MobileNetV2 tokens (norms in "
         f"the tens) such a softmax is close to one-hot on the node with the largest dot product, which "
         f"favours large-norm nodes over the node itself (our reading of an accuracy near chance, 0.25, not "
-        f"a measured cause), while g's LayerNorm gives every token a similar norm. With 4 nodes per frame and the plain return view this measures how well nodes keep their "
-        f"identity across 0.15 x 48 frames, not the PEA-driven consistency of the paper."
+        f"a measured cause), while g's LayerNorm gives every token a similar norm. With 4 nodes per frame "
+        f"and the plain return view this measures how well nodes keep their identity across 0.15 x T "
+        f"frames, not the PEA-driven consistency of the paper."
     )
 
 
