@@ -19,7 +19,7 @@ Two implementations, chosen by the root (:func:`store_fs`):
   kernel drops it when its holder dies, so a crashed writer never blocks anybody).
 * :class:`RemoteFS` (any other fsspec protocol): an object PUT is atomic by itself;
   create-once is a conditional write (S3 ``If-None-Match: *``, fsspec ``mode="create"``);
-  claims are **leases** (:class:`Lease`): ``claims/<shard>/<generation>.json`` objects created
+  claims are **leases** (:class:`Lease`): ``locks/<shard>.lock/<generation>.json`` objects created
   once, renewed by a heartbeat thread, taken over by creating the next generation once they
   expire. The protocol and what happens when writers race: docs/storage.md.
 
@@ -60,8 +60,6 @@ OPTIONAL_FS: dict[str, tuple[str, str]] = {
 
 #: default lease of a remote claim, seconds (``extract --set lease_seconds=...``)
 DEFAULT_LEASE_S = 60.0
-
-CLAIMS_DIR = "claims"
 
 
 def split_protocol(root: str | os.PathLike) -> tuple[str, str]:
@@ -456,9 +454,9 @@ class RemoteFS(StoreFS):
 
 
 class Lease:
-    """A lease on ``claims/<key>/`` of a remote store (docs/storage.md).
+    """A lease on ``<key>/`` of a remote store (``locks/<shard>.lock/``, docs/storage.md).
 
-    Generation g of a claim is the object ``claims/<key>/<g:06d>.json`` = ``{"owner",
+    Generation g of a claim is the object ``<key>/<g:06d>.json`` = ``{"owner",
     "token", "expires"}``, created once (conditional write). A claimant reads the latest
     generation: none -> it creates generation 0; one whose ``expires`` has passed -> it
     creates g + 1 (a takeover); a live one -> busy. Of writers racing for the same generation
@@ -469,7 +467,7 @@ class Lease:
 
     def __init__(self, fs: RemoteFS, key: str, lease_s: float) -> None:
         self.fs, self.key, self.lease_s = fs, key, float(lease_s)
-        self.dir = f"{CLAIMS_DIR}/{key}"
+        self.dir = key
         self.token = uuid.uuid4().hex
         self.gen: int | None = None
         self.lost = False
