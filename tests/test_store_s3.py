@@ -51,8 +51,9 @@ def stores(corpus: Corpus, s3_endpoint: str, tmp_path_factory: pytest.TempPathFa
     """The same tiny manifest extracted to a local folder and to ``s3://<bucket>/x.zarr``."""
     local = tmp_path_factory.mktemp("local") / "x.zarr"
     url = f"{new_bucket()}/x.zarr"
-    for store in (local, url):
-        s = run_extract(cfg_for(corpus.manifest, store))
+    # the S3 run names its endpoint in the config too (the environment names the same one)
+    for store, opts in ((local, {}), (url, {"endpoint_url": s3_endpoint})):
+        s = run_extract(cfg_for(corpus.manifest, store, storage_options=opts))
         assert (s.shards_done, s.videos_done, s.failures) == (3, 5, [])
     return local, url
 
@@ -76,10 +77,12 @@ def cli(args: list[str]) -> tuple[int, str]:
 
 
 # ------------------------------------------------------------------------------ extract, status, verify
-def test_extraction_to_s3_gives_the_local_store_and_status_verify_read_it(stores: tuple[Path, str]) -> None:
+def test_extraction_to_s3_gives_the_local_store_and_status_verify_read_it(stores: tuple[Path, str],
+                                                                         s3_endpoint: str) -> None:
     local, url = stores
     assert not (REPO / "s3:").exists() and not Path("s3:").exists()  # no local folder named after the URL
     assert_same_contents(url, local)
+    assert open_store(url).header["config"]["storage_options"] == ["endpoint_url"]  # names, never values
     fs = store_fs(url)
     assert {"freezeframe.json", "zarr.json", "markers", "shards", "locks"} <= set(fs.list(""))
     assert fs.list("markers") == ["00000.json", "00001.json", "00002.json"]
@@ -87,7 +90,7 @@ def test_extraction_to_s3_gives_the_local_store_and_status_verify_read_it(stores
     st = store_status(url)
     assert (st.complete_shards, st.planned_shards, st.videos_stored, st.in_progress_shards, st.writing_shards) == (
         3, 3, 5, [], [])
-    code, out = cli(["status", url])
+    code, out = cli(["status", url, "--storage-option", f"endpoint_url={s3_endpoint}"])
     assert code == 0 and "shards 3/3 complete" in out, out
     code, out = cli(["verify", url])
     assert code == 0 and "is complete and consistent" in out, out

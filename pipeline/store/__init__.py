@@ -28,7 +28,7 @@ from pipeline.store.checks import (
     store_status,
     verify_store,
 )
-from pipeline.store.fs import DEFAULT_LEASE_S, Claim, LeaseLost, StoreFS, is_remote, store_fs
+from pipeline.store.fs import DEFAULT_LEASE_S, Claim, LeaseLost, StoreFS, store_fs
 from pipeline.store.header import content_mismatch, init_store, read_header
 from pipeline.store.integrity import INTEGRITY_VERSION
 from pipeline.store.layout import (
@@ -63,7 +63,7 @@ from pipeline.store.writer import (
 )
 
 __all__ = [
-    "Claim", "DEFAULT_LEASE_S", "LeaseLost", "StoreFS", "is_remote", "marker_key", "shard_claim", "store_fs",
+    "Claim", "DEFAULT_LEASE_S", "LeaseLost", "StoreFS", "marker_key", "shard_claim", "store_fs",
     "ATTR_KEY", "CODECS", "FORMAT_VERSION", "HEADER_FILE", "INTEGRITY_VERSION", "PEA_OFFSETS", "PEA_PREFIX",
     "STORAGE_DTYPES", "Failure", "FeatureStore", "Problem", "ShardWriter", "StorageDtype", "StoreStatus",
     "VerifyReport", "VideoEntry", "check_store", "content_mismatch", "create_once", "decode_pea", "encode_pea",

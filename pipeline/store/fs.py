@@ -72,11 +72,6 @@ def split_protocol(root: str | os.PathLike) -> tuple[str, str]:
     return ("", rest) if protocol == "file" else (protocol, rest.rstrip("/"))
 
 
-def is_remote(root: StoreRoot) -> bool:
-    """Whether ``root`` names a store that is not on a local (POSIX) file system."""
-    return isinstance(root, RemoteFS) or (not isinstance(root, StoreFS) and bool(split_protocol(root)[0]))
-
-
 def require_protocol(protocol: str, url: str) -> type:
     """The fsspec file-system class of ``protocol``; a :class:`StoreError` with the install
     command when its package is missing (s3fs, gcsfs), or when the protocol is unknown."""
