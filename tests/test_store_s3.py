@@ -123,10 +123,10 @@ def test_training_from_the_s3_store_equals_training_from_the_local_one(stores: t
             "clip.num_frames=4", "clip.stride=2", "test.num_clips=2", "test.num_frames=4", "test.stride=2",
             "optim.batch_size=2", "optim.warmup_epochs=1", "optim.epochs=2", "data.workers=0", "seed=3",
             'init=""']
-    runs = {}
-    for name, store, mode in (("s3", url, "no"), ("local", local, "yes")):
+    runs = {}  # S3: read lazily, in a forked DataLoader worker; local: read into RAM first
+    for name, store, mode, workers in (("s3", url, "no", 1), ("local", local, "yes", 0)):
         cfg = resolve_train_config("finetune", None, None, [f'data.store="{store}"', f'run_dir="{tmp_path / name}"',
-                                                            f'data.in_memory="{mode}"', *tiny])
+                                                            f'data.in_memory="{mode}"', *tiny, f"data.workers={workers}"])
         runs[name] = fit(cfg).run_dir
     a = torch.load(runs["s3"] / "checkpoints" / "final.pt", map_location="cpu", weights_only=True)["model"]
     b = torch.load(runs["local"] / "checkpoints" / "final.pt", map_location="cpu", weights_only=True)["model"]

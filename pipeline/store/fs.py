@@ -32,6 +32,7 @@ named, before any work.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import shutil
@@ -43,7 +44,7 @@ from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Union
+from typing import Any, Callable, Iterator, Mapping, TypeVar, Union
 
 from pipeline.errors import StoreError
 from pipeline.fileio import atomic_write_bytes
@@ -340,6 +341,28 @@ def file_locked(path: str | os.PathLike) -> bool:
 # --------------------------------------------------------------------------------------
 # remote (fsspec) stores
 # --------------------------------------------------------------------------------------
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _user_errors(method: F) -> F:
+    """Errors of the remote service that a user fixes (credentials, a missing bucket, a wrong
+    endpoint) as a one-line :class:`StoreError`; "not found" / "exists" pass through (they are
+    answers, not failures)."""
+
+    @functools.wraps(method)
+    def wrapper(self: "RemoteFS", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except (FileNotFoundError, FileExistsError, StoreError):
+            raise
+        except Exception as e:  # botocore/aiohttp/PermissionError...: the service refused or is unreachable
+            raise StoreError(f"{self.root}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; check "
+                             "the credentials, bucket and endpoint (environment: AWS_ENDPOINT_URL, "
+                             "AWS_ACCESS_KEY_ID, ...; or --storage-option key=value)") from e
+
+    return wrapper  # type: ignore[return-value]
+
+
 class RemoteFS(StoreFS):
     """A store under an fsspec URL (``s3://bucket/x.zarr``): object writes, conditional
     creates, lease claims. Directory listings are never cached (other writers change them)."""
@@ -350,7 +373,16 @@ class RemoteFS(StoreFS):
         self.protocol, self.base = protocol, base
         self.root = f"{protocol}://{base}"
         self.options = dict(storage_options or {})
-        self.fs = cls(**{"use_listings_cache": False, "skip_instance_cache": True, **self.options})
+        self._cls, self._fs, self._pid = cls, None, -1
+
+    @property
+    def fs(self) -> Any:
+        """The fsspec file system, made anew in a forked child (DataLoader workers): an
+        instance is bound to its creator's event loop."""
+        if self._pid != os.getpid():
+            self._fs = self._cls(**{"use_listings_cache": False, "skip_instance_cache": True, **self.options})
+            self._pid = os.getpid()
+        return self._fs
 
     def _p(self, key: str) -> str:
         return f"{self.base}/{key}" if key else self.base
@@ -358,12 +390,15 @@ class RemoteFS(StoreFS):
     def path(self, key: str = "") -> str:
         return f"{self.protocol}://{self._p(key)}"
 
+    @_user_errors
     def exists(self, key: str) -> bool:
         return bool(self.fs.exists(self._p(key)))
 
+    @_user_errors
     def read_bytes(self, key: str) -> bytes:
         return bytes(self.fs.cat_file(self._p(key)))
 
+    @_user_errors
     def size(self, key: str) -> int | None:
         try:
             info = self.fs.info(self._p(key))
@@ -371,6 +406,7 @@ class RemoteFS(StoreFS):
             return None
         return int(info["size"]) if info.get("type") == "file" else None
 
+    @_user_errors
     def list(self, key: str) -> list[str]:
         try:
             entries = self.fs.ls(self._p(key), detail=False, refresh=True)
@@ -379,6 +415,7 @@ class RemoteFS(StoreFS):
         prefix = self._p(key).rstrip("/") + "/"
         return sorted({e[len(prefix):].split("/")[0] for e in entries if e.startswith(prefix)} - {""})
 
+    @_user_errors
     def files(self, key: str) -> dict[str, int]:
         prefix = self._p(key).rstrip("/") + "/"
         try:
@@ -392,9 +429,11 @@ class RemoteFS(StoreFS):
                 out[rel] = int(info["size"])
         return out
 
+    @_user_errors
     def write_atomic(self, key: str, data: bytes) -> None:
         self.fs.pipe_file(self._p(key), data)  # one PUT: the object appears whole
 
+    @_user_errors
     def create_once(self, key: str, data: bytes) -> bool:
         try:
             self.fs.pipe_file(self._p(key), data, mode="create")  # S3: If-None-Match: *
@@ -402,6 +441,7 @@ class RemoteFS(StoreFS):
         except FileExistsError:
             return False
 
+    @_user_errors
     def delete(self, key: str, *, recursive: bool = False) -> None:
         try:
             self.fs.rm(self._p(key), recursive=recursive)
@@ -419,6 +459,7 @@ class RemoteFS(StoreFS):
     def open_read(self, key: str) -> Any:
         return self.fs.open(self._p(key), "rb")
 
+    @_user_errors
     def read_many(self, keys: list[str]) -> list[bytes | BaseException]:
         if not keys:
             return []
