@@ -14,7 +14,6 @@ started on the same local store by mistake skips the shards the first is writing
 """
 from __future__ import annotations
 
-import json
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -216,7 +215,7 @@ def run_extract(cfg: ExtractConfig, console: object | None = None) -> ExtractSum
 
     con: Console = console or Console(stderr=True)  # type: ignore[assignment]
     cfg.validate()
-    root = store_fs(cfg.store, cfg.storage_options)  # a missing s3fs/gcsfs is refused before any work
+    root = store_fs(cfg.store, cfg.storage_options or None)  # a missing s3fs/gcsfs is refused before any work
     rank = job_rank(cfg)
     device = resolve_device(cfg.device, rank)  # a bad name is refused before the store is touched
     rows = read_manifest(cfg.manifest)
@@ -271,18 +270,18 @@ def run_extract(cfg: ExtractConfig, console: object | None = None) -> ExtractSum
                     continue
                 name, shard_rows, mine = queue.popleft()
                 with shard_claim(root, name, lease_s=cfg.lease_seconds) as claim:
-                    finished = root.exists(marker_key(name))  # (by another process since we looked)
-                    if not claim.held or finished:
-                        if finished or not mine:
-                            summary.shards_skipped += int(finished and mine and claim.held)
-                        elif claim.expires is None:  # a live local writer: it will finish the shard
+                    if root.exists(marker_key(name)):  # finished by another process since we looked
+                        summary.shards_skipped += int(mine)
+                        progress.update(task, advance=len(shard_rows) if mine else 0)
+                        continue
+                    if not claim.held:
+                        if claim.expires is not None:  # a lease: look again once it may have run out
+                            leased[name] = (name, shard_rows, mine, claim.expires)
+                        elif mine:  # a live local writer (flock): it will finish the shard
                             summary.shards_busy.append(name)
                             con.log(f"shard {name}: being written by another process ({claim.holder}); skipped")
-                        if mine and (finished or claim.expires is None):
                             progress.update(task, advance=len(shard_rows))
-                        if not finished and claim.expires is not None:
-                            leased[name] = (name, shard_rows, mine, claim.expires)
-                        continue
+                        continue  # (another rank's shard that its rank is writing: nothing to say)
                     if not mine:
                         progress.update(task, total=progress.tasks[0].total + len(shard_rows))
                     sink = BatchingSink(encoder, ShardWriter.create(root, name, feature_shape=shape, dtype=cfg.dtype,

@@ -114,7 +114,10 @@ class Claim:
         if self._lease is not None:
             self._lease.verify()
         if self.lost or (self._lease is not None and self._lease.lost):
-            raise LeaseLost(f"lost the claim on {self._lease.key if self._lease else '?'} to {self.holder or 'another writer'}")
+            key = self._lease.key if self._lease else "?"
+            raise LeaseLost(f"lost the claim on {key} to {self.holder or 'another writer'} (no heartbeat for longer "
+                            "than the lease: a pause or a stalled network; raise --set lease_seconds); the new "
+                            "holder redoes the shard")
 
 
 class LeaseLost(StoreError):
