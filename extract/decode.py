@@ -21,6 +21,8 @@ Frame selection (``fps``)
     grid point ``< end``). ``stream.frames`` from the header is never used for control flow.
 
 Errors (:class:`DecodeError`, ``stage`` says where it failed)
+    ``fetch``: a remote input (URL, tar member) kept failing with transient network errors
+    after every retry (:mod:`extract.inputs`; the retries themselves are counted apart).
     ``open``: missing/unreadable file, not a media file, no video stream (audio only, a
     still image renamed ``.mp4``). ``decode``: the demuxer or decoder raised, or the
     demuxer flagged a packet as corrupt (a truncated MP4 cut inside a sample; with frame
@@ -68,6 +70,7 @@ import av
 import numpy as np
 from av.video.reformatter import Interpolation, VideoReformatter
 
+from extract.inputs import FetchError, open_input
 from pipeline.errors import FreezeframeError
 from pipeline.registry import Registry
 
@@ -218,6 +221,8 @@ class FrameChunk:
 
 
 _HINTS = {
+    "fetch": "reading it kept failing with network errors after every retry: check the connection "
+    "or the endpoint, then rerun with --retry-failed",
     "open": "check it is a video (ffprobe shows a video stream) and fix or drop it from the manifest",
     "decode": "the file is corrupt or truncated: re-download or re-encode it "
     "(e.g. ffmpeg -i IN -c:v libx264 OUT.mp4), or drop it from the manifest",
@@ -231,7 +236,7 @@ _HINTS = {
 
 
 class DecodeError(FreezeframeError):
-    """A video cannot be decoded. ``stage`` is one of ``open``, ``decode``, ``empty``,
+    """A video cannot be decoded. ``stage`` is one of ``fetch``, ``open``, ``decode``, ``empty``,
     ``too_short``, ``too_long``.
 
     ``path`` is the video and ``reason`` what was found; ``str(error)`` adds what to do.
@@ -260,35 +265,25 @@ def _is_url(path: str) -> bool:
     return "::" in path or "://" in path
 
 
-def _close_fsspec(of: Any, fileobj: Any) -> None:
-    """Close a member file and the archive file an un-cached fsspec filesystem opened for it."""
-    for obj in (fileobj, of, getattr(of.fs, "fo", None), getattr(of.fs, "of", None)):
-        if obj is not None and hasattr(obj, "close"):
-            try:
-                obj.close()
-            except Exception:  # noqa: BLE001 - best effort cleanup, never mask the real error
-                pass
-
-
 def _open_container(path: str) -> tuple[av.container.InputContainer, Callable[[], None]]:
-    """Open ``path`` (local or fsspec URL); return the container and a release function."""
+    """Open ``path`` (local or fsspec URL); return the container and a release function.
+
+    URLs go through :func:`extract.inputs.open_input` (one cached file system per process,
+    tar members by a cached index, transient errors retried)."""
     src = str(path)
     if src.startswith("file://") and "::" not in src:
         src = src[len("file://") :]
     release: Callable[[], None] = lambda: None  # noqa: E731
     try:
         if _is_url(src):
-            import fsspec
-
-            # Own filesystem instance (no instance cache) so closing it closes its file
-            # handles without touching other readers of the same archive.
-            of = fsspec.open(src, "rb", skip_instance_cache=True)
-            release = lambda: _close_fsspec(of, None)  # noqa: E731
-            fileobj = of.open()
-            release = lambda: _close_fsspec(of, fileobj)  # noqa: E731
+            fileobj = open_input(src)
+            release = fileobj.close
             container = av.open(fileobj, mode="r", metadata_errors="ignore")
         else:
             container = av.open(src, mode="r", metadata_errors="ignore")
+    except FetchError as e:
+        release()
+        raise DecodeError("fetch", path, str(e)) from e
     except _OPEN_ERRORS as e:
         release()
         what = "file not found" if isinstance(e, FileNotFoundError) else "cannot open as a media file"
@@ -716,6 +711,8 @@ def iter_frames(
                     frame = next(frames)
                 except StopIteration:
                     break
+                except FetchError as e:  # a remote input's network errors outlasted the retries
+                    raise DecodeError("fetch", src, str(e)) from e
                 except _DECODE_ERRORS as e:
                     where = f" after {timeline.last:.3f} s" if timeline.last is not None else ""
                     raise DecodeError("decode", src, f"demux/decode failed{where} "
