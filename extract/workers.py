@@ -520,8 +520,8 @@ class DecodePool:
                 self._fault(hk, fault)
 
     def _drain(self, k: int) -> None:
-        """Handle the complete messages waiting in worker k's pipe (stops when the buffer is
-        full and k's current job is not the head)."""
+        """Handle the complete messages waiting in worker k's pipe (only one while the buffer
+        is full: the head's chunks are yielded before more are read)."""
         while True:
             w = self.workers[k]
             try:
@@ -532,7 +532,7 @@ class DecodePool:
             if msg is None:
                 return
             self._handle(k, msg)
-            if w.assigned and self._buffered >= self.buffer_bytes and w.assigned[0] != self._head:
+            if self._buffered >= self.buffer_bytes:  # one message at a time while the buffer is full
                 return
 
     def _handle(self, k: int, msg: tuple) -> None:
