@@ -85,28 +85,39 @@ def _status(e: BaseException) -> int | None:
     return None
 
 
+def _classify(err: BaseException) -> bool | None:
+    """True: transient; False: a definite answer (missing, refused, bad data); None: unknown."""
+    status = _status(err)
+    if status is not None:
+        return status >= 500 or status == 429
+    resp = getattr(err, "response", None)
+    if isinstance(resp, dict) and resp.get("Error", {}).get("Code") in _TRANSIENT_CODES:
+        return True
+    if isinstance(err, (ConnectionError, TimeoutError)) or type(err).__name__ in _TRANSIENT_NAMES:
+        return True
+    if isinstance(err, OSError) and err.errno in _TRANSIENT_ERRNOS:
+        return True
+    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    return None
+
+
 def is_transient(e: BaseException) -> bool:
     """Worth retrying: connection resets, timeouts, HTTP 5xx/429, throttling. Not: a missing
-    file, a permission error, anything that says the data is bad."""
-    seen: set[int] = set()
+    file (404), a permission error, anything that says the data is bad.
+
+    File-system libraries wrap the original error (fsspec's HTTP file system turns a 503
+    into ``FileNotFoundError``), so the chain of causes is read from the original out: the
+    first error that says something decides."""
+    chain: list[BaseException] = []
     err: BaseException | None = e
-    while err is not None and id(err) not in seen:  # s3fs/fsspec wrap the original error
-        seen.add(id(err))
-        if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
-            return False
-        if isinstance(err, (ConnectionError, TimeoutError)):
-            return True
-        if isinstance(err, OSError) and err.errno in _TRANSIENT_ERRNOS:
-            return True
-        status = _status(err)
-        if status is not None:
-            return status >= 500 or status == 429
-        resp = getattr(err, "response", None)
-        if isinstance(resp, dict) and resp.get("Error", {}).get("Code") in _TRANSIENT_CODES:
-            return True
-        if type(err).__name__ in _TRANSIENT_NAMES:
-            return True
+    while err is not None and all(err is not c for c in chain):
+        chain.append(err)
         err = err.__cause__ or err.__context__
+    for err in reversed(chain):
+        verdict = _classify(err)
+        if verdict is not None:
+            return verdict
     return False
 
 
@@ -272,7 +283,7 @@ def tar_index(tar_url: str) -> dict[str, tuple[int, int]]:
     fs, path = _open_file(tar_url)
     index = {}
     with RetryingFile(fs, path, name=tar_url) as raw, \
-            tarfile.open(fileobj=io.BufferedReader(raw, 1 << 16), mode="r:") as tf:
+            tarfile.open(fileobj=io.BufferedReader(raw, 4096), mode="r:") as tf:  # headers only: small reads
         for info in tf:
             if info.isreg():
                 index[info.name] = (info.offset_data, info.size)
