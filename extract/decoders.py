@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol
 
 from extract.decode import FrameChunk, iter_frames
+from extract.decode_torchcodec import TorchCodecDecoder
 from pipeline.registry import Registry
 
 __all__ = ["DECODERS", "Decoder", "PyAVDecoder", "make_decoder"]
@@ -39,6 +40,10 @@ class PyAVDecoder:
 
     def iter_frames(self, path: str | os.PathLike, **kwargs: Any) -> Iterator[FrameChunk]:
         return iter_frames(path, **kwargs)
+
+
+DECODERS.add("torchcodec-cuda", lambda: TorchCodecDecoder("cuda"))
+DECODERS.add("torchcodec-cpu", lambda: TorchCodecDecoder("cpu"))
 
 
 def make_decoder(name: str) -> Decoder:
