@@ -208,3 +208,25 @@ def test_missing_library_is_one_line_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(MissingLibraryError, match="pip install gcsfs"):
         run_extract(cfg)
     assert not (tmp_path / "store").exists()
+
+
+def test_webdataset_manifest_lists_remote_tars(videos: dict[str, Path]) -> None:
+    """``freezeframe manifest webdataset --shards <URL>`` on a bucket-like file system (fsspec's
+    in-memory one stands in for s3://): the rows point into the remote tars and decode to
+    the packed files' frames; a folder URL and a glob URL select the same shards."""
+    import fsspec
+
+    from manifests import build_manifest
+
+    mem = fsspec.filesystem("memory")
+    mem.pipe("/k400/00000.tar", videos["shard"].read_bytes())
+    mem.pipe("/k400/notes.txt", b"not a shard")
+    try:
+        rows = build_manifest("webdataset", shards=["memory://k400/"], split="train")
+        assert [r.video_id for r in rows] == ["v0", "v1", "v2"]
+        assert rows[0].path.startswith("tar://v0.mp4::memory://") and rows[0].path.endswith("/k400/00000.tar")
+        assert build_manifest("webdataset", shards=["memory://k400/*.tar"], split="train") == rows
+        got = decode_all(rows[2].path, **KWARGS)
+        np.testing.assert_array_equal(got.frames, decode_all(videos["v2"], **KWARGS).frames)
+    finally:
+        mem.rm("/k400", recursive=True)
