@@ -20,7 +20,7 @@ import extract.inputs as inputs
 from extract.config import ExtractConfig
 from extract.decode import DecodeError, Geometry, decode_all
 from extract.runner import run_extract
-from extract.workers import ChunkEvent, DecodeJob, DecodePool, DoneEvent, FailedEvent
+from extract.workers import ChunkEvent, DecodeJob, DecodePool
 from pipeline.manifest import ManifestRow, write_manifest
 from pipeline.remote import MissingLibraryError, require_fs_library, url_protocols
 from tests.videos import make_lossless_video, pattern_frames
