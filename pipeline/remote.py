@@ -10,18 +10,13 @@ from __future__ import annotations
 from typing import Iterable
 
 from pipeline.errors import FreezeframeError
+from pipeline.store.fs import OPTIONAL_FS
 
 __all__ = ["MissingLibraryError", "PACKAGES", "require_fs_library", "require_fs_libraries", "url_protocols"]
 
-#: protocol -> the pip package that implements it for fsspec.
-PACKAGES: dict[str, str] = {
-    "s3": "s3fs", "s3a": "s3fs",
-    "gs": "gcsfs", "gcs": "gcsfs",
-    "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs",
-    "http": "aiohttp", "https": "aiohttp",
-    "hf": "huggingface_hub",
-    "sftp": "paramiko", "ssh": "paramiko",
-}
+#: protocol -> (package, ``pip install`` argument): the stores' table plus what inputs also use.
+PACKAGES: dict[str, tuple[str, str]] = {**OPTIONAL_FS, "http": ("aiohttp", "aiohttp"), "https": ("aiohttp", "aiohttp"),
+                                        "hf": ("huggingface_hub", "huggingface_hub")}
 
 
 class MissingLibraryError(FreezeframeError):
@@ -49,10 +44,10 @@ def require_fs_library(url: str) -> None:
         try:
             fsspec.get_filesystem_class(proto)
         except ImportError as e:
-            pkg = PACKAGES.get(proto)
-            how = f"pip install {pkg}" if pkg else f"install the fsspec implementation of {proto}:// ({e})"
-            raise MissingLibraryError(f"{url}: reading {proto}:// URLs needs {pkg or 'a library'} "
-                                      f"that is not installed: {how}") from None
+            pkg, pip = PACKAGES.get(proto, (None, None))
+            how = f"pip install {pip}" if pip else f"install the fsspec implementation of {proto}:// ({e})"
+            raise MissingLibraryError(f"{url}: reading {proto}:// URLs needs {pkg or 'a library'}, "
+                                      f"which is not installed; {how}") from None
         except ValueError:
             raise FreezeframeError(f"{url}: unknown protocol {proto}:// (fsspec knows: "
                                    f"{', '.join(sorted(fsspec.available_protocols())[:20])}, ...)") from None
