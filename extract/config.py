@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 from extract.backbones import BACKBONES
 from extract.decode import GEOMETRIES, INTERPOLATIONS
+from extract.decoders import DECODERS
 from manifests import dataset_config as dataset_file
 from pipeline.config import load_toml, resolve, runtime
 from pipeline.errors import ConfigError
@@ -42,6 +43,8 @@ class ExtractConfig:
     geometry: str = "short_side_crop"  # short_side_crop | squash
     interpolation: str | None = None  # None = the backbone's own
     min_frames: int = 1  # fewer decoded frames -> failure "too_short"
+    # an extract.decoders.DECODERS name: pyav (CPU, default) | torchcodec-cuda (NVDEC) | torchcodec-cpu
+    decoder: str = "pyav"
     # at a set fps, two consecutive frames further apart (seconds) -> failure "too_long" instead
     # of storing one frame for the whole gap; None: no limit
     max_gap: float | None = 60.0
@@ -64,6 +67,8 @@ class ExtractConfig:
     streams: int = runtime(0)  # batches encoded at once (see extract.encode.ThreadPlan); 0 = auto
     decode_timeout: float = runtime(120.0)  # seconds a video may stall the pipeline before its worker is killed
     chunk_size: int = runtime(32)  # frames per decoded chunk sent from a worker
+    # MB of decoded frames held for videos decoded ahead of the one being encoded (reorder buffer)
+    decode_buffer_mb: int = runtime(512)
     device: str = runtime("auto")  # auto | cpu | cuda | cuda:N
     amp: bool = runtime(True)  # autocast on CUDA (features are stored in the declared dtype anyway)
     shard_index: int | None = runtime(None)  # this job's index among independent jobs (Slurm array)
@@ -96,6 +101,7 @@ class ExtractConfig:
         names: list[tuple[str, Registry, Any]] = [
             ("backbone", BACKBONES, self.backbone), ("dtype", STORAGE_DTYPES, self.dtype),
             ("codec", CODECS, self.codec), ("geometry", GEOMETRIES, self.geometry),
+            ("decoder", DECODERS, self.decoder),
             ("interpolation", INTERPOLATIONS, self.interpolation),
         ]
         for key, registry, value in names:
@@ -107,6 +113,7 @@ class ExtractConfig:
             ("videos_per_shard", self.videos_per_shard, 1, False),
             ("frames_per_file", self.frames_per_file, 1, False), ("batch_size", self.batch_size, 1, False),
             ("chunk_size", self.chunk_size, 1, False), ("workers", self.workers, 0, False),
+            ("decode_buffer_mb", self.decode_buffer_mb, 1, False),
             ("decode_threads", self.decode_threads, 0, False), ("threads", self.threads, 0, False),
             ("streams", self.streams, 0, False), ("pea_views", self.pea_views, 0, False),
             ("pea_seed", self.pea_seed, 0, False),

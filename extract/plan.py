@@ -18,6 +18,7 @@ from extract.decode import DecodeError, probe
 from extract.encode import feature_shape
 from extract.runner import plan_shards
 from pipeline.manifest import ManifestRow, read_manifest
+from pipeline.remote import require_fs_libraries
 from pipeline.store import STORAGE_DTYPES
 
 
@@ -71,6 +72,7 @@ def make_plan(rows: list[ManifestRow], cfg: ExtractConfig, shape: tuple[int, int
 
     Paths that are not regular files (a FIFO would block the probe forever) are listed in
     ``unreadable`` without being opened."""
+    require_fs_libraries(r.path for r in rows)  # s3:// without s3fs: one line with the pip command
     frames = 0
     seconds = 0.0
     bad: list[tuple[str, str]] = []

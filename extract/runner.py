@@ -26,6 +26,7 @@ import torch
 from extract.backbones import Backbone
 from extract.config import ExtractConfig
 from extract.decode import Geometry
+from extract.decoders import make_decoder
 from extract.encode import (
     BatchingSink,
     FeatureEncoder,
@@ -41,6 +42,7 @@ from pipeline.dist import RankInfo, discover_rank, local_cores, resolve_device
 from pipeline.errors import FreezeframeError
 from pipeline.manifest import ManifestRow, manifest_sha256, read_manifest, validate_manifest
 from pipeline.provenance import environment
+from pipeline.remote import require_fs_libraries
 from pipeline.store import (
     Failure,
     FeatureStore,
@@ -122,6 +124,8 @@ def store_header(cfg: ExtractConfig, backbone: Backbone, rows: Sequence[Manifest
         "num_videos": len(rows),
         "num_shards": len(plan_shards(rows, cfg.videos_per_shard)),
     }
+    if cfg.decoder != "pyav":  # absent for the default decoder: earlier stores keep their content
+        content["decoder"] = cfg.decoder
     pea = pea_header(backbone, cfg)
     if pea is not None:  # absent without PEA views: stores made before this option keep their content
         content["pea"] = pea
@@ -147,6 +151,7 @@ class ExtractSummary:
     shards_busy: list[str] = field(default_factory=list)  # locked by another process: not done here
     videos_done: int = 0
     frames_done: int = 0
+    retries: int = 0  # transient input errors (network) retried, apart from failures
     failures: list[Failure] = field(default_factory=list)
     seconds: float = 0.0  # from starting the decode workers to the last marker
     #: seconds until the first decoded frames arrived (worker start-up: spawn and imports),
@@ -223,6 +228,8 @@ def run_extract(cfg: ExtractConfig, console: object | None = None) -> ExtractSum
         raise FreezeframeError(f"manifest {cfg.manifest} has no rows")
     # duplicate ids would make the finished store unreadable ("stored twice"): refuse them now
     validate_manifest(rows, check_files=False)
+    require_fs_libraries(r.path for r in rows)  # s3:// without s3fs: one line with the pip command
+    decoder = make_decoder(cfg.decoder)  # an optional decoder library that is missing: said now
     backbone = build_backbone(cfg)
     geometry = Geometry(size=backbone.preprocess.size, mode=cfg.geometry,
                         interpolation=cfg.interpolation or backbone.preprocess.interpolation)
@@ -253,7 +260,8 @@ def run_extract(cfg: ExtractConfig, console: object | None = None) -> ExtractSum
     total_videos = sum(len(r) for _, r, mine in pending if mine)
     t0 = summary._t0 = time.monotonic()
     try:
-        with DecodePool(workers, decode_kwargs, timeout_s=cfg.decode_timeout) as pool, \
+        with DecodePool(workers, decode_kwargs, decoder=decoder, timeout_s=cfg.decode_timeout,
+                        buffer_bytes=cfg.decode_buffer_mb << 20) as pool, \
                 ThreadPoolExecutor(plan.streams, thread_name_prefix="ff-stream") as streams, \
                 _progress(cfg.progress, con) as progress:
             task = progress.add_task(f"rank {rank.rank}/{rank.world}", total=total_videos, frames=0, failed=0)
@@ -313,10 +321,12 @@ def _extract_shard(name: str, rows: list[ManifestRow], pool: DecodePool, sink: B
     t0 = time.monotonic()
     jobs = [DecodeJob(i, r.video_id, r.path, r.start, r.end) for i, r in enumerate(rows)]
     failures: list[Failure] = []
-    frames = videos = 0
+    frames = videos = retries = 0
     started: set[int] = set()
     for ev in pool.run(jobs):
         row = rows[ev.index]
+        if not isinstance(ev, ChunkEvent):
+            retries += ev.retries
         if isinstance(ev, ChunkEvent):
             if summary.startup_seconds is None:
                 summary.startup_seconds = time.monotonic() - summary._t0
@@ -342,11 +352,12 @@ def _extract_shard(name: str, rows: list[ManifestRow], pool: DecodePool, sink: B
             progress.update(task, advance=1, failed=len(summary.failures) + len(failures))  # type: ignore[attr-defined]
     sink.drain()
     secs = time.monotonic() - t0
-    stats = {"videos": videos, "frames": frames, "failures": len(failures), "seconds": round(secs, 3),
-             "frames_per_s": frames / secs if secs else 0.0}
+    stats = {"videos": videos, "frames": frames, "failures": len(failures), "retries": retries,
+             "seconds": round(secs, 3), "frames_per_s": frames / secs if secs else 0.0}
     sink.writer.finish(failures, stats)
     summary.videos_done += videos
     summary.frames_done += frames
+    summary.retries += retries
     summary.failures += failures
     return stats
 

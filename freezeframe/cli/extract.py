@@ -140,6 +140,8 @@ def extract(
         t.add_row("start-up s (workers ready) / frames/s after it",
                   f"{s.startup_seconds:.1f} / {s.steady_frames_per_s:.1f}")
     t.add_row("failures now", str(len(s.failures)))
+    if s.retries:
+        t.add_row("input reads retried (transient network errors, not failures)", str(s.retries))
     t.add_row("store: videos stored / planned", f"{st.videos_stored} / {st.planned_videos}")
     t.add_row("store: shards complete / planned", f"{st.complete_shards} / {st.planned_shards}")
     t.add_row("store: failed videos", str(st.failures))
