@@ -280,8 +280,8 @@ def _explain(scores: dict[str, dict[str, Any]], diffs: dict, n_seq: int, cells: 
     out = ["**What this shows.**"]
     if ("raw", "copy-first") in diffs:
         d = diffs[("raw", "copy-first")]
-        verdict = ("beats" if d.interval[0] > 0 else "does not beat" if d.interval[1] < 0 or d.mean <= 0
-                   else "is not separated from")
+        verdict = ("beats" if d.interval[0] > 0 else "is worse than" if d.interval[1] < 0
+                   else f"is not separated from (mean difference {100 * d.mean:+.1f} points, CI includes 0)")
         out.append(f"Propagation with raw tokens {verdict} the copy-first baseline ({jf['raw']:.1f} vs "
                    f"{jf['copy-first']:.1f} J&F; better on {d.wins} of {n_seq} sequences). Copying frame 0 scores "
                    "well while objects still overlap their first position and falls as they move away; "
@@ -289,9 +289,10 @@ def _explain(scores: dict[str, dict[str, Any]], diffs: dict, n_seq: int, cells: 
                    "frame (each frame's labels come from the previous frames' predictions).")
         if "ceiling" in jf and jf["raw"] < jf["ceiling"] - 10:
             out.append(f"Raw propagation is far below the grid ceiling ({jf['raw']:.1f} vs {jf['ceiling']:.1f}): "
-                       f"on a grid of {cells} cells per frame, stride-32 ImageNet tokens of an object and of the "
-                       f"textured background are similar enough that the top-{topk} context cells often mix "
-                       "their labels, and the mixing compounds over frames.")
+                       f"a likely reason (not isolated here) is that on a grid of {cells} cells per frame, stride-32 "
+                       "ImageNet tokens of an object and of the textured background or another object are similar "
+                       f"enough that the top-{topk} context cells mix their labels, and the mixing compounds over "
+                       "frames (the strip shows masks bleeding into neighbours).")
     if "ceiling" in jf:
         out.append(f"The grid ceiling ({jf['ceiling']:.1f}) is what a perfect propagation scores on this "
                    "stride-32 grid after bilinear upsampling: thin parts and boundaries are lost to the grid, so "

@@ -58,10 +58,11 @@ def plot_scores(
     return _save(fig, path)
 
 
-def _overlay(frame: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """``(H, W, 3)`` uint8 frame with label ids ``(H, W)`` tinted by the DAVIS palette (0: none)."""
+def _overlay(frame: np.ndarray, labels: np.ndarray, alpha: float = 0.6) -> np.ndarray:
+    """``(H, W, 3)`` uint8 frame in grey (so colours are labels only, not textures) with label ids
+    ``(H, W)`` tinted by the DAVIS palette (0: none)."""
     palette = np.asarray(voc_palette(), dtype=np.float64).reshape(-1, 3)
-    out = frame.astype(np.float64)
+    out = np.repeat(frame.astype(np.float64).mean(-1, keepdims=True), 3, axis=-1)
     fg = labels > 0
     out[fg] = (1 - alpha) * out[fg] + alpha * palette[labels[fg]]
     return out.round().astype(np.uint8)
