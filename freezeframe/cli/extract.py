@@ -15,7 +15,7 @@ from rich.table import Table
 from extract.config import ExtractConfig, resolve_extract_config
 from extract.plan import plan_extraction
 from extract.runner import run_extract
-from freezeframe.cli.common import config_option, console, flag_overrides, new_app, out
+from freezeframe.cli.common import STORAGE_OPTION, config_option, console, flag_overrides, new_app, out
 from freezeframe.cli.store import print_failures
 from pipeline.errors import FreezeframeError
 from pipeline.store import store_status
@@ -42,7 +42,8 @@ def _human_bytes(n: float) -> str:
 
 @app.command()
 def plan(
-    manifest: Path = typer.Option(..., help="JSONL manifest."),
+    manifest: Optional[Path] = typer.Option(None, help="JSONL manifest (default: the --dataset/--config's).",
+                                            show_default=False),
     dataset: Optional[str] = _DATASET,
     config: Optional[Path] = _CONFIG,
     backbone: Optional[str] = _opt("backbone", "Backbone name (extract.backbones.BACKBONES)."),
@@ -58,6 +59,8 @@ def plan(
     cfg = resolve_extract_config(dataset, config, flag_overrides(
         manifest=manifest, backbone=backbone, image_size=image_size, fps=fps, dtype=dtype,
         spatial_pool=spatial_pool, channel_pool=channel_pool, videos_per_shard=videos_per_shard) + list(set_))
+    if not cfg.manifest:
+        raise FreezeframeError("give --manifest (or a --dataset/--config that sets it)")
     p = plan_extraction(cfg)
     t = Table(title=f"plan for {escape(str(cfg.manifest))}")
     t.add_column("quantity")
@@ -78,7 +81,8 @@ def plan(
 @app.command()
 def extract(
     manifest: Optional[Path] = typer.Option(None, help="JSONL manifest (see `freezeframe manifest`)."),
-    store: Optional[Path] = typer.Option(None, help="Output zarr store (created or resumed)."),
+    store: Optional[str] = typer.Option(None, help="Output zarr store (created or resumed): a path or an fsspec "
+                                        "URL such as s3://bucket/x.zarr."),
     dataset: Optional[str] = _DATASET,
     config: Optional[Path] = _CONFIG,
     backbone: Optional[str] = _opt("backbone", "Backbone name (extract.backbones.BACKBONES)."),
@@ -108,6 +112,7 @@ def extract(
     retry_failed: Optional[bool] = typer.Option(None, "--retry-failed", help="Retry only recorded failures.",
                                                 show_default=False),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+    storage_option: list[str] = STORAGE_OPTION,
     set_: list[str] = _SET,
 ) -> None:
     """Extract frozen-backbone patch features of every video into a sharded zarr v3 store."""
@@ -117,7 +122,7 @@ def extract(
         spatial_pool=spatial_pool, channel_pool=channel_pool, videos_per_shard=videos_per_shard,
         pea_views=pea_views, batch_size=batch_size, workers=workers, threads=threads, streams=streams, decode_timeout=decode_timeout,
         device=device, shard_index=shard_index, num_shards=num_shards, retry_failed=retry_failed,
-        progress=False if no_progress else None) + list(set_))
+        progress=False if no_progress else None) + [f"storage_options.{o}" for o in storage_option] + list(set_))
     if not cfg.manifest or not cfg.store:
         raise FreezeframeError("give --manifest and --store (or a --dataset/--config that sets them)")
     s = run_extract(cfg, console)

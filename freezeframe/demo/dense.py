@@ -8,8 +8,8 @@ Steps (each skipped when its output is already complete, so a rerun is cheap):
    gives an ``H/32 x W/32`` grid), one float16 store;
 3. the CRW propagation protocol (first frame + 20 context frames, radius 20, top-7,
    temperature 0.7) with **raw** tokens and with the **Co-Settle projection** g trained by
-   the ``cosettle`` section (``freezeframe.demo.cosettle.projection_run``; skipped, and said
-   so, when that section is not in this build); the **copy-first-mask** baseline; and the
+   the ``cosettle`` section (``freezeframe.demo.cosettle.projection_run``, which trains it when
+   missing, so ``--only dense`` works); the **copy-first-mask** baseline; and the
    **grid ceiling**: the ground truth itself taken to the feature grid and back (what a
    perfect propagation on this grid would score after bilinear upsampling);
 4. official DAVIS-2017 J, F and J&F per object and per sequence; per-sequence spread, a
@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
-import importlib.util
 import json
 import time
 from dataclasses import dataclass, field
@@ -47,13 +45,10 @@ from train.project import load_projection
 from train.significance import bootstrap_interval, paired_difference
 
 from freezeframe.demo.advise import torch_threads
+from freezeframe.demo.cosettle import projection_run
 from freezeframe.demo.section import SECTIONS, DemoContext, SectionResult
 
 __all__ = ["DenseDemoConfig", "QUICK", "dense_section"]
-
-#: the module of the section that trains the projection (``projection_run(ctx) -> Path``)
-COSETTLE_SECTION = "freezeframe.demo.cosettle"
-
 
 @dataclass(frozen=True)
 class DenseDemoConfig:
@@ -114,7 +109,7 @@ def dense_section(ctx: DemoContext, cfg: DenseDemoConfig | None = None,
 
     t0 = time.monotonic()
     con.rule("dense 3/4: Co-Settle projection (from the cosettle section)")
-    run, why_not = (projection, None) if projection is not None else _projection_run(ctx)
+    run = projection if projection is not None else Path(projection_run(ctx))  # trained there if missing
     timings["projection"] = time.monotonic() - t0
 
     t0 = time.monotonic()
@@ -124,9 +119,8 @@ def dense_section(ctx: DemoContext, cfg: DenseDemoConfig | None = None,
         "raw": lambda d: propagate_store(store, videos, d, cfg.propagation),
         "ceiling": lambda d: _write_ceiling(d, videos, video_geometry(store), cfg.propagation),
     }
-    if run is not None:
-        g = load_projection(run)
-        methods["projected"] = lambda d: propagate_store(store, videos, d, cfg.propagation, projection=g)
+    g = load_projection(run)
+    methods["projected"] = lambda d: propagate_store(store, videos, d, cfg.propagation, projection=g)
     key = _content_key(cfg, open_store(store).header.get("content_hash"), run)
     scores: dict[str, dict[str, Any]] = {}
     with torch_threads(cfg.propagate_threads):
@@ -136,7 +130,7 @@ def dense_section(ctx: DemoContext, cfg: DenseDemoConfig | None = None,
     timings["propagate + score"] = time.monotonic() - t0
 
     t0 = time.monotonic()
-    markdown, claim = _report(ctx.out, out, videos, scores, cfg, run, why_not)
+    markdown, claim = _report(ctx.out, out, videos, scores, cfg)
     timings["report"] = time.monotonic() - t0
     return SectionResult("Dense: label propagation on synthetic DAVIS-layout sequences", markdown,
                          seconds=timings, claim=claim)
@@ -153,21 +147,11 @@ def _synth(root: Path, cfg: SynthDavisConfig) -> Path:
     return root
 
 
-def _projection_run(ctx: DemoContext) -> tuple[Path | None, str | None]:
-    """The cosettle section's trained projection run (trained there if missing), or why there is none."""
-    if importlib.util.find_spec(COSETTLE_SECTION) is None:
-        return None, "the `cosettle` demo section is not in this build"
-    module = importlib.import_module(COSETTLE_SECTION)  # lazy: only present once that section is merged
-    if not hasattr(module, "projection_run"):
-        return None, f"{COSETTLE_SECTION} has no projection_run(ctx)"
-    return Path(module.projection_run(ctx)), None
 
 
-def _content_key(cfg: DenseDemoConfig, store_hash: str | None, run: Path | None) -> str:
+def _content_key(cfg: DenseDemoConfig, store_hash: str | None, run: Path) -> str:
     """What the scores depend on: a rerun with another config, store or projection recomputes."""
-    ckpt = None
-    if run is not None:
-        ckpt = load_projection(run).provenance["checkpoint_sha256"]
+    ckpt = load_projection(run).provenance["checkpoint_sha256"]
     blob = json.dumps({"synth": dataclasses.asdict(cfg.synth), "prop": dataclasses.asdict(cfg.propagation),
                        "store": store_hash, "projection": ckpt}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -208,8 +192,8 @@ def _per_sequence(scores: dict[str, Any], metric: str) -> list[float]:
     return [float(s[metric]) for s in scores["per_sequence"].values()]
 
 
-def _report(root: Path, out: Path, videos: list[DenseVideo], scores: dict[str, dict[str, Any]], cfg: DenseDemoConfig,
-            run: Path | None, why_not: str | None) -> tuple[str, tuple[str, bool] | None]:
+def _report(root: Path, out: Path, videos: list[DenseVideo], scores: dict[str, dict[str, Any]], cfg: DenseDemoConfig
+            ) -> tuple[str, tuple[str, bool] | None]:
     n_seq = len(videos)
     n_obj = len(next(iter(scores.values()))["per_object"])
     metrics = {"J": "J_mean", "F": "F_mean", "J&F": "JF_mean"}
@@ -234,8 +218,6 @@ def _report(root: Path, out: Path, videos: list[DenseVideo], scores: dict[str, d
         lines.append(f"| {METHODS[m]} | {100 * s['JF_mean']:.1f} | {100 * s['J_mean']:.1f} | {100 * s['F_mean']:.1f} | "
                      f"{100 * float(np.mean(jf)):.1f} [{100 * lo:.1f}, {100 * hi:.1f}] | "
                      f"{100 * min(jf):.1f} - {100 * max(jf):.1f} |")
-    if run is None:
-        lines += ["", f"The projected arm is missing: {why_not}."]
     lines += ["", f"Paired per sequence (J&F, a - b, n = {n_seq} sequences; bootstrap 95 % CI of the mean "
               "difference; exact sign test over wins / losses):", ""]
     diffs = {}
@@ -307,7 +289,7 @@ def _explain(scores: dict[str, dict[str, Any]], diffs: dict, n_seq: int, cells: 
                    "sequences and not for propagation; it is one trained projection (one seed), so this says how "
                    "that projection transfers, not how Co-Settle does in general.")
     else:
-        out.append("The projected arm did not run (see above).")
+        out.append("The projected arm did not run.")
     out.append(f"With n = {n_seq} sequences, intervals are wide; the numbers describe this synthetic set only, "
                "not DAVIS-2017 val.")
     return [" ".join(out)]
