@@ -1,7 +1,8 @@
 """Video decoding with PyAV: frames selected by presentation time, resized, streamed in chunks.
 
-Output layout: :class:`FrameChunk` ``frames`` are ``(n, S, S, 3)`` uint8 RGB and
-``timestamps`` are ``(n,)`` float64 **seconds**.
+Output layout: :class:`FrameChunk` ``frames`` are ``(n, S, S, 3)`` uint8 RGB (``(n, H, W, 3)``,
+the displayed frame size, with the ``native`` geometry) and ``timestamps`` are ``(n,)``
+float64 **seconds**.
 
 Timeline
     A frame's time is its presentation timestamp in seconds minus the video stream's
@@ -119,6 +120,13 @@ def squash(frame_w: int, frame_h: int, size: int) -> tuple[int, int, CropBox]:
     return size, size, (0, 0, size, size)
 
 
+@GEOMETRIES.register("native")
+def native(frame_w: int, frame_h: int, size: int) -> tuple[int, int, CropBox]:
+    """The whole frame at its own (displayed) size; ``size`` is ignored and chunks are
+    ``(n, H, W, 3)`` (dense extraction resizes the frames itself, as it does frame files)."""
+    return frame_w, frame_h, (0, 0, frame_w, frame_h)
+
+
 class GeometryError(FreezeframeError, ValueError):
     """An invalid :class:`Geometry` (unknown mode/interpolation or a bad size)."""
 
@@ -130,7 +138,8 @@ class Geometry:
     Attributes:
         size: output side ``S`` in pixels (square output).
         mode: a :data:`GEOMETRIES` name: ``"short_side_crop"`` (scale the short side to
-            ``S``, centre crop) or ``"squash"`` (resize to ``S x S``).
+            ``S``, centre crop), ``"squash"`` (resize to ``S x S``) or ``"native"`` (the
+            displayed frame at its own size ``H x W``, ``size`` ignored).
         interpolation: an :data:`INTERPOLATIONS` name: ``"bilinear"``, ``"bicubic"``,
             ``"area"`` (swscale, applied by ``VideoFrame.reformat``).
         display: show the picture as a player does before ``mode`` applies: rotate it by
@@ -561,20 +570,29 @@ class _Converter:
 
 
 class _Chunker:
-    """Packs ``(S, S, 3)`` images into fresh ``(chunk_size, S, S, 3)`` arrays (never reused)."""
+    """Packs ``(H, W, 3)`` images (``(S, S, 3)`` but for the ``native`` geometry) into fresh
+    ``(chunk_size, H, W, 3)`` arrays (never reused), shaped by the first image."""
 
-    def __init__(self, chunk_size: int, size: int) -> None:
-        self.chunk_size, self.size = chunk_size, size
+    def __init__(self, chunk_size: int, src: str = "<video>") -> None:
+        self.chunk_size, self.src = chunk_size, src
+        self.shape: tuple[int, ...] | None = None
         self.total = 0
-        self._new()
+        self.n = 0
 
     def _new(self) -> None:
-        self.frames = np.empty((self.chunk_size, self.size, self.size, 3), dtype=np.uint8)
+        assert self.shape is not None
+        self.frames = np.empty((self.chunk_size, *self.shape), dtype=np.uint8)
         self.times = np.empty(self.chunk_size, dtype=np.float64)
         self.n = 0
 
     def add(self, image: np.ndarray, t: float) -> FrameChunk | None:
         """Store one image; return the chunk when it is full."""
+        if self.shape is None:
+            self.shape = image.shape
+            self._new()
+        elif image.shape != self.shape:  # only the native geometry follows the coded size
+            raise DecodeError("decode", self.src, f"the frame at {t:.3f} s is {image.shape[1]}x{image.shape[0]}, "
+                              f"the first {self.shape[1]}x{self.shape[0]}: the size changes mid-stream")
         self.frames[self.n] = image
         self.times[self.n] = t
         self.n += 1
@@ -622,11 +640,11 @@ class _Emitter:
     ``min_frames`` frames exist; :meth:`close` checks ``empty`` / ``too_short`` and yields
     the rest. Shared by every decoder so that they apply the same rules."""
 
-    def __init__(self, convert: Callable[[Any], np.ndarray], *, chunk_size: int, size: int,
+    def __init__(self, convert: Callable[[Any], np.ndarray], *, chunk_size: int,
                  fps: float | None, cap: int | None, span: str, min_frames: int, src: str) -> None:
         self.convert, self.fps, self.cap, self.span = convert, fps, cap, span
         self.min_frames, self.src = min_frames, src
-        self.chunker = _Chunker(chunk_size, size)
+        self.chunker = _Chunker(chunk_size, src)
         self.pending: list[FrameChunk] = []  # full chunks held back until min_frames frames exist
 
     def emit(self, items: Iterator[tuple[Any, float]]) -> Iterator[FrameChunk]:
@@ -731,7 +749,7 @@ def iter_frames(
         eps = timeline.eps
         selector = _Selector(fps, start, end, eps, max_gap=max_gap, src=src)
         header_duration = _header_duration(container, stream)
-        out = _Emitter(_Converter(geometry, stream), chunk_size=chunk_size, size=geometry.size, fps=fps,
+        out = _Emitter(_Converter(geometry, stream), chunk_size=chunk_size, fps=fps,
                        cap=None if fps is None else frame_cap(header_duration, fps, start, end),
                        span=_span_text(header_duration, start, end), min_frames=min_frames, src=src)
         frames = _decode_from(container, stream, start, timeline)

@@ -122,7 +122,7 @@ class TorchCodecDecoder:
             eps = timeline.eps
             selector = _Selector(fps, start, end, eps, max_gap=max_gap, src=src)
             out = _Emitter(lambda image: image[top:bottom, left:right], chunk_size=chunk_size,
-                           size=geometry.size, fps=fps,
+                           fps=fps,
                            cap=None if fps is None else frame_cap(header_duration, fps, start, end),
                            span=_span_text(header_duration, start, end), min_frames=min_frames, src=src)
             n = dec.metadata.num_frames or 0
