@@ -68,6 +68,12 @@ class ExtractConfig:
     shard_index: int | None = runtime(None)  # this job's index among independent jobs (Slurm array)
     num_shards: int | None = runtime(None)  # number of independent jobs
     retry_failed: bool = runtime(False)  # only retry videos recorded as failures
+    # fsspec options of a remote store (s3fs: endpoint_url, key, secret, anon, ...); the
+    # environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) fills in the rest; never recorded
+    storage_options: dict[str, Any] = runtime(default_factory=dict)
+    # seconds a remote shard claim lasts without a heartbeat before another rank takes the
+    # shard over (docs/storage.md); local stores use flock, which needs none
+    lease_seconds: float = runtime(60.0)
     progress: bool = runtime(True)
 
     def __post_init__(self) -> None:
@@ -113,7 +119,7 @@ class ExtractConfig:
         if isinstance(self.pea_ratio, bool) or not isinstance(self.pea_ratio, (int, float)) or not self.pea_ratio >= 0:
             out.append(f"pea_ratio: must be a number >= 0 (10 in Co-Settle's recipe), got {self.pea_ratio!r}")
         positive = [("fps", self.fps, " or unset (null: every native frame)"),
-                    ("decode_timeout", self.decode_timeout, None),
+                    ("decode_timeout", self.decode_timeout, None), ("lease_seconds", self.lease_seconds, None),
                     ("max_gap", self.max_gap, " or unset (null: no limit)")]
         for key, value, unset in positive:
             if value is None and unset is not None:

@@ -25,7 +25,7 @@ from matplotlib.ticker import MaxNLocator
 from train.metrics import EvalResult
 from train.rundir import RunDir, RunDirError
 
-__all__ = ["ComparisonRow", "plot_curves", "plot_confusion", "plot_comparison"]
+__all__ = ["ComparisonRow", "plot_curves", "plot_confusion", "plot_comparison", "plot_metric_pairs"]
 
 TRAIN_COLOUR = "tab:blue"
 EVAL_COLOUR = "tab:orange"
@@ -243,4 +243,40 @@ def plot_comparison(
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
+    return _save(fig, path)
+
+
+def plot_metric_pairs(points: dict[str, dict[str, tuple[float, float, float]]], path: str | Path,
+                      per_video: dict[str, dict[str, Sequence[float]]] | None = None,
+                      title: str | None = None) -> Path:
+    """One panel per metric: each representation's value with its interval, side by side.
+
+    ``points``: metric -> representation -> ``(value, low, high)``; ``per_video``: metric ->
+    representation -> per-video values, drawn as jittered dots behind (optional).
+    """
+    metrics = list(points)
+    cols = min(4, len(metrics))
+    rows = math.ceil(len(metrics) / cols)
+    fig = _figure(3.0 * cols, 2.6 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    rng = np.random.default_rng(0)
+    for ax, metric in zip(axes, metrics):
+        reps = list(points[metric])
+        for i, rep in enumerate(reps):
+            colour = SERIES_COLOURS[(i + 1) % len(SERIES_COLOURS)]
+            dots = (per_video or {}).get(metric, {}).get(rep)
+            if dots is not None:
+                y = np.asarray(dots, dtype=float)
+                y = y[np.isfinite(y)]
+                ax.scatter(i + rng.uniform(-0.18, 0.18, len(y)), y, s=6, alpha=0.3, color=colour, linewidths=0)
+            v, lo, hi = points[metric][rep]
+            ax.errorbar([i], [v], yerr=[[v - lo], [hi - v]], fmt="o", color="black", capsize=4, markersize=5)
+        ax.set_xticks(range(len(reps)), reps)
+        ax.set_xlim(-0.6, len(reps) - 0.4)
+        ax.set_title(metric, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in axes[len(metrics):]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return _save(fig, path)

@@ -15,7 +15,7 @@ from rich.table import Table
 from extract.config import ExtractConfig, resolve_extract_config
 from extract.plan import plan_extraction
 from extract.runner import run_extract
-from freezeframe.cli.common import config_option, console, flag_overrides, new_app, out
+from freezeframe.cli.common import STORAGE_OPTION, config_option, console, flag_overrides, new_app, out
 from freezeframe.cli.store import print_failures
 from pipeline.errors import FreezeframeError
 from pipeline.store import store_status
@@ -78,7 +78,8 @@ def plan(
 @app.command()
 def extract(
     manifest: Optional[Path] = typer.Option(None, help="JSONL manifest (see `freezeframe manifest`)."),
-    store: Optional[Path] = typer.Option(None, help="Output zarr store (created or resumed)."),
+    store: Optional[str] = typer.Option(None, help="Output zarr store (created or resumed): a path or an fsspec "
+                                        "URL such as s3://bucket/x.zarr."),
     dataset: Optional[str] = _DATASET,
     config: Optional[Path] = _CONFIG,
     backbone: Optional[str] = _opt("backbone", "Backbone name (extract.backbones.BACKBONES)."),
@@ -108,6 +109,7 @@ def extract(
     retry_failed: Optional[bool] = typer.Option(None, "--retry-failed", help="Retry only recorded failures.",
                                                 show_default=False),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+    storage_option: list[str] = STORAGE_OPTION,
     set_: list[str] = _SET,
 ) -> None:
     """Extract frozen-backbone patch features of every video into a sharded zarr v3 store."""
@@ -117,7 +119,7 @@ def extract(
         spatial_pool=spatial_pool, channel_pool=channel_pool, videos_per_shard=videos_per_shard,
         pea_views=pea_views, batch_size=batch_size, workers=workers, threads=threads, streams=streams, decode_timeout=decode_timeout,
         device=device, shard_index=shard_index, num_shards=num_shards, retry_failed=retry_failed,
-        progress=False if no_progress else None) + list(set_))
+        progress=False if no_progress else None) + [f"storage_options.{o}" for o in storage_option] + list(set_))
     if not cfg.manifest or not cfg.store:
         raise FreezeframeError("give --manifest and --store (or a --dataset/--config that sets them)")
     s = run_extract(cfg, console)

@@ -30,7 +30,7 @@ app = new_app("Stage 2: stats, pretrain, finetune, evaluate, represent, project,
 
 _DATASET = typer.Option(None, help="Training config train/configs/<name>.toml (e.g. ucf101, synth-motion).")
 _CONFIG = typer.Option(None, help="TOML config file ([common], [pretrain], [finetune] tables).")
-_STORE = typer.Option(None, help="Feature store (overrides data.store).", show_default=False)
+_STORE = typer.Option(None, help="Feature store, a path or an fsspec URL (overrides data.store).", show_default=False)
 _RUN_DIR = typer.Option(None, help="Run directory (resumed if it exists).", show_default=False)
 _EPOCHS = config_option(TrainConfig, "optim.epochs", "Epochs (overrides optim.epochs).")
 _SEED = config_option(TrainConfig, "seed", "Seed.")
@@ -58,7 +58,7 @@ def _train(task: str, dataset: Optional[str], config: Optional[Path], set_: list
 @app.command()
 def pretrain(
     dataset: Optional[str] = _DATASET, config: Optional[Path] = _CONFIG,
-    store: Optional[Path] = _STORE, run_dir: Optional[Path] = _RUN_DIR,
+    store: Optional[str] = _STORE, run_dir: Optional[Path] = _RUN_DIR,
     epochs: Optional[int] = _EPOCHS, seed: Optional[int] = _SEED,
     temporal_kernel: Optional[int] = _KT, arch: Optional[str] = _ARCH,
     task: str = typer.Option("prp", help="prp (TMM + head, playback-rate perception) | cosettle (Co-Settle "
@@ -74,7 +74,7 @@ def pretrain(
 @app.command()
 def finetune(
     dataset: Optional[str] = _DATASET, config: Optional[Path] = _CONFIG,
-    store: Optional[Path] = _STORE, run_dir: Optional[Path] = _RUN_DIR,
+    store: Optional[str] = _STORE, run_dir: Optional[Path] = _RUN_DIR,
     init: Optional[Path] = typer.Option(None, help="Pretraining run dir or checkpoint (omit: the config's init; "
                                         "--set init=\"\" trains from scratch).", show_default=False),
     epochs: Optional[int] = _EPOCHS, seed: Optional[int] = _SEED,
@@ -90,7 +90,7 @@ def finetune(
 @app.command()
 def evaluate(
     run_dir: Path = typer.Argument(..., help="A fine-tuning run directory."),
-    store: Optional[Path] = typer.Option(None, help="Evaluate on another store (default: the run's).",
+    store: Optional[str] = typer.Option(None, help="Evaluate on another store (default: the run's).",
                                          show_default=False),
     split: Optional[str] = typer.Option(None, help="Split to evaluate (default: the run's test split).",
                                         show_default=False),
@@ -119,7 +119,7 @@ def evaluate(
 
 @app.command()
 def represent(
-    store: Path = typer.Argument(..., help="Feature store (raw or projected tokens)."),
+    store: str = typer.Argument(..., help="Feature store (raw or projected tokens)."),
     projection: Optional[Path] = typer.Option(None, help="A `pretrain --task cosettle` run: measure g(tokens).",
                                               show_default=False),
     videos: Optional[int] = typer.Option(None, help="The first N videos in store order (default: all).",

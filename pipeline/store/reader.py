@@ -14,8 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import zarr
@@ -23,9 +22,10 @@ from zarr.core.sync import sync
 
 from pipeline.errors import StoreError
 from pipeline.splits import SplitEntry, split_table_sha256
+from pipeline.store.fs import StoreRoot, store_fs
 from pipeline.store.header import read_header
 from pipeline.store.integrity import expected_files, frames_per_file, marker_digest, shard_file_key
-from pipeline.store.layout import Failure, VideoEntry, read_markers, shards_dir
+from pipeline.store.layout import Failure, VideoEntry, read_markers
 from pipeline.store.writer import PEA_OFFSETS, PEA_PREFIX, STORAGE_DTYPES, decode_pea
 
 
@@ -34,15 +34,19 @@ class FeatureStore:
 
     Safe to use from DataLoader workers: zarr handles are opened lazily per process.
     With ``in_memory=True`` every shard is read once into RAM (fast random access for small
-    stores, e.g. training ablations).
+    stores, e.g. training ablations). ``path`` is a local path or an fsspec URL
+    (``s3://bucket/x.zarr``; ``storage_options`` or the environment give credentials and
+    endpoint, :func:`pipeline.store.fs.store_fs`).
     """
 
-    def __init__(self, path: str | os.PathLike, *, in_memory: bool = False) -> None:
-        self.path = Path(path)
-        self.header = read_header(self.path)
+    def __init__(self, path: StoreRoot, *, in_memory: bool = False,
+                 storage_options: Mapping[str, Any] | None = None) -> None:
+        self.fs = store_fs(path, storage_options)
+        self.path: Any = self.fs.path()  # a Path for local stores, the URL otherwise
+        self.header = read_header(self.fs)
         self.content: dict = self.header.get("content", {})
         self.dtype = STORAGE_DTYPES.get(self.content.get("dtype", "float16"))
-        self.markers = read_markers(self.path)
+        self.markers = read_markers(self.fs)
         self._index: dict[str, VideoEntry] = {}
         for shard, marker in self.markers.items():
             if "digest" in marker and marker_digest(marker) != marker["digest"]:
@@ -160,11 +164,11 @@ class FeatureStore:
         for a marker without one (integrity 0), the shard files the arrays' shapes imply;
         zarr itself would read a missing shard file as zeros.
         """
-        sdir = shards_dir(self.path) / shard
+        fs, sdir = self.fs, f"shards/{shard}"
         marker = self.markers[shard]
         for rel, rec in marker.get("files", {}).items():
-            p = sdir / rel
-            size = p.stat().st_size if p.is_file() else None
+            p = fs.path(f"{sdir}/{rel}")
+            size = fs.size(f"{sdir}/{rel}")
             if size != rec["bytes"]:
                 state = "missing" if size is None else f"{size} bytes, the marker records {rec['bytes']}"
                 raise StoreError(f"{p}: {state} (shard {shard}: {self._shard_videos(shard)}); {self._fix()}")
@@ -173,15 +177,14 @@ class FeatureStore:
         names |= {rel.split("/")[0] for rel in marker.get("files", {}) if rel.endswith("/zarr.json")}
         for k in sorted(names):
             try:
-                arrays[k] = zarr.open_array(str(sdir / k), mode="r")
+                arrays[k] = zarr.open_array(fs.zarr_store(f"{sdir}/{k}", read_only=True), mode="r")
             except Exception as e:  # zarr raises many kinds (not found, JSON, metadata)
-                raise StoreError(f"{sdir / k / 'zarr.json'}: array metadata unreadable ({type(e).__name__}: "
+                raise StoreError(f"{fs.path(f'{sdir}/{k}/zarr.json')}: array metadata unreadable ({type(e).__name__}: "
                                  f"{e}) (shard {shard}: {self._shard_videos(shard)}); {self._fix()}") from e
             if "files" not in marker:
                 for key, _, _ in expected_files(arrays[k], int(marker["num_frames"])):
-                    p = sdir / k / key
-                    if not p.is_file() or p.stat().st_size == 0:
-                        raise StoreError(f"{p}: missing or empty (shard {shard}: {self._shard_videos(shard)}); "
+                    if not fs.size(f"{sdir}/{k}/{key}"):
+                        raise StoreError(f"{fs.path(f'{sdir}/{k}/{key}')}: missing or empty (shard {shard}: {self._shard_videos(shard)}); "
                                          f"{self._fix()}")
         return arrays
 
@@ -211,7 +214,7 @@ class FeatureStore:
                 bad, why = i, e
                 break
         i = bad if bad is not None else int(np.atleast_1d(rows)[0]) // per
-        path = shards_dir(self.path) / shard / key / shard_file_key(array, i)
+        path = self.fs.path(f"shards/{shard}/{key}/{shard_file_key(array, i)}")
         span = (i * per, (i + 1) * per)
         return StoreError(f"{path}: damaged, cannot be read ({type(why).__name__}: {str(why)[:120]}) "
                           f"(shard {shard} frames {span[0]}..{span[1] - 1}: {self._shard_videos(shard, span)}); "
@@ -320,6 +323,7 @@ def _take(array: Any, rows: np.ndarray, max_gap: int = 2) -> np.ndarray:
     return block[np.searchsorted(offsets, rows)]
 
 
-def open_store(path: str | os.PathLike, *, in_memory: bool = False) -> FeatureStore:
-    """Open a feature store for reading (see :class:`FeatureStore`)."""
-    return FeatureStore(path, in_memory=in_memory)
+def open_store(path: StoreRoot, *, in_memory: bool = False,
+               storage_options: Mapping[str, Any] | None = None) -> FeatureStore:
+    """Open a feature store for reading (see :class:`FeatureStore`): a path or an fsspec URL."""
+    return FeatureStore(path, in_memory=in_memory, storage_options=storage_options)
