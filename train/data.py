@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -84,7 +84,40 @@ def check_label_preserving(augment: tuple[str, ...], class_names: list[str]) -> 
         if hit:
             raise DataError(
                 f"data.augment has {name!r}, which changes the meaning of the labels {hit[:4]} "
-                f"(it mirrors {'/'.join(words[:2])}): remove {name!r} from data.augment for this dataset")
+                f"(it mirrors {'/'.join(words[:2])}): remove {name!r} from data.augment for this dataset, or "
+                f"move it to data.relabel with the class each class becomes (data.relabel.{name} = [...])")
+
+
+# --------------------------------------------------------------------------------------
+# label-changing augmentations (data.relabel: name -> the class each class becomes)
+# --------------------------------------------------------------------------------------
+#: clip (T, H, W, C) -> the transformed clip; applied with p = 0.5 each, the label remapped
+RELABELINGS: Registry[Callable[[np.ndarray], np.ndarray]] = Registry("label-changing augmentation")
+RELABELINGS.add("reverse", lambda clip: clip[::-1].copy())  # exact: the frames played backwards
+RELABELINGS.add("hflip", lambda clip: clip[:, :, ::-1].copy())  # approximate, like the "hflip" augmentation
+RELABELINGS.add("vflip", lambda clip: clip[:, ::-1].copy())  # approximate: the token grid upside down
+
+
+def check_relabel(relabel: dict[str, Sequence[int]], num_classes: int, augment: tuple[str, ...] = ()) -> None:
+    """Refuse an unknown name, a map that is not a permutation of the ``num_classes`` classes,
+    or a name that is also in ``data.augment`` (label-preserving there, remapped here)."""
+    for name, perm in relabel.items():
+        RELABELINGS.get(name)  # unknown: RegistryError naming the known ones
+        if sorted(int(c) for c in perm) != list(range(num_classes)):
+            raise DataError(f"data.relabel.{name} = {list(perm)} must list, for each of the {num_classes} classes, "
+                            f"the class it becomes (a permutation of 0..{num_classes - 1})")
+        if name in augment:
+            raise DataError(f"{name!r} is in both data.augment (label kept) and data.relabel (label remapped); "
+                            "keep it in one of them")
+
+
+def apply_relabeling(relabel: dict[str, Sequence[int]], clip: np.ndarray, label: int,
+                     rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """Each augmentation of ``relabel`` (in its order) with p = 0.5; the label follows its map."""
+    for name, perm in relabel.items():
+        if rng.random() < 0.5:
+            clip, label = RELABELINGS.get(name)(clip), int(perm[label])
+    return clip, label
 
 
 def apply_augmentations(names: tuple[str, ...], clip: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -180,6 +213,7 @@ class _StoreVideos(Dataset):
             )
 
     augment: tuple[str, ...] = ()
+    relabel: dict[str, Sequence[int]] = {}  # label-changing augmentations (ClipDataset sets its own)
 
     def plan(self, index: int) -> tuple[str, np.ndarray, Any, np.random.Generator | None]:
         """Item ``index`` without its features: (video id, frame indices (..., T), label, its rng)."""
@@ -189,8 +223,8 @@ class _StoreVideos(Dataset):
         """A whole batch (DataLoader calls this instead of ``__getitem__`` per item): the frames
         of every item read straight into one batch tensor, in shared memory when read in a
         DataLoader worker, so :func:`collate` hands it over without the stacking copy. With
-        augmentations or an int8 store: the items one by one (they are float32 then)."""
-        if self.augment or self.store.dtype.extras:
+        augmentations (label-changing ones included) or an int8 store: the items one by one."""
+        if self.augment or self.relabel or self.store.dtype.extras:
             return [self[i] for i in indices]
         plans = [self.plan(i) for i in indices]
         shape = self.store.feature_shape
@@ -288,13 +322,17 @@ class ClipConfig:
 
 
 class ClipDataset(_StoreVideos):
-    """Fine-tuning: one random clip per video per epoch. Item: ``((T, H, W, C), label)``."""
+    """Fine-tuning: one random clip per video per epoch. Item: ``((T, H, W, C), label)``.
+
+    ``relabel``: label-changing augmentations (:data:`RELABELINGS`) and the class each class
+    becomes under them, e.g. ``{"reverse": [3, 2, 1, 0]}``, applied after ``augment``."""
 
     def __init__(self, store: FeatureStore, split: str, cfg: ClipConfig, seed: int = 0,
-                 augment: tuple[str, ...] = ()) -> None:
+                 augment: tuple[str, ...] = (), relabel: dict[str, Sequence[int]] | None = None) -> None:
         super().__init__(store, split, seed)
         self.cfg = cfg
         self.augment = augment
+        self.relabel = dict(relabel or {})
         self._require_fitting_clip(f"a clip of {cfg.num_frames} frames at stride {cfg.stride}", cfg.num_frames,
                                    cfg.stride, cfg.short_video, "clip")
 
@@ -308,6 +346,8 @@ class ClipDataset(_StoreVideos):
         clip = self.frames(vid, idx, self.augment)
         if self.augment:
             clip = apply_augmentations(self.augment, clip, rng)
+        if self.relabel:
+            clip, label = apply_relabeling(self.relabel, clip, label, rng)
         return torch.from_numpy(np.ascontiguousarray(clip)), label
 
 

@@ -112,6 +112,9 @@ class DataConfig:
     in_memory: str = runtime("auto")  # auto | yes | no: read the whole store into RAM first
     in_memory_max_gb: float = runtime(4.0)  # "auto" loads the store when it is smaller than this
     augment: tuple[str, ...] = ()  # feature-space augmentations, e.g. ("hflip", "grid-crop")
+    # label-changing augmentations (fine-tuning; p = 0.5 each) -> the class each class becomes under
+    # it, e.g. {reverse = [3, 2, 1, 0]}: a clip played backwards, whose label is remapped (train.data)
+    relabel: dict[str, tuple[int, ...]] = field(default_factory=dict)
     allow_incomplete: bool = runtime(False)  # train on a store whose extraction has not finished
     skip_bad_videos: bool = False  # leave out (count, report) training videos with NaN/inf features
 
