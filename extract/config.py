@@ -69,6 +69,7 @@ class ExtractConfig:
     num_shards: int | None = runtime(None)  # number of independent jobs
     retry_failed: bool = runtime(False)  # only retry videos recorded as failures
     progress: bool = runtime(True)
+    verbose: bool = runtime(False)  # ranks other than 0 also log and show their own progress bar
 
     def __post_init__(self) -> None:
         self.validate()

@@ -11,11 +11,13 @@ started on the same store by mistake skips the shards the first is writing.
 from __future__ import annotations
 
 import json
+import threading
 import time
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -43,6 +45,7 @@ from pipeline.store import (
     ShardWriter,
     create_once,
     init_store,
+    job_totals,
     lock_path,
     marker_path,
     read_markers,
@@ -135,6 +138,11 @@ class ExtractSummary:
     #: seconds until the first decoded frames arrived (worker start-up: spawn and imports),
     #: a fixed cost per run that a dataset-sized run amortises
     startup_seconds: float | None = None
+    #: the job this run belongs to (:func:`pipeline.dist.job_id`, recorded in its markers), this
+    #: process's rank in it, and every shard the job as a whole works on (all ranks)
+    job: str = ""
+    rank: RankInfo = field(default_factory=RankInfo)
+    job_shards: list[str] = field(default_factory=list)
     _t0: float = field(default_factory=time.monotonic, repr=False)
 
     @property
@@ -192,8 +200,13 @@ def retry_plan(store_root: Path, rows: Sequence[ManifestRow], videos_per_shard: 
     return int(plan["generation"]), list(plan["videos"])
 
 
-def run_extract(cfg: ExtractConfig, console: object | None = None) -> ExtractSummary:
-    """Extract features of ``cfg.manifest`` into ``cfg.store`` (resumable, multi-process safe)."""
+def run_extract(cfg: ExtractConfig, console: object | None = None, *, job: str = "") -> ExtractSummary:
+    """Extract features of ``cfg.manifest`` into ``cfg.store`` (resumable, multi-process safe).
+
+    ``job``: the id of the job this process is a rank of (:func:`pipeline.dist.job_id`),
+    recorded in every marker it writes so rank 0 can add up the job
+    (:func:`pipeline.store.job_totals`). Ranks other than 0 log and show a progress bar only
+    with ``cfg.verbose``; rank 0's bar counts the whole job's videos."""
     from rich.console import Console
 
     con: Console = console or Console(stderr=True)  # type: ignore[assignment]
@@ -214,13 +227,16 @@ def run_extract(cfg: ExtractConfig, console: object | None = None) -> ExtractSum
     init_store(root, header)  # refuses a mismatching store before any work
     shape = feature_shape(backbone, cfg)
 
-    todo = [(name, r) for i, (name, r) in enumerate(_job_rows(cfg, rows, root)) if i % rank.world == rank.rank]
+    everything = _job_rows(cfg, rows, root)
+    todo = [(name, r) for i, (name, r) in enumerate(everything) if i % rank.world == rank.rank]
     done = set(read_markers(root))
-    summary = ExtractSummary(store=str(root))
+    summary = ExtractSummary(store=str(root), job=job, rank=rank, job_shards=[n for n, _ in everything])
     pending = [(n, r) for n, r in todo if n not in done]
     summary.shards_skipped = len(todo) - len(pending)
+    talk = rank.is_main or cfg.verbose  # other ranks: errors only
     if not pending:
-        con.print(f"[green]nothing to do[/]: {len(todo)} shard(s) of rank {rank.rank} already complete in {root}")
+        if talk:
+            con.print(f"[green]nothing to do[/]: {len(todo)} shard(s) of rank {rank.rank} already complete in {root}")
         return summary
 
     encoder = FeatureEncoder(backbone, device, cfg)
@@ -232,12 +248,16 @@ def run_extract(cfg: ExtractConfig, console: object | None = None) -> ExtractSum
     decode_kwargs = dict(geometry=geometry, fps=cfg.fps, chunk_size=cfg.chunk_size,
                          threads=cfg.decode_threads, min_frames=cfg.min_frames, max_gap=cfg.max_gap)
     total_videos = sum(len(r) for _, r in pending)
+    # rank 0 of several shows the job's bar: every rank's videos, the others' read from their markers
+    job_bar = rank.world > 1 and rank.is_main and bool(job) and cfg.progress
+    if job_bar:
+        total_videos = sum(len(r) for n, r in everything if n not in done)
     t0 = summary._t0 = time.monotonic()
     try:
         with DecodePool(workers, decode_kwargs, timeout_s=cfg.decode_timeout) as pool, \
                 ThreadPoolExecutor(plan.streams, thread_name_prefix="ff-stream") as streams, \
-                _progress(cfg.progress, con) as progress:
-            task = progress.add_task(f"rank {rank.rank}/{rank.world}", total=total_videos, frames=0, failed=0)
+                _progress(cfg.progress and talk, con) as progress, \
+                _rank_task(progress, total_videos, rank, root, job, job_bar) as task:
             for name, shard_rows in pending:
                 with shard_lock(root, name) as mine:
                     if not mine or marker_path(root, name).exists():
@@ -246,8 +266,9 @@ def run_extract(cfg: ExtractConfig, console: object | None = None) -> ExtractSum
                             summary.shards_skipped += 1
                         else:
                             summary.shards_busy.append(name)
-                            con.log(f"shard {name}: being written by another process "
-                                    f"({lock_path(root, name).read_text().strip()}); skipped")
+                            if talk:
+                                con.log(f"shard {name}: being written by another process "
+                                        f"({lock_path(root, name).read_text().strip()}); skipped")
                         progress.update(task, advance=len(shard_rows))
                         continue
                     sink = BatchingSink(encoder, ShardWriter.create(root, name, feature_shape=shape, dtype=cfg.dtype,
@@ -260,8 +281,9 @@ def run_extract(cfg: ExtractConfig, console: object | None = None) -> ExtractSum
                         sink.cancel()
                         raise
                 summary.shards_done += 1
-                con.log(f"shard {name}: {stats['videos']} videos, {stats['frames']} frames, "
-                        f"{stats['failures']} failed, {stats['frames_per_s']:.1f} frames/s")
+                if talk:
+                    con.log(f"shard {name}: {stats['videos']} videos, {stats['frames']} frames, "
+                            f"{stats['failures']} failed, {stats['frames_per_s']:.1f} frames/s")
     finally:
         torch.set_num_threads(threads)
     summary.seconds = time.monotonic() - t0
@@ -271,7 +293,7 @@ def run_extract(cfg: ExtractConfig, console: object | None = None) -> ExtractSum
 def _extract_shard(name: str, rows: list[ManifestRow], pool: DecodePool, sink: BatchingSink,
                    summary: ExtractSummary, progress: object, task: object) -> dict:
     """Decode, encode and write one store shard; its marker is written last."""
-    t0 = time.monotonic()
+    t0, started_at = time.monotonic(), time.time()
     jobs = [DecodeJob(i, r.video_id, r.path, r.start, r.end) for i, r in enumerate(rows)]
     failures: list[Failure] = []
     frames = videos = 0
@@ -304,12 +326,46 @@ def _extract_shard(name: str, rows: list[ManifestRow], pool: DecodePool, sink: B
     sink.drain()
     secs = time.monotonic() - t0
     stats = {"videos": videos, "frames": frames, "failures": len(failures), "seconds": round(secs, 3),
-             "frames_per_s": frames / secs if secs else 0.0}
+             "frames_per_s": frames / secs if secs else 0.0,
+             # who did it and when (Unix s): rank 0 adds up its job's markers (pipeline.store.totals)
+             "job": summary.job, "rank": summary.rank.rank, "started": started_at, "finished": time.time()}
     sink.writer.finish(failures, stats)
     summary.videos_done += videos
     summary.frames_done += frames
     summary.failures += failures
     return stats
+
+
+@contextmanager
+def _rank_task(progress: Any, total: int, rank: RankInfo, root: Path, job: str, job_bar: bool,
+               every_s: float = 2.0) -> Iterator[Any]:
+    """This rank's progress task (``rank r/w``). For rank 0 of a job (``job_bar``) it is the
+    job's: ``total`` counts every rank's videos and a thread adds what the other ranks finish,
+    read from their markers every ``every_s`` seconds (:func:`pipeline.store.job_totals`)."""
+    task = progress.add_task(f"job of {rank.world} ranks" if job_bar else f"rank {rank.rank}/{rank.world}",
+                             total=total, frames=0, failed=0, others_frames=0, others_failed=0)
+    if not job_bar:
+        yield task
+        return
+    stop = threading.Event()
+
+    def follow() -> None:
+        counted = 0
+        while not stop.wait(every_s):
+            t = job_totals(root, job)
+            others = [r for r in t.tried_by_rank if r != rank.rank]
+            tried = sum(t.tried_by_rank[r] for r in others)
+            progress.update(task, advance=tried - counted, others_frames=sum(t.frames_by_rank[r] for r in others),
+                            others_failed=sum(t.failed_by_rank[r] for r in others))
+            counted = tried
+
+    thread = threading.Thread(target=follow, name="ff-job-bar", daemon=True)
+    thread.start()
+    try:
+        yield task
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _progress(enabled: bool, console: object):
@@ -325,8 +381,10 @@ def _progress(enabled: bool, console: object):
 
             el = task.elapsed or 0.0
             vps = task.completed / el if el else 0.0
-            fps = task.fields.get("frames", 0) / el if el else 0.0
-            return Text(f"{vps:.2f} videos/s  {fps:.1f} frames/s  failed {task.fields.get('failed', 0)}")
+            f = task.fields
+            fps = (f.get("frames", 0) + f.get("others_frames", 0)) / el if el else 0.0
+            failed = f.get("failed", 0) + f.get("others_failed", 0)
+            return Text(f"{vps:.2f} videos/s  {fps:.1f} frames/s  failed {failed}")
 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _Rates(),
                     TimeElapsedColumn(), console=console, disable=not enabled, transient=False)

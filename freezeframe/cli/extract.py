@@ -5,8 +5,12 @@ library function (:func:`extract.plan.plan_extraction`, :func:`extract.runner.ru
 and renders the result. Imported only when one of its commands runs (it brings torch)."""
 from __future__ import annotations
 
+import datetime
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
+
+import torch.distributed as dist
 
 import typer
 from rich.markup import escape
@@ -14,11 +18,19 @@ from rich.table import Table
 
 from extract.config import ExtractConfig, resolve_extract_config
 from extract.plan import plan_extraction
-from extract.runner import run_extract
+from extract.runner import ExtractSummary, job_rank, run_extract
 from freezeframe.cli.common import config_option, console, flag_overrides, new_app, out
 from freezeframe.cli.store import print_failures
+from pipeline.dist import job_id, join_process_group
 from pipeline.errors import FreezeframeError
-from pipeline.store import store_status
+from pipeline.store import (
+    failure_reasons,
+    failure_verdict,
+    job_totals,
+    scan_markers,
+    store_status,
+    wait_for_shards,
+)
 
 app = new_app("Stage 1: plan and extract.")
 
@@ -108,6 +120,8 @@ def extract(
     retry_failed: Optional[bool] = typer.Option(None, "--retry-failed", help="Retry only recorded failures.",
                                                 show_default=False),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+    verbose: bool = typer.Option(False, "--verbose", help="Every rank of a torchrun/srun job logs its shards and "
+                                 "shows its own bar (default: rank 0 only, with the job's bar and summary)."),
     set_: list[str] = _SET,
 ) -> None:
     """Extract frozen-backbone patch features of every video into a sharded zarr v3 store."""
@@ -117,30 +131,95 @@ def extract(
         spatial_pool=spatial_pool, channel_pool=channel_pool, videos_per_shard=videos_per_shard,
         pea_views=pea_views, batch_size=batch_size, workers=workers, threads=threads, streams=streams, decode_timeout=decode_timeout,
         device=device, shard_index=shard_index, num_shards=num_shards, retry_failed=retry_failed,
-        progress=False if no_progress else None) + list(set_))
+        progress=False if no_progress else None, verbose=True if verbose else None) + list(set_))
     if not cfg.manifest or not cfg.store:
         raise FreezeframeError("give --manifest and --store (or a --dataset/--config that sets them)")
-    s = run_extract(cfg, console)
+    rank = job_rank(cfg)
+    launched = rank.launcher in ("torchrun", "slurm") and rank.world > 1  # one job of several ranks
+    grouped = launched and join_process_group(rank, "gloo", timeout=JOB_TIMEOUT)
+    try:
+        job = job_id(rank)
+        s = run_extract(cfg, console, job=job)
+        missing: list[str] = []
+        if grouped:
+            dist.barrier()  # every rank's markers are written
+        elif launched and rank.is_main:
+            missing = wait_for_shards(cfg.store, s.job_shards)
+    finally:
+        if grouped:
+            dist.destroy_process_group()
+    if launched and not rank.is_main:
+        if cfg.verbose:
+            _print_summary(f"rank {rank.rank} of {rank.world}: {cfg.store}", _rank_rows(s), [], [])
+        return
     st = store_status(cfg.store)
-    t = Table(title=f"extraction summary: {escape(str(cfg.store))}")
+    store_rows = [("store: videos stored / planned", f"{st.videos_stored} / {st.planned_videos}"),
+                  ("store: shards complete / planned", f"{st.complete_shards} / {st.planned_shards}"),
+                  ("store: failed videos", str(st.failures))]
+    if launched:
+        t = job_totals(cfg.store, job)
+        complete = set(scan_markers(cfg.store)[0])
+        skipped = len(complete & set(s.job_shards)) - len(t.shards)
+        rows = [("ranks", f"{rank.world} ({rank.launcher}); shards per rank: "
+                          + ", ".join(f"{t.shards_by_rank.get(r, 0)}" for r in range(rank.world))),
+                ("shards done now / skipped (already complete)", f"{len(t.shards)} / {skipped}"),
+                ("videos done now", str(t.videos)), ("frames done now", f"{t.frames:,}"),
+                ("frames/s (all ranks, first shard start to last shard end)", f"{t.frames_per_s:.1f}"),
+                ("failures now", str(len(t.failures)))]
+        failures = [(f.get("video_id", "?"), f.get("stage", "?"), f.get("error_type", "?"), f.get("message", ""))
+                    for f in t.failures]
+        reasons, done_videos = t.failure_reasons, t.videos
+        title = f"extraction summary (job of {rank.world} ranks): {cfg.store}"
+    else:
+        rows = _rank_rows(s)
+        failures = [(f.video_id, f.stage, f.error_type, f.message) for f in s.failures]
+        reasons, done_videos = failure_reasons(asdict(f) for f in s.failures), s.videos_done
+        title = f"extraction summary: {cfg.store}"
+    rows += [(f"failed: {why}", str(n)) for why, n in reasons[:5]]
+    _print_summary(title, rows + store_rows, failures, s.shards_busy)
+    if missing:
+        out.print(f"[bold red]{len(missing)} shard(s) of this job are not complete[/] and nobody has been writing "
+                  f"them for 2 min ({', '.join(missing[:5])}{'...' if len(missing) > 5 else ''}): a rank died or "
+                  "never started; rerun the same command to finish them")
+    # a run where every video failed is not a success, whatever the rate allowed in the store
+    verdict = failure_verdict(len(failures), done_videos, reasons, max_rate=1.0)
+    if verdict:
+        out.print(f"[bold red]error[/]: {escape(verdict)}")
+        raise typer.Exit(1)
+    if missing:
+        raise typer.Exit(1)
+
+
+#: how long a rank waits at the end for the others (gloo's default, 30 min, is shorter than the
+#: imbalance between ranks of a long static-shard job)
+JOB_TIMEOUT = datetime.timedelta(days=7)
+
+
+def _rank_rows(s: ExtractSummary) -> list[tuple[str, str]]:
+    """Summary rows of what this process did."""
+    rows = [("shards done now / skipped (already complete)", f"{s.shards_done} / {s.shards_skipped}")]
+    if s.shards_busy:
+        rows.append(("shards left to another running process", str(len(s.shards_busy))))
+    rows += [("videos done now", str(s.videos_done)), ("frames done now", f"{s.frames_done:,}"),
+             ("frames/s", f"{s.frames_per_s:.1f}")]
+    if s.startup_seconds is not None:
+        rows.append(("start-up s (workers ready) / frames/s after it",
+                     f"{s.startup_seconds:.1f} / {s.steady_frames_per_s:.1f}"))
+    rows.append(("failures now", str(len(s.failures))))
+    return rows
+
+
+def _print_summary(title: str, rows: list[tuple[str, str]], failures: list[tuple[str, str, str, str]],
+                   busy: list[str]) -> None:
+    """The summary table, the failure table, and what to do about busy shards."""
+    t = Table(title=escape(title))
     t.add_column("quantity")
     t.add_column("value", justify="right")
-    t.add_row("shards done now / skipped (already complete)", f"{s.shards_done} / {s.shards_skipped}")
-    if s.shards_busy:
-        t.add_row("shards left to another running process", str(len(s.shards_busy)))
-    t.add_row("videos done now", str(s.videos_done))
-    t.add_row("frames done now", f"{s.frames_done:,}")
-    t.add_row("frames/s", f"{s.frames_per_s:.1f}")
-    if s.startup_seconds is not None:
-        t.add_row("start-up s (workers ready) / frames/s after it",
-                  f"{s.startup_seconds:.1f} / {s.steady_frames_per_s:.1f}")
-    t.add_row("failures now", str(len(s.failures)))
-    t.add_row("store: videos stored / planned", f"{st.videos_stored} / {st.planned_videos}")
-    t.add_row("store: shards complete / planned", f"{st.complete_shards} / {st.planned_shards}")
-    t.add_row("store: failed videos", str(st.failures))
+    for k, v in rows:
+        t.add_row(escape(k), escape(v))
     out.print(t)
-    print_failures([(f.video_id, f.stage, f.error_type, f.message) for f in s.failures])
-    if s.shards_busy:
-        out.print(f"[yellow]{len(s.shards_busy)} shard(s) were being written by another process[/] "
-                  f"({', '.join(s.shards_busy[:5])}{'...' if len(s.shards_busy) > 5 else ''}); "
+    print_failures(failures)
+    if busy:
+        out.print(f"[yellow]{len(busy)} shard(s) were being written by another process[/] "
+                  f"({', '.join(busy[:5])}{'...' if len(busy) > 5 else ''}); "
                   "rerun this command once it ends to finish anything it did not")
