@@ -362,9 +362,30 @@ def test_torchrun_two_ranks_and_independent_shard_jobs_match_one_rank(corpus: Co
     store = tmp_path / "torchrun"
     launcher = [script("torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
     r = run_cli(cli_args(corpus.manifest, store, progress=True), launcher=launcher)
-    # both ranks worked, 3 shards each (k % 2 == rank), each with its progress bar (no terminal)
-    assert sorted(re.findall(r"shards done now / skipped[^│]*│\s*(\d+ / \d+)\s*│", r.stdout)) == ["3 / 0"] * 2
-    assert "rank 0/2" in r.stderr and "rank 1/2" in r.stderr and "\x1b[" not in r.stderr
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # both ranks worked, 3 shards each (k % 2 == rank), as one job (one id in every marker)
+    markers = read_markers(store)
+    assert len({m["stats"]["job"] for m in markers.values()}) == 1
+    by_rank = {k: [m for m in markers.values() if m["stats"]["rank"] == k] for k in (0, 1)}
+    assert [sorted(m["shard"] for m in by_rank[k]) for k in (0, 1)] == [["00000", "00002", "00004"],
+                                                                      ["00001", "00003", "00005"]]
+    # ONE summary (rank 0's) whose totals are the sum of both ranks' markers
+    assert r.stdout.count("extraction summary") == 1 and "job of 2 ranks" in r.stdout
+
+    def cell(label: str) -> str:
+        m = re.search("│ " + re.escape(label) + r"[^│]*│\s*([^│]+?)\s*│", r.stdout)
+        assert m, (label, r.stdout)
+        return m.group(1)
+
+    assert cell("shards done now / skipped") == "6 / 0"
+    assert cell("ranks") == "2 (torchrun); shards per rank: 3, 3"
+    assert int(cell("videos done now")) == sum(len(m["videos"]) for m in markers.values()) == 12
+    assert int(cell("frames done now").replace(",", "")) == sum(m["num_frames"] for m in markers.values()) \
+        == store_status(store).frames_stored
+    assert cell("failures now") == "0" and float(cell("frames/s (all ranks")) > 0
+    # rank 0 shows the job's bar and logs its shards; rank 1 prints nothing (no --verbose)
+    assert "job of 2 ranks" in r.stderr and "rank 1/2" not in r.stderr and "\x1b[" not in r.stderr
+    assert "shard 00000:" in r.stderr and "shard 00001:" not in r.stderr
     assert verify_store(store) == []
     assert_same_store(store, baseline)
 

@@ -164,7 +164,7 @@ def extract(
                           + ", ".join(f"{t.shards_by_rank.get(r, 0)}" for r in range(rank.world))),
                 ("shards done now / skipped (already complete)", f"{len(t.shards)} / {skipped}"),
                 ("videos done now", str(t.videos)), ("frames done now", f"{t.frames:,}"),
-                ("frames/s (all ranks, first shard start to last shard end)", f"{t.frames_per_s:.1f}"),
+                ("frames/s (all ranks: first start to last end)", f"{t.frames_per_s:.1f}"),
                 ("failures now", str(len(t.failures)))]
         failures = [(f.get("video_id", "?"), f.get("stage", "?"), f.get("error_type", "?"), f.get("message", ""))
                     for f in t.failures]
