@@ -400,6 +400,36 @@ def test_torchrun_two_ranks_and_independent_shard_jobs_match_one_rank(corpus: Co
     assert_same_store(jobs, baseline)
 
 
+@pytest.mark.slow
+def test_srun_tasks_without_a_process_group_print_one_summary(corpus: Corpus, baseline: Path,
+                                                              tmp_path: Path) -> None:
+    """Two tasks of an ``srun -n 2`` step as Slurm starts them (its variables, no MASTER_ADDR:
+    no process group): each takes its shards, rank 0 waits for rank 1's markers and prints the
+    one summary; rank 1 prints nothing."""
+    store = tmp_path / "srun"
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(("SLURM_", "MASTER_")) and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    slurm = {"SLURM_NTASKS": "2", "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "4242", "SLURM_NNODES": "1",
+             "SLURM_NODEID": "0", "SLURM_TASKS_PER_NODE": "2", "OMP_NUM_THREADS": "1"}
+    cmd = [script("freezeframe"), *cli_args(corpus.manifest, store, progress=True)]
+    procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**base, **slurm, "SLURM_PROCID": str(k), "SLURM_LOCALID": str(k)})
+             for k in (1, 0)]
+    (out1, err1), (out0, err0) = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], err0[-2000:] + err1[-2000:]
+    markers = read_markers(store)
+    assert {m["stats"]["job"] for m in markers.values()} == {"slurm-4242.0"}
+    assert sorted(m["stats"]["rank"] for m in markers.values()) == [0, 0, 0, 1, 1, 1]
+    assert out1 == "" and err1 == ""  # rank 1: errors only
+    assert out0.count("extraction summary") == 1 and "job of 2 ranks" in out0
+    m = re.search(r"│ videos done now[^│]*│\s*(\d+)\s*│", out0)
+    assert m and int(m.group(1)) == 12
+    m = re.search(r"│ ranks[^│]*│\s*([^│]+?)\s*│", out0)
+    assert m and m.group(1) == "2 (slurm); shards per rank: 3, 3"
+    assert verify_store(store) == []
+    assert_same_store(store, baseline)
+
+
 # ------------------------------------------------------------------------------ bad input
 def test_bad_inputs_become_failures_with_their_stage_then_retry(tmp_path: Path) -> None:
     good = make_corpus(tmp_path / "good", 4, seed=20).rows
