@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from extract.config import ExtractConfig, resolve_extract_config
-from extract.plan import plan_extraction
+from extract.plan import Rate, device_hours, estimate_plan, measured_rate, plan_extraction, plan_shape
 from extract.runner import ExtractSummary, job_rank, run_extract
 from freezeframe.cli.common import config_option, console, flag_overrides, new_app, out
 from freezeframe.cli.store import print_failures
@@ -54,7 +54,8 @@ def _human_bytes(n: float) -> str:
 
 @app.command()
 def plan(
-    manifest: Path = typer.Option(..., help="JSONL manifest."),
+    manifest: Optional[Path] = typer.Option(None, help="JSONL manifest (or --videos/--seconds, or a --dataset "
+                                            "whose manifest exists)."),
     dataset: Optional[str] = _DATASET,
     config: Optional[Path] = _CONFIG,
     backbone: Optional[str] = _opt("backbone", "Backbone name (extract.backbones.BACKBONES)."),
@@ -64,24 +65,59 @@ def plan(
     spatial_pool: Optional[int] = _opt("spatial_pool", "Pool the grid to k x k at extraction."),
     channel_pool: Optional[int] = _opt("channel_pool", "Pool channels down to c at extraction."),
     videos_per_shard: Optional[int] = _opt("videos_per_shard", "Videos per store shard."),
+    videos: Optional[int] = typer.Option(None, help="Estimate without a manifest: this many videos "
+                                         "(with --seconds; e.g. Kinetics-400 train: 240000)."),
+    seconds: Optional[float] = typer.Option(None, help="Estimate: seconds per video (Kinetics-400: 10)."),
+    native_fps: float = typer.Option(30.0, help="Frame rate of the videos where it is not read from a header "
+                                     "(estimates, manifest segments) and --fps keeps every frame."),
+    frames_per_s: Optional[float] = typer.Option(None, "--frames-per-s", help="Frames/s of one device (GPU) "
+                                                 "for the hours (default: the rate measured for this backbone, "
+                                                 "docs/benchmarks.md)."),
+    gpus: list[int] = typer.Option([1, 8, 64], "--gpus", help="Device counts to show hours for (repeatable)."),
     set_: list[str] = _SET,
 ) -> None:
-    """Dry run: frames, bytes and shards an extraction would produce (headers only, no decoding)."""
+    """Dry run: frames, bytes per dtype, shards and device-hours an extraction would take (headers
+    only, no decoding; or an estimate from --videos and --seconds with no videos at hand)."""
+    estimate = videos is not None or seconds is not None
+    if estimate and manifest is not None:
+        raise FreezeframeError("give either --manifest or --videos/--seconds, not both")
+    if estimate and (videos is None or seconds is None):
+        raise FreezeframeError("an estimate needs both --videos N and --seconds S (per video)")
     cfg = resolve_extract_config(dataset, config, flag_overrides(
         manifest=manifest, backbone=backbone, image_size=image_size, fps=fps, dtype=dtype,
         spatial_pool=spatial_pool, channel_pool=channel_pool, videos_per_shard=videos_per_shard) + list(set_))
-    p = plan_extraction(cfg)
-    t = Table(title=f"plan for {escape(str(cfg.manifest))}")
+    if estimate:
+        p = estimate_plan(cfg, plan_shape(cfg), int(videos or 0), float(seconds or 0.0), native_fps)
+        what = f"{videos:,} videos x {seconds:g} s"
+    else:
+        if not cfg.manifest:
+            raise FreezeframeError("give --manifest (or --videos N --seconds S for an estimate without videos)")
+        p = plan_extraction(cfg, native_fps)
+        what = str(cfg.manifest)
+    rate = Rate(frames_per_s, "given (--frames-per-s)") if frames_per_s else measured_rate(cfg.backbone)
+    t = Table(title=escape(f"plan for {what}: {cfg.backbone}, fps {cfg.fps or 'every frame'}"))
     t.add_column("quantity")
     t.add_column("value", justify="right")
-    t.add_row("videos", str(p.videos))
-    t.add_row("store shards", str(p.shards))
-    t.add_row("hours of video", f"{p.seconds_of_video / 3600:.2f}")
-    t.add_row("frames (estimate)", f"{p.frames:,}")
+    t.add_row("videos", f"{p.videos:,}")
+    t.add_row("store shards", f"{p.shards:,}")
+    t.add_row("hours of video", f"{p.seconds_of_video / 3600:,.2f}")
+    how = {"estimate": f"estimate at {cfg.fps or native_fps:g} fps", "headers": "estimate"}.get(
+        p.source, f"estimate; {p.from_segments} from manifest segments")
+    t.add_row(f"frames ({how})", f"{p.frames:,}")
     t.add_row("feature grid (H, W, C)", str(p.feature_shape))
     t.add_row(f"bytes per frame ({cfg.dtype}, uncompressed)", f"{p.bytes_per_frame:,}")
     t.add_row("store size (uncompressed)", _human_bytes(p.bytes))
-    t.add_row("unreadable headers", str(len(p.unreadable)))
+    for dt in ("float16", "int8"):
+        if dt != cfg.dtype:
+            t.add_row(f"store size as {dt} (uncompressed)", _human_bytes(p.bytes_as(dt)))
+    if rate is None:
+        t.add_row("device-hours", f"no rate measured for {cfg.backbone}: pass --frames-per-s")
+    else:
+        t.add_row("frames/s per device", f"{rate.frames_per_s:,.1f} ({rate.source})")
+        for n in gpus:
+            t.add_row(f"hours on {n} device(s)", f"{device_hours(p.frames, rate.frames_per_s, n):,.1f}")
+    if not estimate:
+        t.add_row("unreadable headers", str(len(p.unreadable)))
     out.print(t)
     for vid, why in p.unreadable[:20]:
         out.print(f"[yellow]unreadable[/] {escape(vid)}: {escape(why)}")
