@@ -75,11 +75,16 @@ def discover_rank(env: Mapping[str, str] | None = None) -> RankInfo:
     return RankInfo()
 
 
-def local_cores(rank: RankInfo | None = None) -> int:
+def local_cores(rank: RankInfo | None = None, env: Mapping[str, str] | None = None) -> int:
     """CPU cores this process may use: its affinity mask (a Slurm or container cpuset, not
-    the whole machine) shared evenly among the ranks of this node."""
+    the whole machine) shared evenly among the ranks of this node; not shared when Slurm
+    bound this task to its own cores (``--cpus-per-task C``, a mask of at most C cores)."""
+    env = os.environ if env is None else env
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    rank = rank or discover_rank()
+    rank = rank or discover_rank(env)
+    per_task = _int(env, "SLURM_CPUS_PER_TASK", 0)
+    if rank.launcher == "slurm" and 0 < cores <= per_task:
+        return cores
     return max(1, cores // max(1, rank.local_world))
 
 

@@ -61,3 +61,20 @@ def test_job_id_and_process_group_without_a_rendezvous(monkeypatch: pytest.Monke
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     assert join_process_group(slurm) is False
     assert join_process_group(RankInfo()) is False
+
+
+def test_cores_of_a_rank() -> None:
+    import os
+
+    from pipeline.dist import local_cores
+
+    mask = len(os.sched_getaffinity(0))
+    four = {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"}
+    assert local_cores(env={}) == mask
+    assert local_cores(env=four) == max(1, mask // 4)  # torchrun: the node's cores shared by its ranks
+    srun = {**SRUN, "SLURM_TASKS_PER_NODE": "4"}
+    # srun binding each task to its --cpus-per-task cores: the mask is this task's alone
+    assert local_cores(env={**srun, "SLURM_CPUS_PER_TASK": str(mask)}) == mask
+    # no binding (the mask is the node's, larger than a task's share): shared among the 4 tasks
+    if mask > 1:
+        assert local_cores(env={**srun, "SLURM_CPUS_PER_TASK": str(mask - 1)}) == max(1, mask // 4)
