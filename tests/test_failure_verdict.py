@@ -7,12 +7,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner, Result
 
 from pipeline.manifest import ManifestRow, write_manifest
-from pipeline.store import check_store, failure_verdict, job_totals, read_markers, store_status, wait_for_shards
-from pipeline.store.layout import file_lock, lock_path
+from pipeline.store import check_store, failure_verdict, store_status
 from tests.videos import make_h264_video, make_non_video, make_truncated_video, pattern_frames
 
 FLAGS = ["--random-weights", "--image-size", "64", "--videos-per-shard", "2", "--batch-size", "8",
@@ -77,33 +75,3 @@ def test_threshold_on_a_store_with_some_failures(tmp_path: Path) -> None:
     assert failure_verdict(1, 3, [("decode: X", 1)], 0.25) is None
     assert failure_verdict(1, 3, [("decode: X", 1)], 0.2).startswith("1 of 4 videos failed (25.0% > 20% allowed)")
     assert failure_verdict(2, 0, [("open: Y", 2)], 1.0).startswith("all 2 videos failed: 2 x open: Y")
-
-
-def test_job_totals_and_the_wait_for_other_ranks(tmp_path: Path) -> None:
-    rows = [ManifestRow(f"v{i}", str(make_h264_video(tmp_path / f"v{i}.mp4", pattern_frames(10, 48, 64, seed=i),
-                                                     10, gop=5))) for i in range(2)]
-    rows.append(ManifestRow("text", str(make_non_video(tmp_path / "text.mp4"))))
-    store, r = extract(tmp_path, rows)
-    assert r.exit_code == 0, r.output
-    markers = read_markers(store)
-    (job,) = {m["stats"]["job"] for m in markers.values()}
-    t = job_totals(store, job)
-    assert t.shards == ["00000", "00001"] and t.shards_by_rank == {0: 2}
-    assert (t.videos, t.frames, len(t.failures)) == (2, store_status(store).frames_stored, 1)
-    assert t.failure_reasons == [("open: DecodeError", 1)] and t.frames_per_s > 0
-    assert job_totals(store, "another job").shards == []
-    # complete shards: no wait; a missing one nobody writes: given up after the idle time
-    assert wait_for_shards(store, ["00000", "00001"], poll_s=0.01, idle_s=0.05) == []
-    assert wait_for_shards(store, ["00000", "00002"], poll_s=0.01, idle_s=0.05) == ["00002"]
-    # while a writer holds its lock the wait goes on (fake clock: 3 polls of 10 s, idle limit 15 s)
-    now = [0.0]
-
-    def sleep(s: float) -> None:
-        now[0] += s
-        if now[0] >= 30:
-            raise TimeoutError("still waiting")
-
-    with file_lock(lock_path(store, "00002")) as held:
-        assert held
-        with pytest.raises(TimeoutError):
-            wait_for_shards(store, ["00002"], poll_s=10, idle_s=15, clock=lambda: now[0], sleep=sleep)
