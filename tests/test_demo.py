@@ -17,7 +17,7 @@ def test_demo_training_gives_equal_weights_with_pinned_threads(tmp_path: Path) -
     """Two demo trainings of the same run (the synth-motion config, 4x4x1280 features) end with
     ``torch.equal`` weights and equal test logits, and run on ``train_threads`` threads whatever
     the caller's count (a different count gives different float reductions in the backward)."""
-    from freezeframe.demo import DemoConfig, DemoRun, _train_run
+    from freezeframe.demo.advise import DemoConfig, DemoRun, _train_run
 
     store = write_synthetic_store(tmp_path / "s.zarr", splits={"train": 16, "test": 4}, num_classes=4,
                                   lengths=(16, 24), grid=(4, 4), channels=1280)
@@ -38,37 +38,46 @@ def test_demo_training_gives_equal_weights_with_pinned_threads(tmp_path: Path) -
 
 
 @pytest.mark.slow
-
-
 @pytest.mark.skipif(mobilenet_checkpoint() is None, reason="MobileNetV2 weights not cached: run `make weights`")
 def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path: Path) -> None:
-    from freezeframe.demo import QUICK, run_demo
+    from freezeframe.demo import run_demo
+    from freezeframe.demo.advise import QUICK
     from pipeline.store import open_store, verify_store
 
-    report = run_demo(tmp_path / "demo", quick=True)
+    report = run_demo(tmp_path / "demo", quick=True, only=["advise"])
     text = report.read_text()
+    adv = tmp_path / "demo" / "advise"
     for task in ("motion", "appearance"):
-        store = tmp_path / "demo" / "stores" / f"{task}.zarr"
+        store = adv / "stores" / f"{task}.zarr"
         assert verify_store(store) == []
         s = open_store(store)
         assert s.attrs["content"]["backbone"] == "mobilenetv2-imagenet"
         assert s.attrs["content"]["weights_sha256"]  # the real checkpoint, not random weights
         assert len(s) == 4 * (QUICK.synth.train_per_class + QUICK.synth.test_per_class)
-        assert (tmp_path / "demo" / f"comparison-{task}.png").stat().st_size > 2000
+        assert (adv / f"comparison-{task}.png").stat().st_size > 2000
         for run in QUICK.runs:
-            assert (tmp_path / "demo" / "runs" / task / run.name / "summary.json").exists()
+            assert (adv / "runs" / task / run.name / "summary.json").exists()
     for run in QUICK.runs:
         if run.task == "finetune":
             assert f"| {run.name} |" in text
-    assert "chance" in text
+    assert "chance" in text and "## Timings" in text and "](advise/comparison-motion.png)" in text
     # rerunning is cheap: every step is found complete
-    assert run_demo(tmp_path / "demo", quick=True) == report
+    assert run_demo(tmp_path / "demo", quick=True, only=["advise"]) == report
+
+
+def test_demo_refuses_an_unknown_section(tmp_path: Path) -> None:
+    from freezeframe.demo import run_demo
+    from pipeline.errors import FreezeframeError
+
+    with pytest.raises(FreezeframeError, match="unknown demo section"):
+        run_demo(tmp_path, only=["nope"])
+    assert not (tmp_path / "report.md").exists()
 
 
 def test_report_statistics_pair_videos_and_check_the_claim() -> None:
     """The demo's report states per-seed Wilson intervals, exact McNemar tests on the same test
     videos, and whether kt = 3 beats average pooling by >= 40 points with disjoint intervals."""
-    from freezeframe.demo import ArmResult, _claim, _comparisons
+    from freezeframe.demo.advise import ArmResult, _claim, _comparisons
     from train.metrics import EvalResult
 
     targets = [i % 4 for i in range(96)]

@@ -1,4 +1,4 @@
-"""``make demo``: the whole method end to end on the embedded synthetic benchmark.
+"""The demo's AdViSe section: TMM vs average pooling on the embedded synthetic benchmark.
 
 Steps (each skipped when its output is already complete, so a rerun is cheap):
 
@@ -44,6 +44,8 @@ from train.metrics import EvalResult
 from train.plots import plot_comparison
 from train.report import compare_runs, comparison_rows
 from train.significance import paired_outcomes, wilson_interval
+
+from freezeframe.demo.section import SECTIONS, DemoContext, SectionResult
 
 
 @dataclass(frozen=True)
@@ -117,24 +119,23 @@ def _run_name(run_name: str, seed: int, cfg: DemoConfig) -> str:
     return run_name if seed == cfg.seed else f"{run_name}-s{seed}"
 
 
-def run_demo(out: Path, *, quick: bool = False, console: Console | None = None,
-             cfg: DemoConfig | None = None) -> Path:
-    """Run the demo into ``out``; returns the path of the Markdown report."""
-    con = console or Console(stderr=True)
-    cfg = cfg or (QUICK if quick else DemoConfig())
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+@SECTIONS.register("advise")
+def advise_section(ctx: DemoContext, cfg: DemoConfig | None = None) -> SectionResult:
+    """Run the AdViSe comparison into ``ctx.out/advise``; returns its part of the report."""
+    con = ctx.console
+    cfg = cfg or (QUICK if ctx.quick else DemoConfig())
+    out = ctx.section_dir("advise")
     timings: dict[str, float] = {}
     tasks = list(dict.fromkeys(t for r in cfg.runs for t in r.tasks if t in cfg.synth.tasks))
 
     t0 = time.monotonic()
-    con.rule("1/4 weights")
+    con.rule("advise 1/4: weights")
     fetch_mobilenet()
-    con.rule("2/4 synthetic benchmark")
+    con.rule("advise 2/4: synthetic benchmark")
     manifests = {t: write_synthetic(out / "data" / t, _task_synth(cfg, t))[t] for t in tasks}
     timings["weights + synth"] = time.monotonic() - t0
 
-    con.rule("3/4 stage 1: feature extraction (real ImageNet MobileNetV2)")
+    con.rule("advise 3/4: stage 1, feature extraction (real ImageNet MobileNetV2)")
     t0 = time.monotonic()
     stores: dict[str, Path] = {}
     for task, manifest in manifests.items():
@@ -148,7 +149,7 @@ def run_demo(out: Path, *, quick: bool = False, console: Console | None = None,
         stores[task] = store
     timings["extract"] = time.monotonic() - t0
 
-    con.rule("4/4 stage 2: PRP pretraining, fine-tuning, 10-view evaluation")
+    con.rule("advise 4/4: stage 2, PRP pretraining, fine-tuning, 10-view evaluation")
     t0 = time.monotonic()
     run_dirs: dict[str, dict[str, list[Path]]] = {}  # task -> run name -> one dir per seed
     for task, store in stores.items():
@@ -161,10 +162,9 @@ def run_demo(out: Path, *, quick: bool = False, console: Console | None = None,
                 if run.task == "finetune":
                     run_dirs[task].setdefault(run.name, []).append(rd)
     timings["train + evaluate"] = time.monotonic() - t0
-
-    report = _write_report(out, run_dirs, cfg, timings, con)
-    con.print(f"[bold green]demo done[/]: report {report}")
-    return report
+    markdown, claim = _report(ctx.out, out, run_dirs, cfg)
+    return SectionResult("AdViSe: TMM vs average pooling on cached MobileNetV2 features", markdown,
+                         seconds=timings, claim=claim)
 
 
 def _train_run(run: DemoRun, task: str, store: Path, runs_root: Path, cfg: DemoConfig, con: Console,
@@ -260,22 +260,23 @@ def _claim(arms: dict[str, ArmResult]) -> str | None:
             f"intervals, on every seed: **{verdict}**.")
 
 
-def _write_report(out: Path, run_dirs: dict[str, dict[str, list[Path]]], cfg: DemoConfig,
-                  timings: dict[str, float], con: Console) -> Path:
+def _report(root: Path, out: Path, run_dirs: dict[str, dict[str, list[Path]]], cfg: DemoConfig
+            ) -> tuple[str, tuple[str, bool] | None]:
+    """The section's Markdown (links relative to ``root``) and its claim (text, held)."""
     arms = {task: _arms(dirs) for task, dirs in run_dirs.items()}
-    table = Table(title="freezeframe demo: 10-view test top-1 (%) on the synthetic benchmark")
+    table = Table(title="AdViSe: 10-view test top-1 (%) on the synthetic benchmark")
     for col in ("task", "run", "seeds", "mean +/- SD", "per seed [Wilson 95 %]", "test videos"):
         table.add_column(col, justify="left" if col in ("task", "run") else "right")
     sections = [
-        "# freezeframe demo report\n",
         "Frozen ImageNet MobileNetV2 (real weights) features of every frame, cached once in a zarr v3 "
         "store; AdViSe's TMM and head trained on the cache. 10 test clips per video, logits averaged. "
         "Motion test videos show scenes no training video shows. Top-5 is not reported (4 classes).\n",
     ]
+    claim: tuple[str, bool] | None = None
     for task, task_arms in arms.items():
         first = next(iter(task_arms.values())).results[0]
         chance = 1.0 / first.num_classes
-        sections += [f"## {task}\n", "| run | seeds | mean +/- SD | per seed [Wilson 95 %] | test videos |",
+        sections += [f"### {task}\n", "| run | seeds | mean +/- SD | per seed [Wilson 95 %] | test videos |",
                      "|---|---:|---:|---|---:|"]
         for name, arm in task_arms.items():
             n = arm.results[0].num_videos
@@ -286,28 +287,25 @@ def _write_report(out: Path, run_dirs: dict[str, dict[str, list[Path]]], cfg: De
         comps = _comparisons(task_arms)
         if comps:
             sections += ["Paired comparisons (same test videos, per seed):\n", *comps, ""]
-        claim = _claim(task_arms) if task == "motion" else None
-        if claim:
-            sections.append(claim + "\n")
+        text = _claim(task_arms) if task == "motion" else None
+        if text:
+            sections.append(text + "\n")
+            claim = (text, "**holds**" in text)
         firsts = [dirs[0] for dirs in run_dirs[task].values()]
         recs = compare_runs(firsts)
         png = plot_comparison(comparison_rows(recs), out / f"comparison-{task}.png",
                               title=f"{task}: 10-view test top-1 (seed {cfg.seed})", chance=chance)
-        sections.append(f"![{task}]({png.relative_to(out)})\n")
+        sections.append(f"![{task}]({png.relative_to(root)})\n")
         for d in firsts:
             for img in ("curves.png", "confusion.png"):
                 p = d / img
                 if p.exists():
-                    sections.append(f"![{d.name} {img}]({p.relative_to(out)})")
+                    sections.append(f"![{d.name} {img}]({p.relative_to(root)})")
         sections.append("")
     Console().print(table)
-    sections.append("## Timings\n")
-    sections += [f"- {k}: {v:.0f} s" for k, v in timings.items()]
-    sections.append(f"\nConfig: `{json.dumps(_cfg_dict(cfg))}`\n")
+    sections.append(f"Config: `{json.dumps(_cfg_dict(cfg))}`\n")
     sections.append("Video clips are synthetic (generated by `freezeframe synth`); no third-party media is used.\n")
-    report = out / "report.md"
-    report.write_text("\n".join(sections))
-    return report
+    return "\n".join(sections), claim
 
 
 def _cfg_dict(cfg: DemoConfig) -> dict[str, Any]:
@@ -316,4 +314,4 @@ def _cfg_dict(cfg: DemoConfig) -> dict[str, Any]:
     return d
 
 
-__all__ = ["COMPARISONS", "DemoConfig", "DemoRun", "QUICK", "run_demo"]
+__all__ = ["COMPARISONS", "DemoConfig", "DemoRun", "QUICK", "advise_section"]
