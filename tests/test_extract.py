@@ -363,12 +363,12 @@ def test_torchrun_two_ranks_and_independent_shard_jobs_match_one_rank(corpus: Co
     launcher = [script("torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
     r = run_cli(cli_args(corpus.manifest, store, progress=True), launcher=launcher)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    # both ranks worked, 3 shards each (k % 2 == rank), as one job (one id in every marker)
+    # the ranks worked as one job (one id in every marker); which rank wrote which shard is
+    # the claiming's business (static k % 2 == rank, or dynamic): the summary reports it
     markers = read_markers(store)
     assert len({m["stats"]["job"] for m in markers.values()}) == 1
-    by_rank = {k: [m for m in markers.values() if m["stats"]["rank"] == k] for k in (0, 1)}
-    assert [sorted(m["shard"] for m in by_rank[k]) for k in (0, 1)] == [["00000", "00002", "00004"],
-                                                                      ["00001", "00003", "00005"]]
+    per_rank = [sum(m["stats"]["rank"] == k for m in markers.values()) for k in (0, 1)]
+    assert sum(per_rank) == 6
     # ONE summary (rank 0's) whose totals are the sum of both ranks' markers
     assert r.stdout.count("extraction summary") == 1 and "job of 2 ranks" in r.stdout
 
@@ -378,14 +378,15 @@ def test_torchrun_two_ranks_and_independent_shard_jobs_match_one_rank(corpus: Co
         return m.group(1)
 
     assert cell("shards done now / skipped") == "6 / 0"
-    assert cell("ranks") == "2 (torchrun); shards per rank: 3, 3"
+    assert cell("ranks") == f"2 (torchrun); shards per rank: {per_rank[0]}, {per_rank[1]}"
     assert int(cell("videos done now")) == sum(len(m["videos"]) for m in markers.values()) == 12
     assert int(cell("frames done now").replace(",", "")) == sum(m["num_frames"] for m in markers.values()) \
         == store_status(store).frames_stored
     assert cell("failures now") == "0" and float(cell("frames/s (all ranks")) > 0
     # rank 0 shows the job's bar and logs its shards; rank 1 prints nothing (no --verbose)
     assert "job of 2 ranks" in r.stderr and "rank 1/2" not in r.stderr and "\x1b[" not in r.stderr
-    assert "shard 00000:" in r.stderr and "shard 00001:" not in r.stderr
+    logged = set(re.findall(r"shard (\d{5}): \d+ videos", r.stderr))
+    assert logged == {m["shard"] for m in markers.values() if m["stats"]["rank"] == 0}
     assert verify_store(store) == []
     assert_same_store(store, baseline)
 
@@ -419,13 +420,14 @@ def test_srun_tasks_without_a_process_group_print_one_summary(corpus: Corpus, ba
     assert [p.returncode for p in procs] == [0, 0], err0[-2000:] + err1[-2000:]
     markers = read_markers(store)
     assert {m["stats"]["job"] for m in markers.values()} == {"slurm-4242.0"}
-    assert sorted(m["stats"]["rank"] for m in markers.values()) == [0, 0, 0, 1, 1, 1]
+    per_rank = [sum(m["stats"]["rank"] == k for m in markers.values()) for k in (0, 1)]
+    assert sum(per_rank) == 6
     assert out1 == "" and err1 == ""  # rank 1: errors only
     assert out0.count("extraction summary") == 1 and "job of 2 ranks" in out0
     m = re.search(r"│ videos done now[^│]*│\s*(\d+)\s*│", out0)
     assert m and int(m.group(1)) == 12
     m = re.search(r"│ ranks[^│]*│\s*([^│]+?)\s*│", out0)
-    assert m and m.group(1) == "2 (slurm); shards per rank: 3, 3"
+    assert m and m.group(1) == f"2 (slurm); shards per rank: {per_rank[0]}, {per_rank[1]}"
     assert verify_store(store) == []
     assert_same_store(store, baseline)
 
