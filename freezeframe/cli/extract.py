@@ -44,6 +44,16 @@ def _opt(key: str, help: str, *decls: str):
     return config_option(ExtractConfig, key, help, *decls)
 
 
+def _store_bytes(n: float) -> str:
+    """Binary units, plus decimal terabytes from 1 GB on (disks and budgets are sold in TB)."""
+    return _human_bytes(n) + (f" ({n / 1e12:.2f} TB)" if n >= 1e9 else "")
+
+
+def _rate(x: float) -> str:
+    """Three significant digits below 100 frames/s (a CPU's 0.0746), thousands separated above."""
+    return f"{x:.3g}" if x < 100 else f"{x:,.0f}"
+
+
 def _human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -106,14 +116,14 @@ def plan(
     t.add_row(f"frames ({how})", f"{p.frames:,}")
     t.add_row("feature grid (H, W, C)", str(p.feature_shape))
     t.add_row(f"bytes per frame ({cfg.dtype}, uncompressed)", f"{p.bytes_per_frame:,}")
-    t.add_row("store size (uncompressed)", _human_bytes(p.bytes))
+    t.add_row("store size (uncompressed)", _store_bytes(p.bytes))
     for dt in ("float16", "int8"):
         if dt != cfg.dtype:
-            t.add_row(f"store size as {dt} (uncompressed)", _human_bytes(p.bytes_as(dt)))
+            t.add_row(f"store size as {dt} (uncompressed)", _store_bytes(p.bytes_as(dt)))
     if rate is None:
         t.add_row("device-hours", f"no rate measured for {cfg.backbone}: pass --frames-per-s")
     else:
-        t.add_row("frames/s per device", f"{rate.frames_per_s:,.1f} ({rate.source})")
+        t.add_row("frames/s per device", f"{_rate(rate.frames_per_s)} ({rate.source})")
         for n in gpus:
             t.add_row(f"hours on {n} device(s)", f"{device_hours(p.frames, rate.frames_per_s, n):,.1f}")
     if not estimate:
