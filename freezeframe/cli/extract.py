@@ -5,12 +5,10 @@ library function (:func:`extract.plan.plan_extraction`, :func:`extract.runner.ru
 and renders the result. Imported only when one of its commands runs (it brings torch)."""
 from __future__ import annotations
 
-import datetime
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
-import torch.distributed as dist
 
 import typer
 from rich.markup import escape
@@ -18,19 +16,12 @@ from rich.table import Table
 
 from extract.config import ExtractConfig, resolve_extract_config
 from extract.plan import Rate, device_hours, estimate_plan, measured_rate, plan_extraction, plan_shape
-from extract.runner import ExtractSummary, job_rank, run_extract
+from extract.job import run_job
+from extract.runner import ExtractSummary
 from freezeframe.cli.common import config_option, console, flag_overrides, new_app, out
 from freezeframe.cli.store import print_failures
-from pipeline.dist import job_id, join_process_group
 from pipeline.errors import FreezeframeError
-from pipeline.store import (
-    failure_reasons,
-    failure_verdict,
-    job_totals,
-    scan_markers,
-    store_status,
-    wait_for_shards,
-)
+from pipeline.store import failure_reasons, failure_verdict, store_status
 
 app = new_app("Stage 1: plan and extract.")
 
@@ -180,21 +171,9 @@ def extract(
         progress=False if no_progress else None, verbose=True if verbose else None) + list(set_))
     if not cfg.manifest or not cfg.store:
         raise FreezeframeError("give --manifest and --store (or a --dataset/--config that sets them)")
-    rank = job_rank(cfg)
-    launched = rank.launcher in ("torchrun", "slurm") and rank.world > 1  # one job of several ranks
-    grouped = launched and join_process_group(rank, "gloo", timeout=JOB_TIMEOUT)
-    try:
-        job = job_id(rank)
-        s = run_extract(cfg, console, job=job)
-        missing: list[str] = []
-        if grouped:
-            dist.barrier()  # every rank's markers are written
-        elif launched and rank.is_main:
-            missing = wait_for_shards(cfg.store, s.job_shards)
-    finally:
-        if grouped:
-            dist.destroy_process_group()
-    if launched and not rank.is_main:
+    r = run_job(cfg, console)
+    s, rank = r.summary, r.rank
+    if r.several and not rank.is_main:
         if cfg.verbose:
             _print_summary(f"rank {rank.rank} of {rank.world}: {cfg.store}", _rank_rows(s), [], [])
         return
@@ -202,13 +181,11 @@ def extract(
     store_rows = [("store: videos stored / planned", f"{st.videos_stored} / {st.planned_videos}"),
                   ("store: shards complete / planned", f"{st.complete_shards} / {st.planned_shards}"),
                   ("store: failed videos", str(st.failures))]
-    if launched:
-        t = job_totals(cfg.store, job)
-        complete = set(scan_markers(cfg.store)[0])
-        skipped = len(complete & set(s.job_shards)) - len(t.shards)
+    if r.totals is not None:
+        t = r.totals
         rows = [("ranks", f"{rank.world} ({rank.launcher}); shards per rank: "
-                          + ", ".join(f"{t.shards_by_rank.get(r, 0)}" for r in range(rank.world))),
-                ("shards done now / skipped (already complete)", f"{len(t.shards)} / {skipped}"),
+                          + ", ".join(str(t.shards_by_rank.get(k, 0)) for k in range(rank.world))),
+                ("shards done now / skipped (already complete)", f"{len(t.shards)} / {r.skipped}"),
                 ("videos done now", str(t.videos)), ("frames done now", f"{t.frames:,}"),
                 ("frames/s (all ranks: first start to last end)", f"{t.frames_per_s:.1f}"),
                 ("failures now", str(len(t.failures)))]
@@ -223,7 +200,8 @@ def extract(
         title = f"extraction summary: {cfg.store}"
     rows += [(f"failed: {why}", str(n)) for why, n in reasons[:5]]
     _print_summary(title, rows + store_rows, failures, s.shards_busy)
-    if missing:
+    if r.missing:
+        missing = r.missing
         out.print(f"[bold red]{len(missing)} shard(s) of this job are not complete[/] and nobody has been writing "
                   f"them for 2 min ({', '.join(missing[:5])}{'...' if len(missing) > 5 else ''}): a rank died or "
                   "never started; rerun the same command to finish them")
@@ -232,13 +210,8 @@ def extract(
     if verdict:
         out.print(f"[bold red]error[/]: {escape(verdict)}")
         raise typer.Exit(1)
-    if missing:
+    if r.missing:
         raise typer.Exit(1)
-
-
-#: how long a rank waits at the end for the others (gloo's default, 30 min, is shorter than the
-#: imbalance between ranks of a long static-shard job)
-JOB_TIMEOUT = datetime.timedelta(days=7)
 
 
 def _rank_rows(s: ExtractSummary) -> list[tuple[str, str]]:
