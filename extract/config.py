@@ -18,6 +18,7 @@ from manifests import dataset_config as dataset_file
 from pipeline.config import load_toml, resolve, runtime
 from pipeline.errors import ConfigError
 from pipeline.registry import Registry
+from pipeline.paths import root_keys
 from pipeline.store import CODECS, STORAGE_DTYPES
 
 
@@ -68,6 +69,12 @@ class ExtractConfig:
     shard_index: int | None = runtime(None)  # this job's index among independent jobs (Slurm array)
     num_shards: int | None = runtime(None)  # number of independent jobs
     retry_failed: bool = runtime(False)  # only retry videos recorded as failures
+    # fsspec options of a remote store (s3fs: endpoint_url, key, secret, anon, ...); the
+    # environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) fills in the rest; never recorded
+    storage_options: dict[str, Any] = runtime(default_factory=dict)
+    # seconds a remote shard claim lasts without a heartbeat before another rank takes the
+    # shard over (docs/storage.md); local stores use flock, which needs none
+    lease_seconds: float = runtime(60.0)
     progress: bool = runtime(True)
     verbose: bool = runtime(False)  # ranks other than 0 also log and show their own progress bar
 
@@ -114,7 +121,7 @@ class ExtractConfig:
         if isinstance(self.pea_ratio, bool) or not isinstance(self.pea_ratio, (int, float)) or not self.pea_ratio >= 0:
             out.append(f"pea_ratio: must be a number >= 0 (10 in Co-Settle's recipe), got {self.pea_ratio!r}")
         positive = [("fps", self.fps, " or unset (null: every native frame)"),
-                    ("decode_timeout", self.decode_timeout, None),
+                    ("decode_timeout", self.decode_timeout, None), ("lease_seconds", self.lease_seconds, None),
                     ("max_gap", self.max_gap, " or unset (null: no limit)")]
         for key, value, unset in positive:
             if value is None and unset is not None:
@@ -124,9 +131,14 @@ class ExtractConfig:
         return out
 
 
+#: ExtractConfig fields that hold paths (rooted when they come from a shipped dataset file)
+PATH_KEYS = ("manifest", "store")
+
+
 def dataset_config(name: str) -> dict:
-    """The ``[extract]`` table of ``manifests/configs/<name>.toml`` (the dataset's defaults)."""
-    return dict(dataset_file(name).get("extract", {}))
+    """The ``[extract]`` table of ``manifests/configs/<name>.toml`` (the dataset's defaults), its
+    relative paths under the data root (:func:`pipeline.paths.data_root`), not the current directory."""
+    return root_keys(dataset_file(name).get("extract", {}), PATH_KEYS)
 
 
 def resolve_extract_config(dataset: str | None = None, config_file: str | Path | None = None,

@@ -1,18 +1,22 @@
 """Stage 1 scheduling: manifest -> store shards -> decode workers -> :mod:`extract.encode` -> zarr.
 
 The unit of work is a store shard (``videos_per_shard`` consecutive manifest rows) with
-exactly one writer. A process takes the shards ``k`` with ``k % world == rank`` where
-(rank, world) come from ``--shard-index/--num-shards`` (independent jobs, e.g. a Slurm
-array) or from the launcher (torchrun, srun: :func:`pipeline.dist.discover_rank`). Completed shards (marker present) are
-skipped, incomplete ones are deleted and redone, so rerunning the same command resumes. A
-shard is only touched under its lock (:func:`pipeline.store.shard_lock`): a second run
-started on the same store by mistake skips the shards the first is writing.
+exactly one writer, who holds the shard's claim (:func:`pipeline.store.shard_claim`: a
+``flock`` on a local store, a lease on a remote one, docs/storage.md). Ranks of one job
+(torchrun, srun: :func:`pipeline.dist.discover_rank`) claim shards *dynamically*: each walks
+its own shards (``k % world == rank``) first, then the others' from the end of the list, and
+takes every shard that is neither complete nor claimed, so ranks that finish early take
+more work; on a remote store a shard whose lease runs out (a dead rank) is taken over.
+Independent jobs (``--shard-index/--num-shards``, e.g. a Slurm array whose tasks may not run at
+the same time) do exactly their own shards. Completed shards (marker present) are skipped,
+incomplete ones are deleted and redone, so rerunning the same command resumes; a second run
+started on the same local store by mistake skips the shards the first is writing.
 """
 from __future__ import annotations
 
-import json
 import threading
 import time
+from collections import deque
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,15 +46,17 @@ from pipeline.provenance import environment
 from pipeline.store import (
     Failure,
     FeatureStore,
+    LeaseLost,
     ShardWriter,
+    StoreFS,
     create_once,
     init_store,
     job_totals,
-    lock_path,
-    marker_path,
+    marker_key,
     read_markers,
-    shard_lock,
+    shard_claim,
     shard_name,
+    store_fs,
 )
 
 
@@ -76,6 +82,16 @@ def plan_shards(rows: Sequence[ManifestRow], videos_per_shard: int) -> list[list
     """Store shard k holds rows [k*V, (k+1)*V) in manifest order."""
     v = max(1, videos_per_shard)
     return [list(rows[i : i + v]) for i in range(0, len(rows), v)]
+
+
+def claim_order(num_shards: int, rank: RankInfo) -> list[int]:
+    """The shard indices this process tries, in order: its own (``k % world == rank``) first,
+    then, for ranks of one job (not ``--shard-index`` jobs), the other ranks' shards from the
+    end of the list (where their owners get last, so stealing rarely collides with them)."""
+    own = [k for k in range(num_shards) if k % rank.world == rank.rank]
+    if rank.launcher == "shard-index":
+        return own
+    return own + [k for k in reversed(range(num_shards)) if k % rank.world != rank.rank]
 
 
 def decode_workers(cfg: ExtractConfig) -> int:
@@ -115,7 +131,8 @@ def store_header(cfg: ExtractConfig, backbone: Backbone, rows: Sequence[Manifest
     return {
         "content": content,
         "content_hash": config_hash(content),
-        "config": to_dict(cfg),
+        # storage options may hold credentials: only their names are recorded
+        "config": {**to_dict(cfg), "storage_options": sorted(cfg.storage_options)},
         "backbone": backbone.describe(),
         "manifest_path": str(Path(cfg.manifest).resolve()),
         "environment": environment(),
@@ -156,7 +173,7 @@ class ExtractSummary:
         return self.frames_done / busy if busy > 0 else 0.0
 
 
-def _job_rows(cfg: ExtractConfig, rows: list[ManifestRow], store_root: Path
+def _job_rows(cfg: ExtractConfig, rows: list[ManifestRow], store_root: StoreFS
               ) -> list[tuple[str, list[ManifestRow]]]:
     """(shard name, rows) to do, in order. Normal runs: every planned shard; with
     ``retry_failed``: the retry shards of :func:`retry_plan` (only recorded failures)."""
@@ -168,7 +185,7 @@ def _job_rows(cfg: ExtractConfig, rows: list[ManifestRow], store_root: Path
     return [(shard_name(k, gen), r) for k, r in enumerate(plan_shards(retry_rows, cfg.videos_per_shard))]
 
 
-def retry_plan(store_root: Path, rows: Sequence[ManifestRow], videos_per_shard: int) -> tuple[int, list[str]]:
+def retry_plan(store_root: StoreFS, rows: Sequence[ManifestRow], videos_per_shard: int) -> tuple[int, list[str]]:
     """The retry generation to work on and its videos (in manifest order).
 
     Every generation's video list is fixed once in ``STORE/retries/retryGG.json`` (created
@@ -177,12 +194,12 @@ def retry_plan(store_root: Path, rows: Sequence[ManifestRow], videos_per_shard: 
     resumed like a normal one. A new generation (the recorded failures that are not stored)
     is planned only once every shard of the latest one is complete.
     """
-    rdir = store_root / "retries"
-    rdir.mkdir(exist_ok=True)
+    store_root.makedirs("retries")
     markers = read_markers(store_root)
-    plans = sorted(rdir.glob("retry[0-9][0-9].json"))
+    plans = [n for n in store_root.list("retries")
+             if len(n) == len("retry00.json") and n.startswith("retry") and n[5:7].isdigit() and n.endswith(".json")]
     if plans:
-        latest = json.loads(plans[-1].read_text())
+        latest = store_root.read_json(f"retries/{plans[-1]}")
         gen, videos = int(latest["generation"]), list(latest["videos"])
         n_shards = -(-len(videos) // max(1, videos_per_shard))
         if any(shard_name(k, gen) not in markers for k in range(n_shards)):
@@ -193,10 +210,10 @@ def retry_plan(store_root: Path, rows: Sequence[ManifestRow], videos_per_shard: 
     videos = [r.video_id for r in rows if r.video_id in failed]
     if not videos:
         return gen + 1, []
-    target = rdir / f"retry{gen + 1:02d}.json"
+    target = f"retries/retry{gen + 1:02d}.json"
     # created once: a job that loses the race uses the winner's plan
-    create_once(target, {"generation": gen + 1, "videos": videos}, indent=1)
-    plan = json.loads(target.read_text())
+    create_once(store_root, target, {"generation": gen + 1, "videos": videos}, indent=1)
+    plan = store_root.read_json(target)
     return int(plan["generation"]), list(plan["videos"])
 
 
@@ -211,6 +228,7 @@ def run_extract(cfg: ExtractConfig, console: object | None = None, *, job: str =
 
     con: Console = console or Console(stderr=True)  # type: ignore[assignment]
     cfg.validate()
+    root = store_fs(cfg.store, cfg.storage_options or None)  # a missing s3fs/gcsfs is refused before any work
     rank = job_rank(cfg)
     device = resolve_device(cfg.device, rank)  # a bad name is refused before the store is touched
     rows = read_manifest(cfg.manifest)
@@ -223,20 +241,20 @@ def run_extract(cfg: ExtractConfig, console: object | None = None, *, job: str =
                         interpolation=cfg.interpolation or backbone.preprocess.interpolation)
     check_pea(backbone, cfg)  # before the store exists
     header = store_header(cfg, backbone, rows, geometry)
-    root = Path(cfg.store)
     init_store(root, header)  # refuses a mismatching store before any work
     shape = feature_shape(backbone, cfg)
 
-    everything = _job_rows(cfg, rows, root)
-    todo = [(name, r) for i, (name, r) in enumerate(everything) if i % rank.world == rank.rank]
+    jobs = _job_rows(cfg, rows, root)
+    own = {k for k in range(len(jobs)) if k % rank.world == rank.rank}
     done = set(read_markers(root))
-    summary = ExtractSummary(store=str(root), job=job, rank=rank, job_shards=[n for n, _ in everything])
-    pending = [(n, r) for n, r in todo if n not in done]
-    summary.shards_skipped = len(todo) - len(pending)
+    summary = ExtractSummary(store=str(root), job=job, rank=rank, job_shards=[n for n, _ in jobs])
     talk = rank.is_main or cfg.verbose  # other ranks: errors only
+    # (name, rows, is one of this rank's own shards), in the order they are tried
+    pending = [(*jobs[k], k in own) for k in claim_order(len(jobs), rank) if jobs[k][0] not in done]
+    summary.shards_skipped = sum(1 for k in own if jobs[k][0] in done)
     if not pending:
         if talk:
-            con.print(f"[green]nothing to do[/]: {len(todo)} shard(s) of rank {rank.rank} already complete in {root}")
+            con.print(f"[green]nothing to do[/]: {len(own)} shard(s) of rank {rank.rank} already complete in {root}")
         return summary
 
     encoder = FeatureEncoder(backbone, device, cfg)
@@ -247,36 +265,57 @@ def run_extract(cfg: ExtractConfig, console: object | None = None, *, job: str =
         torch.set_num_threads(plan.threads_per_stream)
     decode_kwargs = dict(geometry=geometry, fps=cfg.fps, chunk_size=cfg.chunk_size,
                          threads=cfg.decode_threads, min_frames=cfg.min_frames, max_gap=cfg.max_gap)
-    total_videos = sum(len(r) for _, r in pending)
+    total_videos = sum(len(r) for _, r, mine in pending if mine)
     # rank 0 of several shows the job's bar: every rank's videos, the others' read from their markers
     job_bar = rank.world > 1 and rank.is_main and bool(job) and cfg.progress
     if job_bar:
-        total_videos = sum(len(r) for n, r in everything if n not in done)
+        total_videos = sum(len(r) for _, r, _ in pending)
     t0 = summary._t0 = time.monotonic()
     try:
         with DecodePool(workers, decode_kwargs, timeout_s=cfg.decode_timeout) as pool, \
                 ThreadPoolExecutor(plan.streams, thread_name_prefix="ff-stream") as streams, \
                 _progress(cfg.progress and talk, con) as progress, \
                 _rank_task(progress, total_videos, rank, root, job, job_bar) as task:
-            for name, shard_rows in pending:
-                with shard_lock(root, name) as mine:
-                    if not mine or marker_path(root, name).exists():
-                        # another run on this store is writing it (or finished it since we looked)
-                        if mine:
-                            summary.shards_skipped += 1
-                        else:
+            queue = deque(pending)
+            leased: dict[str, tuple[str, list[ManifestRow], bool, float]] = {}  # held by another's lease
+            while queue or leased:
+                if not queue:
+                    # every shard left is under another process's lease: look again when the
+                    # soonest may have run out (a dead holder's shard is then taken over)
+                    soonest = min(e for *_, e in leased.values())
+                    time.sleep(min(max(soonest - time.time() + 0.05, 0.1), cfg.lease_seconds / 4))
+                    queue.extend((n, r, m) for n, r, m, _ in leased.values() if not root.exists(marker_key(n)))
+                    leased.clear()
+                    continue
+                name, shard_rows, mine = queue.popleft()
+                with shard_claim(root, name, lease_s=cfg.lease_seconds) as claim:
+                    if root.exists(marker_key(name)):  # finished by another process since we looked
+                        summary.shards_skipped += int(mine)
+                        progress.update(task, advance=len(shard_rows) if mine else 0)
+                        continue
+                    if not claim.held:
+                        if claim.expires is not None:  # a lease: look again once it may have run out
+                            leased[name] = (name, shard_rows, mine, claim.expires)
+                        elif mine:  # a live local writer (flock): it will finish the shard
                             summary.shards_busy.append(name)
                             if talk:
-                                con.log(f"shard {name}: being written by another process "
-                                        f"({lock_path(root, name).read_text().strip()}); skipped")
-                        progress.update(task, advance=len(shard_rows))
-                        continue
+                                con.log(f"shard {name}: being written by another process ({claim.holder}); skipped")
+                            progress.update(task, advance=len(shard_rows))
+                        continue  # (another rank's shard that its rank is writing: nothing to say)
+                    if not mine and not job_bar:  # (the job's bar counts every shard already)
+                        progress.update(task, total=progress.tasks[0].total + len(shard_rows))
                     sink = BatchingSink(encoder, ShardWriter.create(root, name, feature_shape=shape, dtype=cfg.dtype,
                                                                     codec=cfg.codec, frames_per_file=cfg.frames_per_file,
-                                                                    pea_views=cfg.pea_views),
+                                                                    pea_views=cfg.pea_views, claim=claim),
                                         cfg.batch_size, streams, max_in_flight=plan.streams)
                     try:
                         stats = _extract_shard(name, shard_rows, pool, sink, summary, progress, task)
+                    except LeaseLost as e:  # our heartbeats came too late: the new holder's copy counts
+                        sink.cancel()
+                        summary.shards_busy.append(name)
+                        if talk:
+                            con.log(f"shard {name}: {e}; left to it")
+                        continue
                     except BaseException:
                         sink.cancel()
                         raise
@@ -337,7 +376,7 @@ def _extract_shard(name: str, rows: list[ManifestRow], pool: DecodePool, sink: B
 
 
 @contextmanager
-def _rank_task(progress: Any, total: int, rank: RankInfo, root: Path, job: str, job_bar: bool,
+def _rank_task(progress: Any, total: int, rank: RankInfo, root: StoreFS, job: str, job_bar: bool,
                every_s: float = 2.0) -> Iterator[Any]:
     """This rank's progress task (``rank r/w``). For rank 0 of a job (``job_bar``) it is the
     job's: ``total`` counts every rank's videos and a thread adds what the other ranks finish,

@@ -18,7 +18,7 @@ from extract.backbones import create_backbone
 from extract.decode import Geometry, decode_all
 from pipeline.store import open_store
 from tests.stores import RealStore, SynthStore, make_real_store, write_synthetic_store
-from train.data import ClipConfig, ClipDataset, DataError, PRPDataset
+from train.data import ClipConfig, ClipDataset, DataError, PRPDataset, to_model_dtype
 from train.data import TestViewConfig as ViewConfig
 from train.data import TestViewDataset as ViewDataset
 from train.sampling import PRPConfig, prp_clips, random_clip, test_clips
@@ -235,7 +235,10 @@ def test_prp_item_equals_decoding_and_backbone_on_float16_store(
             ref = backbone_net(backbone_net.prepare(frames[idx.reshape(-1)]))
             shifted = backbone_net(backbone_net.prepare(frames[(idx.reshape(-1) + 1) % length]))
         ref = ref.reshape(*idx.shape, *ref.shape[1:]).numpy().astype(np.float64)
-        assert x.shape == ref.shape == (3, 4, *shape) and x.dtype == torch.float32
+        # the item keeps the storage dtype; the loop casts it on the device (exactly)
+        assert x.shape == ref.shape == (3, 4, *shape) and x.dtype == torch.float16
+        x = to_model_dtype(x)
+        assert x.dtype == torch.float32
         scale = float(np.abs(ref).max())
         assert scale > 0.1
         err = np.abs(x.numpy().astype(np.float64) - ref)

@@ -15,10 +15,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from extract.config import ExtractConfig, resolve_extract_config
-from extract.plan import Rate, device_hours, estimate_plan, measured_rate, plan_extraction, plan_shape
 from extract.job import run_job
+from extract.plan import Rate, device_hours, estimate_plan, measured_rate, plan_extraction, plan_shape
 from extract.runner import ExtractSummary
-from freezeframe.cli.common import config_option, console, flag_overrides, new_app, out
+from freezeframe.cli.common import STORAGE_OPTION, config_option, console, flag_overrides, new_app, out
 from freezeframe.cli.store import print_failures
 from pipeline.errors import FreezeframeError
 from pipeline.store import failure_reasons, failure_verdict, store_status
@@ -55,8 +55,8 @@ def _human_bytes(n: float) -> str:
 
 @app.command()
 def plan(
-    manifest: Optional[Path] = typer.Option(None, help="JSONL manifest (or --videos/--seconds, or a --dataset "
-                                            "whose manifest exists)."),
+    manifest: Optional[Path] = typer.Option(None, help="JSONL manifest (default: the --dataset/--config's; or "
+                                            "--videos/--seconds for an estimate without one).", show_default=False),
     dataset: Optional[str] = _DATASET,
     config: Optional[Path] = _CONFIG,
     backbone: Optional[str] = _opt("backbone", "Backbone name (extract.backbones.BACKBONES)."),
@@ -127,7 +127,8 @@ def plan(
 @app.command()
 def extract(
     manifest: Optional[Path] = typer.Option(None, help="JSONL manifest (see `freezeframe manifest`)."),
-    store: Optional[Path] = typer.Option(None, help="Output zarr store (created or resumed)."),
+    store: Optional[str] = typer.Option(None, help="Output zarr store (created or resumed): a path or an fsspec "
+                                        "URL such as s3://bucket/x.zarr."),
     dataset: Optional[str] = _DATASET,
     config: Optional[Path] = _CONFIG,
     backbone: Optional[str] = _opt("backbone", "Backbone name (extract.backbones.BACKBONES)."),
@@ -159,6 +160,7 @@ def extract(
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     verbose: bool = typer.Option(False, "--verbose", help="Every rank of a torchrun/srun job logs its shards and "
                                  "shows its own bar (default: rank 0 only, with the job's bar and summary)."),
+    storage_option: list[str] = STORAGE_OPTION,
     set_: list[str] = _SET,
 ) -> None:
     """Extract frozen-backbone patch features of every video into a sharded zarr v3 store."""
@@ -168,7 +170,8 @@ def extract(
         spatial_pool=spatial_pool, channel_pool=channel_pool, videos_per_shard=videos_per_shard,
         pea_views=pea_views, batch_size=batch_size, workers=workers, threads=threads, streams=streams, decode_timeout=decode_timeout,
         device=device, shard_index=shard_index, num_shards=num_shards, retry_failed=retry_failed,
-        progress=False if no_progress else None, verbose=True if verbose else None) + list(set_))
+        progress=False if no_progress else None, verbose=True if verbose else None)
+        + [f"storage_options.{o}" for o in storage_option] + list(set_))
     if not cfg.manifest or not cfg.store:
         raise FreezeframeError("give --manifest and --store (or a --dataset/--config that sets them)")
     r = run_job(cfg, console)

@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from freezeframe.cli.common import new_app, out
+from freezeframe.cli.common import STORAGE_OPTION, new_app, out, storage_options
 from pipeline.store import (
     FeatureStore,
     check_store,
@@ -21,6 +20,7 @@ from pipeline.store import (
     failure_verdict,
     read_header,
     repair_store,
+    store_fs,
     store_status,
 )
 
@@ -40,14 +40,16 @@ def _failure_line(failed: int, tried: int, reasons: list[tuple[str, int]]) -> st
 
 @app.command()
 def status(
-    store: Path = typer.Argument(..., help="Store path."),
+    store: str = typer.Argument(..., help="Store path or fsspec URL (s3://bucket/x.zarr)."),
     watch: float = typer.Option(0.0, help="Refresh every N seconds (0: print once)."),
     failures: bool = typer.Option(False, "--failures", help="List failed videos."),
     config: bool = typer.Option(False, "--config", help="Print the store's header (config, provenance)."),
     max_failure_rate: float = _MAX_FAILURE_RATE,
+    storage_option: list[str] = STORAGE_OPTION,
 ) -> None:
     """Progress of a store (also while another process is writing it); exit 1 when its
     failure rate passes --max-failure-rate."""
+    store_fs(store, storage_options(storage_option))  # a missing s3fs/gcsfs: one line, before any work
     while True:
         st = store_status(store)
         writing = f" ({len(st.writing_shards)} being written now)" if st.in_progress_shards else ""
@@ -77,16 +79,18 @@ def status(
 
 @app.command()
 def verify(
-    store: Path = typer.Argument(..., help="Store path."),
+    store: str = typer.Argument(..., help="Store path or fsspec URL (s3://bucket/x.zarr)."),
     quick: bool = typer.Option(False, "--quick", help="Skip what reads every byte: file SHA-256s, chunk "
                                "checksums, the NaN/inf scan."),
     repair: bool = typer.Option(False, "--repair", help="Remove the damaged shards (marker, then data) so a "
                                 "rerun of the same extract command re-extracts exactly them; rewrite damaged "
                                 "store metadata from its intact copy."),
     max_failure_rate: float = _MAX_FAILURE_RATE,
+    storage_option: list[str] = STORAGE_OPTION,
 ) -> None:
     """Check a store's integrity against its header and markers, and its failed videos;
     exit 1 on any problem or when the failure rate passes --max-failure-rate."""
+    store_fs(store, storage_options(storage_option))  # a missing s3fs/gcsfs: one line, before any work
     report = check_store(store, scan_values=not quick)
     for p in report.problems:
         out.print(f"[red]problem[/] {escape(str(p))}")
