@@ -81,6 +81,7 @@ class ExtractConfig:
     # shard over (docs/storage.md); local stores use flock, which needs none
     lease_seconds: float = runtime(60.0)
     progress: bool = runtime(True)
+    verbose: bool = runtime(False)  # ranks other than 0 also log and show their own progress bar
 
     def __post_init__(self) -> None:
         self.validate()

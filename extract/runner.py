@@ -14,12 +14,14 @@ started on the same local store by mistake skips the shards the first is writing
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -51,6 +53,7 @@ from pipeline.store import (
     StoreFS,
     create_once,
     init_store,
+    job_totals,
     marker_key,
     read_markers,
     shard_claim,
@@ -157,6 +160,11 @@ class ExtractSummary:
     #: seconds until the first decoded frames arrived (worker start-up: spawn and imports),
     #: a fixed cost per run that a dataset-sized run amortises
     startup_seconds: float | None = None
+    #: the job this run belongs to (:func:`pipeline.dist.job_id`, recorded in its markers), this
+    #: process's rank in it, and every shard the job as a whole works on (all ranks)
+    job: str = ""
+    rank: RankInfo = field(default_factory=RankInfo)
+    job_shards: list[str] = field(default_factory=list)
     _t0: float = field(default_factory=time.monotonic, repr=False)
 
     @property
@@ -214,8 +222,13 @@ def retry_plan(store_root: StoreFS, rows: Sequence[ManifestRow], videos_per_shar
     return int(plan["generation"]), list(plan["videos"])
 
 
-def run_extract(cfg: ExtractConfig, console: object | None = None) -> ExtractSummary:
-    """Extract features of ``cfg.manifest`` into ``cfg.store`` (resumable, multi-process safe)."""
+def run_extract(cfg: ExtractConfig, console: object | None = None, *, job: str = "") -> ExtractSummary:
+    """Extract features of ``cfg.manifest`` into ``cfg.store`` (resumable, multi-process safe).
+
+    ``job``: the id of the job this process is a rank of (:func:`pipeline.dist.job_id`),
+    recorded in every marker it writes so rank 0 can add up the job
+    (:func:`pipeline.store.job_totals`). Ranks other than 0 log and show a progress bar only
+    with ``cfg.verbose``; rank 0's bar counts the whole job's videos."""
     from rich.console import Console
 
     con: Console = console or Console(stderr=True)  # type: ignore[assignment]
@@ -241,12 +254,14 @@ def run_extract(cfg: ExtractConfig, console: object | None = None) -> ExtractSum
     jobs = _job_rows(cfg, rows, root)
     own = {k for k in range(len(jobs)) if k % rank.world == rank.rank}
     done = set(read_markers(root))
-    summary = ExtractSummary(store=str(root))
+    summary = ExtractSummary(store=str(root), job=job, rank=rank, job_shards=[n for n, _ in jobs])
+    talk = rank.is_main or cfg.verbose  # other ranks: errors only
     # (name, rows, is one of this rank's own shards), in the order they are tried
     pending = [(*jobs[k], k in own) for k in claim_order(len(jobs), rank) if jobs[k][0] not in done]
     summary.shards_skipped = sum(1 for k in own if jobs[k][0] in done)
     if not pending:
-        con.print(f"[green]nothing to do[/]: {len(own)} shard(s) of rank {rank.rank} already complete in {root}")
+        if talk:
+            con.print(f"[green]nothing to do[/]: {len(own)} shard(s) of rank {rank.rank} already complete in {root}")
         return summary
 
     encoder = FeatureEncoder(backbone, device, cfg)
@@ -258,13 +273,17 @@ def run_extract(cfg: ExtractConfig, console: object | None = None) -> ExtractSum
     decode_kwargs = dict(geometry=geometry, fps=cfg.fps, chunk_size=cfg.chunk_size,
                          threads=cfg.decode_threads, min_frames=cfg.min_frames, max_gap=cfg.max_gap)
     total_videos = sum(len(r) for _, r, mine in pending if mine)
+    # rank 0 of several shows the job's bar: every rank's videos, the others' read from their markers
+    job_bar = rank.world > 1 and rank.is_main and bool(job) and cfg.progress
+    if job_bar:
+        total_videos = sum(len(r) for _, r, _ in pending)
     t0 = summary._t0 = time.monotonic()
     try:
         with DecodePool(workers, decode_kwargs, decoder=decoder, timeout_s=cfg.decode_timeout,
                         buffer_bytes=cfg.decode_buffer_mb << 20) as pool, \
                 ThreadPoolExecutor(plan.streams, thread_name_prefix="ff-stream") as streams, \
-                _progress(cfg.progress, con) as progress:
-            task = progress.add_task(f"rank {rank.rank}/{rank.world}", total=total_videos, frames=0, failed=0)
+                _progress(cfg.progress and talk, con) as progress, \
+                _rank_task(progress, total_videos, rank, root, job, job_bar) as task:
             queue = deque(pending)
             leased: dict[str, tuple[str, list[ManifestRow], bool, float]] = {}  # held by another's lease
             while queue or leased:
@@ -287,10 +306,11 @@ def run_extract(cfg: ExtractConfig, console: object | None = None) -> ExtractSum
                             leased[name] = (name, shard_rows, mine, claim.expires)
                         elif mine:  # a live local writer (flock): it will finish the shard
                             summary.shards_busy.append(name)
-                            con.log(f"shard {name}: being written by another process ({claim.holder}); skipped")
+                            if talk:
+                                con.log(f"shard {name}: being written by another process ({claim.holder}); skipped")
                             progress.update(task, advance=len(shard_rows))
                         continue  # (another rank's shard that its rank is writing: nothing to say)
-                    if not mine:
+                    if not mine and not job_bar:  # (the job's bar counts every shard already)
                         progress.update(task, total=progress.tasks[0].total + len(shard_rows))
                     sink = BatchingSink(encoder, ShardWriter.create(root, name, feature_shape=shape, dtype=cfg.dtype,
                                                                     codec=cfg.codec, frames_per_file=cfg.frames_per_file,
@@ -301,14 +321,16 @@ def run_extract(cfg: ExtractConfig, console: object | None = None) -> ExtractSum
                     except LeaseLost as e:  # our heartbeats came too late: the new holder's copy counts
                         sink.cancel()
                         summary.shards_busy.append(name)
-                        con.log(f"shard {name}: {e}; left to it")
+                        if talk:
+                            con.log(f"shard {name}: {e}; left to it")
                         continue
                     except BaseException:
                         sink.cancel()
                         raise
                 summary.shards_done += 1
-                con.log(f"shard {name}: {stats['videos']} videos, {stats['frames']} frames, "
-                        f"{stats['failures']} failed, {stats['frames_per_s']:.1f} frames/s")
+                if talk:
+                    con.log(f"shard {name}: {stats['videos']} videos, {stats['frames']} frames, "
+                            f"{stats['failures']} failed, {stats['frames_per_s']:.1f} frames/s")
     finally:
         torch.set_num_threads(threads)
     summary.seconds = time.monotonic() - t0
@@ -318,7 +340,7 @@ def run_extract(cfg: ExtractConfig, console: object | None = None) -> ExtractSum
 def _extract_shard(name: str, rows: list[ManifestRow], pool: DecodePool, sink: BatchingSink,
                    summary: ExtractSummary, progress: object, task: object) -> dict:
     """Decode, encode and write one store shard; its marker is written last."""
-    t0 = time.monotonic()
+    t0, started_at = time.monotonic(), time.time()
     jobs = [DecodeJob(i, r.video_id, r.path, r.start, r.end) for i, r in enumerate(rows)]
     failures: list[Failure] = []
     frames = videos = retries = 0
@@ -353,13 +375,47 @@ def _extract_shard(name: str, rows: list[ManifestRow], pool: DecodePool, sink: B
     sink.drain()
     secs = time.monotonic() - t0
     stats = {"videos": videos, "frames": frames, "failures": len(failures), "retries": retries,
-             "seconds": round(secs, 3), "frames_per_s": frames / secs if secs else 0.0}
+             "seconds": round(secs, 3), "frames_per_s": frames / secs if secs else 0.0,
+             # who did it and when (Unix s): rank 0 adds up its job's markers (pipeline.store.totals)
+             "job": summary.job, "rank": summary.rank.rank, "started": started_at, "finished": time.time()}
     sink.writer.finish(failures, stats)
     summary.videos_done += videos
     summary.frames_done += frames
     summary.retries += retries
     summary.failures += failures
     return stats
+
+
+@contextmanager
+def _rank_task(progress: Any, total: int, rank: RankInfo, root: StoreFS, job: str, job_bar: bool,
+               every_s: float = 2.0) -> Iterator[Any]:
+    """This rank's progress task (``rank r/w``). For rank 0 of a job (``job_bar``) it is the
+    job's: ``total`` counts every rank's videos and a thread adds what the other ranks finish,
+    read from their markers every ``every_s`` seconds (:func:`pipeline.store.job_totals`)."""
+    task = progress.add_task(f"job of {rank.world} ranks" if job_bar else f"rank {rank.rank}/{rank.world}",
+                             total=total, frames=0, failed=0, others_frames=0, others_failed=0)
+    if not job_bar:
+        yield task
+        return
+    stop = threading.Event()
+
+    def follow() -> None:
+        counted = 0
+        while not stop.wait(every_s):
+            t = job_totals(root, job)
+            others = [r for r in t.tried_by_rank if r != rank.rank]
+            tried = sum(t.tried_by_rank[r] for r in others)
+            progress.update(task, advance=tried - counted, others_frames=sum(t.frames_by_rank[r] for r in others),
+                            others_failed=sum(t.failed_by_rank[r] for r in others))
+            counted = tried
+
+    thread = threading.Thread(target=follow, name="ff-job-bar", daemon=True)
+    thread.start()
+    try:
+        yield task
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _progress(enabled: bool, console: object):
@@ -375,8 +431,10 @@ def _progress(enabled: bool, console: object):
 
             el = task.elapsed or 0.0
             vps = task.completed / el if el else 0.0
-            fps = task.fields.get("frames", 0) / el if el else 0.0
-            return Text(f"{vps:.2f} videos/s  {fps:.1f} frames/s  failed {task.fields.get('failed', 0)}")
+            f = task.fields
+            fps = (f.get("frames", 0) + f.get("others_frames", 0)) / el if el else 0.0
+            failed = f.get("failed", 0) + f.get("others_failed", 0)
+            return Text(f"{vps:.2f} videos/s  {fps:.1f} frames/s  failed {failed}")
 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _Rates(),
                     TimeElapsedColumn(), console=console, disable=not enabled, transient=False)

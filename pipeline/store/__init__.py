@@ -11,7 +11,8 @@ One module per concern (this package re-exports their public names, so
 * :mod:`~pipeline.store.reader`: :class:`FeatureStore`, :func:`open_store`;
 * :mod:`~pipeline.store.integrity`: chunk checksums, the marker's file table and digest;
 * :mod:`~pipeline.store.checks`: :func:`store_status`, :func:`check_store` / :func:`verify_store`,
-  :func:`repair_store`.
+  :func:`repair_store`, the failure verdict (:func:`failure_verdict`);
+* :mod:`~pipeline.store.totals`: what one job did, added up from the markers (:func:`job_totals`).
 
 A store shard has exactly one writer. A writer holds the shard's claim (:func:`shard_claim`)
 while it works, so two runs started on the same store by mistake share the shards instead
@@ -24,6 +25,9 @@ from pipeline.store.checks import (
     StoreStatus,
     VerifyReport,
     check_store,
+    failure_reason,
+    failure_reasons,
+    failure_verdict,
     repair_store,
     store_status,
     verify_store,
@@ -51,6 +55,7 @@ from pipeline.store.layout import (
     shard_name,
 )
 from pipeline.store.reader import FeatureStore, open_store
+from pipeline.store.totals import JobTotals, job_totals, wait_for_shards
 from pipeline.store.writer import (
     CODECS,
     PEA_OFFSETS,
@@ -67,7 +72,7 @@ __all__ = [
     "ATTR_KEY", "CODECS", "FORMAT_VERSION", "HEADER_FILE", "INTEGRITY_VERSION", "PEA_OFFSETS", "PEA_PREFIX",
     "STORAGE_DTYPES", "Failure", "FeatureStore", "Problem", "ShardWriter", "StorageDtype", "StoreStatus",
     "VerifyReport", "VideoEntry", "check_store", "content_mismatch", "create_once", "decode_pea", "encode_pea",
-    "file_lock", "file_locked", "init_store", "lock_path", "marker_path", "open_store", "read_header",
+    "JobTotals", "failure_reason", "failure_reasons", "failure_verdict", "file_lock", "file_locked", "job_totals", "init_store", "lock_path", "marker_path", "open_store", "read_header",
     "read_markers", "repair_store", "scan_markers", "shard_lock", "shard_locked", "shard_name", "store_status",
-    "verify_store",
+    "verify_store", "wait_for_shards",
 ]

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from collections import Counter
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import zarr
@@ -72,6 +73,14 @@ class StoreStatus:
     damaged_markers: list[str] = field(default_factory=list)
     #: PEA return views stored per frame (Co-Settle, ``extract --pea-views K``; 0: none)
     pea_views: int = 0
+    #: why the failed videos failed: ("stage: ErrorType", count), most common first
+    failure_reasons: list[tuple[str, int]] = field(default_factory=list)
+
+    @property
+    def failure_rate(self) -> float:
+        """Failed videos over the videos tried (stored + failed); 0 before any was tried."""
+        tried = self.videos_stored + self.failures
+        return self.failures / tried if tried else 0.0
 
     @property
     def pending_shards(self) -> int:
@@ -88,8 +97,7 @@ def store_status(path: StoreRoot) -> StoreStatus:
     markers, bad = scan_markers(root)
     in_progress = [s for s in shard_dirs(root) if s not in markers and s not in bad]
     stored = {v.get("video_id") for m in markers.values() for v in m["videos"] if isinstance(v, dict)}
-    failed = {f.get("video_id") for m in markers.values() for f in m.get("failures", [])
-              if isinstance(f, dict)} - stored
+    failed = latest_failures(markers, stored)
     return StoreStatus(
         planned_shards=_int(header["content"].get("num_shards")),
         complete_shards=sum(1 for s in markers if not s.startswith("retry")),
@@ -101,7 +109,47 @@ def store_status(path: StoreRoot) -> StoreStatus:
         writing_shards=[s for s in in_progress if shard_locked(root, s)],
         damaged_markers=sorted(bad),
         pea_views=_int((header["content"].get("pea") or {}).get("views")),
+        failure_reasons=failure_reasons(failed.values()),
     )
+
+
+def latest_failures(markers: dict[str, dict], stored: set) -> dict[str, dict]:
+    """video id -> its last recorded failure (markers in name order: a retry shard's after
+    the planned one's), for the videos that are not stored (a retry may have stored them)."""
+    out: dict[str, dict] = {}
+    for m in markers.values():
+        for f in m.get("failures", []):
+            if isinstance(f, dict) and f.get("video_id") not in stored:
+                out[f.get("video_id")] = f
+    return out
+
+
+def failure_reason(failure: dict) -> str:
+    """``"decode: InvalidDataError"``: the stage and the error type of a recorded failure."""
+    return f"{failure.get('stage', '?')}: {failure.get('error_type', '?')}"
+
+
+def failure_reasons(failures: Iterable[dict]) -> list[tuple[str, int]]:
+    """(reason, count) of recorded failures (:func:`failure_reason`), most common first."""
+    return Counter(failure_reason(f) for f in failures).most_common()
+
+
+def failure_verdict(failed: int, stored: int, reasons: list[tuple[str, int]],
+                    max_rate: float) -> str | None:
+    """Why a store (or a run) with ``failed`` failed and ``stored`` stored videos is not ok:
+    its failure rate passes ``max_rate`` (0: any failure), or every video failed; None if ok.
+    One sentence naming the most common reason and what to do."""
+    tried = failed + stored
+    if not failed or (failed / tried <= max_rate and stored):
+        return None
+    top, n = reasons[0] if reasons else ("unknown", failed)
+    if not stored:
+        head = f"all {failed} videos failed: {n} x {top}"
+    else:
+        head = (f"{failed} of {tried} videos failed ({100 * failed / tried:.1f}% > {100 * max_rate:g}% allowed); "
+                f"most common: {n} x {top}")
+    return (head + " (`freezeframe status STORE --failures` lists them with their messages; fix the cause, then "
+            "rerun `freezeframe extract` with --retry-failed; --max-failure-rate R accepts a failure rate up to R)")
 
 
 def _int(x: Any) -> int:
@@ -148,6 +196,20 @@ class VerifyReport:
     notes: list[str] = field(default_factory=list)
     #: videos of every completed shard (also of damaged ones), for the advice
     shard_videos: dict[str, list[str]] = field(default_factory=dict)
+    #: videos stored, and the failed ones (id -> last recorded failure): not problems of the
+    #: store's integrity, but a store with failures is not ok either (:meth:`failure_verdict`)
+    videos_stored: int = 0
+    failed: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def failure_rate(self) -> float:
+        tried = self.videos_stored + len(self.failed)
+        return len(self.failed) / tried if tried else 0.0
+
+    def failure_verdict(self, max_rate: float = 0.0) -> str | None:
+        """Why the store's failures make it not ok (rate above ``max_rate``, or every video
+        failed), None if they do not (:func:`failure_verdict`)."""
+        return failure_verdict(len(self.failed), self.videos_stored, failure_reasons(self.failed.values()), max_rate)
 
     @property
     def damaged_shards(self) -> list[str]:
@@ -234,8 +296,8 @@ def check_store(path: StoreRoot, *, scan_values: bool = True) -> VerifyReport:
                          f"{' ...' if len(legacy) > 5 else ''}) were written before integrity version "
                          f"{INTEGRITY_VERSION} (store header: {_int(header.get('integrity'))}), so bit flips and "
                          "swapped files cannot be detected in them: re-extract to get them")
-    stored_failed = {f.get("video_id") for m in markers.values() for f in m.get("failures", [])
-                     if isinstance(f, dict)} - set(seen)
+    stored_failed = latest_failures(markers, set(seen))
+    rep.videos_stored, rep.failed = len(seen), stored_failed
     planned_videos = _int(content.get("num_videos"))
     if not missing and not bad and planned_videos and len(seen) + len(stored_failed) != planned_videos:
         rep.problems.append(Problem(
