@@ -62,7 +62,6 @@ class DemoRun:
 #: comparisons the report states, (a, b): run a against run b on the same test videos
 COMPARISONS: tuple[tuple[str, str], ...] = (
     ("tmm-kt3-scratch", "avgpool-scratch"),
-    ("tmm-kt3-scratch", "tmm-kt1-scratch"),
     ("tmm-kt3-prp", "tmm-kt3-scratch"),
 )
 
@@ -90,11 +89,13 @@ class DemoConfig:
     train_threads: int = 2
     overrides: tuple[str, ...] = ()
     runs: tuple[DemoRun, ...] = field(default_factory=lambda: (
-        DemoRun("prp-kt3", "prp", "tmm", 3, tasks=("motion",)),
+        # budget (issue 11: the whole demo in about 10 min on 2 cores): the claim's two arms get
+        # every seed; PRP (no gain above its interval so far) one seed; kt = 1 is left to
+        # `freezeframe sweep` (train/configs/sweeps/synth-motion-ablations.toml)
+        DemoRun("prp-kt3", "prp", "tmm", 3, tasks=("motion",), seeded=False),
         DemoRun("avgpool-scratch", "finetune", "avgpool"),
-        DemoRun("tmm-kt1-scratch", "finetune", "tmm", 1, tasks=("motion",), seeded=False),  # one seed: budget
         DemoRun("tmm-kt3-scratch", "finetune", "tmm", 3),
-        DemoRun("tmm-kt3-prp", "finetune", "tmm", 3, init="prp-kt3", tasks=("motion",)),
+        DemoRun("tmm-kt3-prp", "finetune", "tmm", 3, init="prp-kt3", tasks=("motion",), seeded=False),
     ))
 
 
