@@ -238,7 +238,7 @@ def plot_comparison(
                 ax.scatter([x] * len(v), v, s=12, color="black", zorder=3, linewidths=0)
             elif intervals[(g, s)][0] is not None:
                 lo, hi = (100.0 * b for b in intervals[(g, s)][0])  # type: ignore[union-attr]
-                ax.errorbar([x], v, yerr=[[v[0] - lo], [hi - v[0]]], fmt="none", ecolor="black", elinewidth=1,
+                ax.errorbar([x], v, yerr=[[max(0.0, v[0] - lo)], [max(0.0, hi - v[0])]], fmt="none", ecolor="black", elinewidth=1,
                             capsize=3, zorder=3)
                 top = max(top, hi)
             top = max(top, max(v))

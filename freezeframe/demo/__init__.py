@@ -17,6 +17,7 @@ from pipeline.fileio import atomic_write_text
 
 # section modules, in the order they run (importing registers them)
 from freezeframe.demo import advise  # noqa: F401  (registers "advise")
+from freezeframe.demo import longform  # noqa: F401  (registers "longform")
 from freezeframe.demo.section import SECTIONS, DemoContext, SectionResult, section_order
 
 
