@@ -135,6 +135,16 @@ def test_manifest_problems_keep_their_list(tmp_path: Path) -> None:
     assert not (tmp_path / "m.jsonl").exists()
 
 
+def test_an_unusable_output_path_is_one_line(tmp_path: Path) -> None:
+    """An OSError about a path the user gave (here: a folder under a regular file; root ignores
+    permission bits, so those cannot be tested here) is a user error, not a traceback."""
+    (tmp_path / "file").write_text("x")
+    msg = one_error_line(invoke(["synth", str(tmp_path / "file" / "synth")]))
+    assert str(tmp_path / "file") in msg and "check the path" in msg
+    r = invoke(["--debug", "synth", str(tmp_path / "file" / "synth")])
+    assert isinstance(r.exception, OSError)
+
+
 def test_debug_shows_the_error_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     r = invoke(["--debug", "status", str(tmp_path / "nowhere.zarr")])
     assert isinstance(r.exception, StoreError) and "error:" not in r.stderr

@@ -30,15 +30,26 @@ def debug_requested(ctx: typer.Context | None = None) -> bool:
     return bool(ctx is not None and ctx.find_root().params.get("debug"))
 
 
-def print_error(err: BaseException) -> None:
+def print_error(err: BaseException | str) -> None:
     """The project's error line on stderr: ``error: <message>`` (never wrapped; a
     :class:`~pipeline.errors.ManifestError` keeps its list of problems on the lines below)."""
     console.print(Text("error: ", style="bold red") + Text(str(err)), soft_wrap=True, highlight=False)
 
 
+def path_error_message(err: OSError) -> str | None:
+    """One line for an error about a path the user gave (permission denied, missing folder,
+    disk full, ...): ``None`` when the error names no file (then it is a bug, shown in full)."""
+    if err.filename is None:
+        return None
+    what = err.strerror or type(err).__name__
+    other = f" -> {err.filename2}" if err.filename2 else ""
+    return f"{what}: {err.filename}{other} (check the path and its permissions; --debug shows the traceback)"
+
+
 class AppGroup(TyperGroup):
-    """A command group that turns a :class:`FreezeframeError` raised by any of its commands
-    into :func:`print_error` and exit status 2, unless :func:`debug_requested`."""
+    """A command group that turns a :class:`FreezeframeError` raised by any of its commands,
+    or an :class:`OSError` about a named path, into :func:`print_error` and exit status 2,
+    unless :func:`debug_requested`."""
 
     def invoke(self, ctx: typer.Context) -> Any:
         try:
@@ -47,6 +58,12 @@ class AppGroup(TyperGroup):
             if debug_requested(ctx):
                 raise
             print_error(e)
+            raise typer.Exit(2) from None
+        except OSError as e:
+            msg = path_error_message(e)
+            if msg is None or debug_requested(ctx):
+                raise
+            print_error(msg)
             raise typer.Exit(2) from None
 
 
