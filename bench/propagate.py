@@ -6,10 +6,12 @@ a 30 x 55 grid of 768 channels (random features: the cost does not depend on the
 
 Each setting of ``max_affinity_elements`` (the bound on one affinity block, in floats) runs
 in a fresh spawned child so that its peak resident memory (``ru_maxrss``) is its own. Reported
-per child: seconds for the propagation (grid labels), seconds to upsample every frame to
-480 x 854 pixels and take the argmax, the peak RSS, the RSS before propagation (inputs
-built), and the multiply-adds of the affinities actually computed (each distinct context
-frame once per chunk).
+per child: seconds to read the sequence's features from a real float16 zarr store (written
+first, as ``dense-extract`` writes it), seconds for the propagation (grid labels), seconds to
+upsample every frame to 480 x 854 pixels and take the argmax, the peak RSS, the RSS before
+propagation (inputs built), and the multiply-adds of the affinities actually computed
+(banded: each distinct context slot once per band, restricted slots only over the rows
+within the radius; ``dense_gmacs`` is what a full ``N x N`` product per slot would cost).
 
 Usage: ``python -m bench.propagate [--frames 80] [--grid 30 55] [--channels 768]
 [--elements 16777216 4194304] [--threads N] [--out FILE.json]``
@@ -52,12 +54,27 @@ def _run(case: Case, queue: "mp.Queue") -> None:
     import numpy as np
     import torch
 
-    from train.dense.propagate import PropagationConfig, context_indices, iter_grid_to_labels, propagate
+    import tempfile
+
+    from pipeline.store import ShardWriter, init_store, open_store
+    from train.dense.propagate import PropagationConfig, _bands, context_indices, iter_grid_to_labels, propagate
 
     torch.set_num_threads(case.threads)
     g = torch.Generator().manual_seed(case.seed)
     h, w = case.grid
-    feats = torch.randn(case.frames, h, w, case.channels, generator=g)
+    with tempfile.TemporaryDirectory() as tmp:  # the sequence in a real float16 store, then read back
+        init_store(tmp, {"content": {"dtype": "float16", "feature_shape": [h, w, case.channels], "num_shards": 1,
+                                     "num_videos": 1, "videos_per_shard": 1}})
+        writer = ShardWriter.create(tmp, "00000", feature_shape=(h, w, case.channels), dtype="float16",
+                                    frames_per_file=case.frames)
+        writer.begin_video({"video_id": "seq", "split": "val", "label": None, "label_name": None})
+        for t in range(case.frames):
+            writer.append(torch.randn(1, h, w, case.channels, generator=g).numpy(), np.array([t / 24.0]))
+        writer.end_video()
+        writer.finish()
+        t0 = time.perf_counter()
+        feats = torch.from_numpy(open_store(tmp).features("seq"))
+        t_read = time.perf_counter() - t0
     first = torch.nn.functional.one_hot(torch.randint(0, case.objects + 1, (h, w), generator=g), case.objects + 1).float()
     cfg = PropagationConfig(max_affinity_elements=case.max_affinity_elements)
     rss_inputs = _current_rss_mib()
@@ -69,19 +86,29 @@ def _run(case: Case, queue: "mp.Queue") -> None:
         assert lab.shape == case.size
     t_up = time.perf_counter() - t0
     n = h * w
-    macs = sum(len(set(context_indices(t, cfg.context))) * n * n * case.channels for t in range(1, case.frames))
+    bands = _bands(max(h, w), min(h, w), cfg, torch.device("cpu"))
+    restricted = sum((b.q1 - b.q0) * (b.k1 - b.k0) for b in bands)  # per restricted slot
+    macs = dense = 0
+    for t in range(1, case.frames):
+        slots = {(f, i > 0) for i, f in enumerate(context_indices(t, cfg.context))}
+        macs += sum(restricted if r else n * n for _, r in slots) * case.channels
+        dense += len(slots) * n * n * case.channels
     queue.put(
         {
             "case": asdict(case),
+            "read_s": t_read,
+            "feats_dtype": str(feats.dtype),
             "propagate_s": t_prop,
             "upsample_argmax_s": t_up,
             "total_s": t_prop + t_up,
             "s_per_frame": (t_prop + t_up) / max(1, case.frames - 1),
             "gmacs": macs / 1e9,
+            "dense_gmacs": dense / 1e9,
+            "band_rows": bands[0].q1 // min(h, w) - bands[0].q0 // min(h, w),
             "gmacs_per_s": macs / 1e9 / t_prop,
             "rss_inputs_mib": rss_inputs,
             "peak_rss_mib": _rss_mib(),
-            "features_mib": feats.numel() * 4 / 2**20,
+            "features_mib": feats.numel() * feats.element_size() / 2**20,
             "affinity_block_mib": case.max_affinity_elements * 4 / 2**20,
             "finite": bool(np.isfinite(soft.numpy()).all()),
         }
@@ -111,9 +138,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         r["machine"] = {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()}
         results.append(r)
         print(
-            f"elements {el:>10d} ({r['affinity_block_mib']:.0f} MiB block): propagate {r['propagate_s']:.1f} s "
+            f"elements {el:>10d} ({r['affinity_block_mib']:.0f} MiB block): read {r['read_s']:.1f} s, "
+            f"propagate {r['propagate_s']:.1f} s "
             f"+ upsample {r['upsample_argmax_s']:.1f} s = {r['total_s']:.1f} s/sequence "
-            f"({r['s_per_frame']:.2f} s/frame, {r['gmacs_per_s']:.1f} GMAC/s); peak RSS {r['peak_rss_mib']:.0f} MiB "
+            f"({r['s_per_frame']:.2f} s/frame, {r['gmacs']:.0f} of {r['dense_gmacs']:.0f} dense GMAC, "
+            f"{r['gmacs_per_s']:.1f} GMAC/s); peak RSS {r['peak_rss_mib']:.0f} MiB "
             f"(inputs {r['rss_inputs_mib']:.0f} MiB, features {r['features_mib']:.0f} MiB)",
             flush=True,
         )

@@ -69,9 +69,12 @@ from extract.encode import build_backbone
 from extract.source import OnlineFeatureSource
 from pipeline.errors import ConfigMismatchError, FreezeframeError
 from bench.inputs import have_media, media_rows, synthetic_rows
+from bench.loader import QUICK_LOADER, LoaderBench, print_loader
+from bench.loader import measure as measure_loader
 from pipeline.manifest import ManifestRow, read_manifest, write_manifest
 from pipeline.registry import Registry
 from train.config import DataConfig, OptimConfig
+from train.data import collate, to_model_dtype
 from train.models import ModelConfig, TMMConfig
 from train.sampling import PRPConfig
 
@@ -130,11 +133,13 @@ class BenchConfig:
     threads: int | None = None
     device: str = "auto"
     seed: int = 0
+    loader: LoaderBench = field(default_factory=LoaderBench)  # the loader vs decompression part (bench/loader.py)
 
 
 #: ``--quick``: a smoke run (tests): MobileNetV2 at 64 px, 2 videos of 2 s, 2 clips x 4 frames, 1 step.
 QUICK = dict(backbones=("mobilenetv2-imagenet",), image_size=64, fps=4.0, seconds=2.0, max_videos=2,
-             batch=2, steps=1, min_steps=1, budget_s=1.0, prp=PRPConfig(num_frames=4, clips_per_video=2))
+             batch=2, steps=1, min_steps=1, budget_s=1.0, prp=PRPConfig(num_frames=4, clips_per_video=2),
+             loader=LoaderBench(**QUICK_LOADER))
 
 
 @dataclass(frozen=True)
@@ -325,7 +330,7 @@ PREFETCH_FACTOR = 2  # DataLoader's default: batches in flight per worker
 
 def _loader(ds: Dataset, order: list[int], bench: BenchConfig, device: torch.device) -> DataLoader:
     """The DataLoader of every regime, configured as ``train.engine`` configures its own."""
-    return DataLoader(ds, batch_size=bench.batch, sampler=order, num_workers=bench.workers,
+    return DataLoader(ds, batch_size=bench.batch, sampler=order, num_workers=bench.workers, collate_fn=collate,
                       pin_memory=device.type == "cuda", drop_last=True, persistent_workers=False,
                       multiprocessing_context="fork" if bench.workers else None,
                       prefetch_factor=PREFETCH_FACTOR if bench.workers else None)
@@ -389,7 +394,7 @@ def _run_cached(spec: RegimeSpec, device: torch.device, *, in_memory: bool) -> d
             x, y = flatten_clips(next(it))
             if not first:
                 first.append((x, y))
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = to_model_dtype(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)  # as train.loop
         with timer.part("tmm_step"):
             losses.append(float(train_step(x, y)))
         if k == 0:
@@ -403,7 +408,7 @@ def _run_cached(spec: RegimeSpec, device: torch.device, *, in_memory: bool) -> d
     if spec.measure_loader:
         out["loader"] = loader_only(ds, bench, n_videos, device, bench.seed + 1)
     if spec.measure_tmm:
-        x, y = (t.to(device) for t in first[0])
+        x, y = (to_model_dtype(t.to(device)) for t in first[0])
 
         def tmm(_: int) -> None:
             train_step(x, y)
@@ -709,6 +714,7 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
                                    "torch_threads": torch.get_num_threads(), "backbones": []}
         for name in cfg.backbones:
             results["backbones"].append(bench_backbone(name, cfg, Path(manifest), tmp, log))
+        results["loader"] = measure_loader(cfg.loader, tmp, log)
         results["wall_seconds"] = time.perf_counter() - t_start
         return results
     finally:
@@ -734,8 +740,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, Path | N
     ap.add_argument("--device", default=None, help="auto | cpu | cuda")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (tests)")
     ap.add_argument("--out", type=Path, default=None, help="write all numbers as JSON here")
+    ap.add_argument("--loader-only", action="store_true",
+                    help="only the loader vs decompression part (CLIP ViT-B/16 geometry, bench/loader.py)")
     a = ap.parse_args(argv)
     cfg = BenchConfig(**QUICK) if a.quick else d  # type: ignore[arg-type]
+    if a.loader_only:
+        cfg = replace(cfg, backbones=())
     given = {"backbones": tuple(a.backbones) if a.backbones else None, "steps": a.steps, "min_steps": a.min_steps,
              "budget_s": a.budget, "batch": a.batch, "fps": a.fps, "seconds": a.seconds, "max_videos": a.videos,
              "input": a.input, "image_size": a.image_size, "workers": a.workers, "threads": a.threads,
@@ -749,7 +759,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg, out = parse_args(argv)
     con = Console() if sys.stdout.isatty() else Console(width=150)
     results = run(cfg, log=lambda s: con.log(s))
-    print_tables(results, con)
+    if results["backbones"]:
+        print_tables(results, con)
+    print_loader(results["loader"], con)
     con.print(f"total {results['wall_seconds']:.0f} s")
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,10 +14,12 @@ from typing import Any, Sequence
 
 from extract.backbones import BACKBONES
 from extract.decode import GEOMETRIES, INTERPOLATIONS
+from extract.decoders import DECODERS
 from manifests import dataset_config as dataset_file
 from pipeline.config import load_toml, resolve, runtime
 from pipeline.errors import ConfigError
 from pipeline.registry import Registry
+from pipeline.paths import root_keys
 from pipeline.store import CODECS, STORAGE_DTYPES
 
 
@@ -41,6 +43,8 @@ class ExtractConfig:
     geometry: str = "short_side_crop"  # short_side_crop | squash
     interpolation: str | None = None  # None = the backbone's own
     min_frames: int = 1  # fewer decoded frames -> failure "too_short"
+    # an extract.decoders.DECODERS name: pyav (CPU, default) | torchcodec-cuda (NVDEC) | torchcodec-cpu
+    decoder: str = "pyav"
     # at a set fps, two consecutive frames further apart (seconds) -> failure "too_long" instead
     # of storing one frame for the whole gap; None: no limit
     max_gap: float | None = 60.0
@@ -63,12 +67,21 @@ class ExtractConfig:
     streams: int = runtime(0)  # batches encoded at once (see extract.encode.ThreadPlan); 0 = auto
     decode_timeout: float = runtime(120.0)  # seconds a video may stall the pipeline before its worker is killed
     chunk_size: int = runtime(32)  # frames per decoded chunk sent from a worker
+    # MB of decoded frames held for videos decoded ahead of the one being encoded (reorder buffer)
+    decode_buffer_mb: int = runtime(512)
     device: str = runtime("auto")  # auto | cpu | cuda | cuda:N
     amp: bool = runtime(True)  # autocast on CUDA (features are stored in the declared dtype anyway)
     shard_index: int | None = runtime(None)  # this job's index among independent jobs (Slurm array)
     num_shards: int | None = runtime(None)  # number of independent jobs
     retry_failed: bool = runtime(False)  # only retry videos recorded as failures
+    # fsspec options of a remote store (s3fs: endpoint_url, key, secret, anon, ...); the
+    # environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) fills in the rest; never recorded
+    storage_options: dict[str, Any] = runtime(default_factory=dict)
+    # seconds a remote shard claim lasts without a heartbeat before another rank takes the
+    # shard over (docs/storage.md); local stores use flock, which needs none
+    lease_seconds: float = runtime(60.0)
     progress: bool = runtime(True)
+    verbose: bool = runtime(False)  # ranks other than 0 also log and show their own progress bar
 
     def __post_init__(self) -> None:
         self.validate()
@@ -89,6 +102,7 @@ class ExtractConfig:
         names: list[tuple[str, Registry, Any]] = [
             ("backbone", BACKBONES, self.backbone), ("dtype", STORAGE_DTYPES, self.dtype),
             ("codec", CODECS, self.codec), ("geometry", GEOMETRIES, self.geometry),
+            ("decoder", DECODERS, self.decoder),
             ("interpolation", INTERPOLATIONS, self.interpolation),
         ]
         for key, registry, value in names:
@@ -100,6 +114,7 @@ class ExtractConfig:
             ("videos_per_shard", self.videos_per_shard, 1, False),
             ("frames_per_file", self.frames_per_file, 1, False), ("batch_size", self.batch_size, 1, False),
             ("chunk_size", self.chunk_size, 1, False), ("workers", self.workers, 0, False),
+            ("decode_buffer_mb", self.decode_buffer_mb, 1, False),
             ("decode_threads", self.decode_threads, 0, False), ("threads", self.threads, 0, False),
             ("streams", self.streams, 0, False), ("pea_views", self.pea_views, 0, False),
             ("pea_seed", self.pea_seed, 0, False),
@@ -113,7 +128,7 @@ class ExtractConfig:
         if isinstance(self.pea_ratio, bool) or not isinstance(self.pea_ratio, (int, float)) or not self.pea_ratio >= 0:
             out.append(f"pea_ratio: must be a number >= 0 (10 in Co-Settle's recipe), got {self.pea_ratio!r}")
         positive = [("fps", self.fps, " or unset (null: every native frame)"),
-                    ("decode_timeout", self.decode_timeout, None),
+                    ("decode_timeout", self.decode_timeout, None), ("lease_seconds", self.lease_seconds, None),
                     ("max_gap", self.max_gap, " or unset (null: no limit)")]
         for key, value, unset in positive:
             if value is None and unset is not None:
@@ -123,9 +138,14 @@ class ExtractConfig:
         return out
 
 
+#: ExtractConfig fields that hold paths (rooted when they come from a shipped dataset file)
+PATH_KEYS = ("manifest", "store")
+
+
 def dataset_config(name: str) -> dict:
-    """The ``[extract]`` table of ``manifests/configs/<name>.toml`` (the dataset's defaults)."""
-    return dict(dataset_file(name).get("extract", {}))
+    """The ``[extract]`` table of ``manifests/configs/<name>.toml`` (the dataset's defaults), its
+    relative paths under the data root (:func:`pipeline.paths.data_root`), not the current directory."""
+    return root_keys(dataset_file(name).get("extract", {}), PATH_KEYS)
 
 
 def resolve_extract_config(dataset: str | None = None, config_file: str | Path | None = None,

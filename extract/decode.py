@@ -1,7 +1,8 @@
 """Video decoding with PyAV: frames selected by presentation time, resized, streamed in chunks.
 
-Output layout: :class:`FrameChunk` ``frames`` are ``(n, S, S, 3)`` uint8 RGB and
-``timestamps`` are ``(n,)`` float64 **seconds**.
+Output layout: :class:`FrameChunk` ``frames`` are ``(n, S, S, 3)`` uint8 RGB (``(n, H, W, 3)``,
+the displayed frame size, with the ``native`` geometry) and ``timestamps`` are ``(n,)``
+float64 **seconds**.
 
 Timeline
     A frame's time is its presentation timestamp in seconds minus the video stream's
@@ -21,6 +22,8 @@ Frame selection (``fps``)
     grid point ``< end``). ``stream.frames`` from the header is never used for control flow.
 
 Errors (:class:`DecodeError`, ``stage`` says where it failed)
+    ``fetch``: a remote input (URL, tar member) kept failing with transient network errors
+    after every retry (:mod:`extract.inputs`; the retries themselves are counted apart).
     ``open``: missing/unreadable file, not a media file, no video stream (audio only, a
     still image renamed ``.mp4``). ``decode``: the demuxer or decoder raised, or the
     demuxer flagged a packet as corrupt (a truncated MP4 cut inside a sample; with frame
@@ -68,6 +71,7 @@ import av
 import numpy as np
 from av.video.reformatter import Interpolation, VideoReformatter
 
+from extract.inputs import FetchError, open_input
 from pipeline.errors import FreezeframeError
 from pipeline.registry import Registry
 
@@ -116,6 +120,13 @@ def squash(frame_w: int, frame_h: int, size: int) -> tuple[int, int, CropBox]:
     return size, size, (0, 0, size, size)
 
 
+@GEOMETRIES.register("native")
+def native(frame_w: int, frame_h: int, size: int) -> tuple[int, int, CropBox]:
+    """The whole frame at its own (displayed) size; ``size`` is ignored and chunks are
+    ``(n, H, W, 3)`` (dense extraction resizes the frames itself, as it does frame files)."""
+    return frame_w, frame_h, (0, 0, frame_w, frame_h)
+
+
 class GeometryError(FreezeframeError, ValueError):
     """An invalid :class:`Geometry` (unknown mode/interpolation or a bad size)."""
 
@@ -127,7 +138,8 @@ class Geometry:
     Attributes:
         size: output side ``S`` in pixels (square output).
         mode: a :data:`GEOMETRIES` name: ``"short_side_crop"`` (scale the short side to
-            ``S``, centre crop) or ``"squash"`` (resize to ``S x S``).
+            ``S``, centre crop), ``"squash"`` (resize to ``S x S``) or ``"native"`` (the
+            displayed frame at its own size ``H x W``, ``size`` ignored).
         interpolation: an :data:`INTERPOLATIONS` name: ``"bilinear"``, ``"bicubic"``,
             ``"area"`` (swscale, applied by ``VideoFrame.reformat``).
         display: show the picture as a player does before ``mode`` applies: rotate it by
@@ -218,6 +230,8 @@ class FrameChunk:
 
 
 _HINTS = {
+    "fetch": "reading it kept failing with network errors after every retry: check the connection "
+    "or the endpoint, then rerun with --retry-failed",
     "open": "check it is a video (ffprobe shows a video stream) and fix or drop it from the manifest",
     "decode": "the file is corrupt or truncated: re-download or re-encode it "
     "(e.g. ffmpeg -i IN -c:v libx264 OUT.mp4), or drop it from the manifest",
@@ -231,7 +245,7 @@ _HINTS = {
 
 
 class DecodeError(FreezeframeError):
-    """A video cannot be decoded. ``stage`` is one of ``open``, ``decode``, ``empty``,
+    """A video cannot be decoded. ``stage`` is one of ``fetch``, ``open``, ``decode``, ``empty``,
     ``too_short``, ``too_long``.
 
     ``path`` is the video and ``reason`` what was found; ``str(error)`` adds what to do.
@@ -260,35 +274,25 @@ def _is_url(path: str) -> bool:
     return "::" in path or "://" in path
 
 
-def _close_fsspec(of: Any, fileobj: Any) -> None:
-    """Close a member file and the archive file an un-cached fsspec filesystem opened for it."""
-    for obj in (fileobj, of, getattr(of.fs, "fo", None), getattr(of.fs, "of", None)):
-        if obj is not None and hasattr(obj, "close"):
-            try:
-                obj.close()
-            except Exception:  # noqa: BLE001 - best effort cleanup, never mask the real error
-                pass
-
-
 def _open_container(path: str) -> tuple[av.container.InputContainer, Callable[[], None]]:
-    """Open ``path`` (local or fsspec URL); return the container and a release function."""
+    """Open ``path`` (local or fsspec URL); return the container and a release function.
+
+    URLs go through :func:`extract.inputs.open_input` (one cached file system per process,
+    tar members by a cached index, transient errors retried)."""
     src = str(path)
     if src.startswith("file://") and "::" not in src:
         src = src[len("file://") :]
     release: Callable[[], None] = lambda: None  # noqa: E731
     try:
         if _is_url(src):
-            import fsspec
-
-            # Own filesystem instance (no instance cache) so closing it closes its file
-            # handles without touching other readers of the same archive.
-            of = fsspec.open(src, "rb", skip_instance_cache=True)
-            release = lambda: _close_fsspec(of, None)  # noqa: E731
-            fileobj = of.open()
-            release = lambda: _close_fsspec(of, fileobj)  # noqa: E731
+            fileobj = open_input(src)
+            release = fileobj.close
             container = av.open(fileobj, mode="r", metadata_errors="ignore")
         else:
             container = av.open(src, mode="r", metadata_errors="ignore")
+    except FetchError as e:
+        release()
+        raise DecodeError("fetch", path, str(e)) from e
     except _OPEN_ERRORS as e:
         release()
         what = "file not found" if isinstance(e, FileNotFoundError) else "cannot open as a media file"
@@ -566,20 +570,29 @@ class _Converter:
 
 
 class _Chunker:
-    """Packs ``(S, S, 3)`` images into fresh ``(chunk_size, S, S, 3)`` arrays (never reused)."""
+    """Packs ``(H, W, 3)`` images (``(S, S, 3)`` but for the ``native`` geometry) into fresh
+    ``(chunk_size, H, W, 3)`` arrays (never reused), shaped by the first image."""
 
-    def __init__(self, chunk_size: int, size: int) -> None:
-        self.chunk_size, self.size = chunk_size, size
+    def __init__(self, chunk_size: int, src: str = "<video>") -> None:
+        self.chunk_size, self.src = chunk_size, src
+        self.shape: tuple[int, ...] | None = None
         self.total = 0
-        self._new()
+        self.n = 0
 
     def _new(self) -> None:
-        self.frames = np.empty((self.chunk_size, self.size, self.size, 3), dtype=np.uint8)
+        assert self.shape is not None
+        self.frames = np.empty((self.chunk_size, *self.shape), dtype=np.uint8)
         self.times = np.empty(self.chunk_size, dtype=np.float64)
         self.n = 0
 
     def add(self, image: np.ndarray, t: float) -> FrameChunk | None:
         """Store one image; return the chunk when it is full."""
+        if self.shape is None:
+            self.shape = image.shape
+            self._new()
+        elif image.shape != self.shape:  # only the native geometry follows the coded size
+            raise DecodeError("decode", self.src, f"the frame at {t:.3f} s is {image.shape[1]}x{image.shape[0]}, "
+                              f"the first {self.shape[1]}x{self.shape[0]}: the size changes mid-stream")
         self.frames[self.n] = image
         self.times[self.n] = t
         self.n += 1
@@ -619,6 +632,61 @@ def frame_cap(duration: float | None, fps: float, start: float | None = None,
     else:
         span = (min(end, duration) if end is not None else duration) - lo
     return math.ceil(fps * ((1 + CAP_MARGIN) * max(span, 0.0) + CAP_SLACK_S))
+
+
+class _Emitter:
+    """Selected ``(frame, t)`` pairs -> :class:`FrameChunk` s: converts each frame to an image,
+    enforces the stored-frame ``cap`` (``too_long``) and holds full chunks back until
+    ``min_frames`` frames exist; :meth:`close` checks ``empty`` / ``too_short`` and yields
+    the rest. Shared by every decoder so that they apply the same rules."""
+
+    def __init__(self, convert: Callable[[Any], np.ndarray], *, chunk_size: int,
+                 fps: float | None, cap: int | None, span: str, min_frames: int, src: str) -> None:
+        self.convert, self.fps, self.cap, self.span = convert, fps, cap, span
+        self.min_frames, self.src = min_frames, src
+        self.chunker = _Chunker(chunk_size, src)
+        self.pending: list[FrameChunk] = []  # full chunks held back until min_frames frames exist
+
+    def emit(self, items: Iterator[tuple[Any, float]]) -> Iterator[FrameChunk]:
+        chunker = self.chunker
+        for frame, t in items:
+            try:
+                image = self.convert(frame)
+            except _DECODE_ERRORS as e:
+                raise DecodeError("decode", self.src, f"cannot convert the frame at {t:.3f} s to RGB "
+                                  f"({type(e).__name__}: {e})") from e
+            full = chunker.add(image, t)
+            if self.cap is not None and chunker.total > self.cap:
+                raise DecodeError("too_long", self.src, (
+                    f"more than {self.cap:,} frames at {self.fps:g} fps, the cap for {self.span} "
+                    f"(+{CAP_MARGIN:.0%} +{CAP_SLACK_S:g} s): timestamps run past the duration its "
+                    f"header states (frame at {t:.3f} s)"))
+            if full is not None:
+                self.pending.append(full)
+                if chunker.total >= self.min_frames:
+                    yield from self.pending
+                    self.pending.clear()
+
+    def close(self, start: float | None, end: float | None) -> Iterator[FrameChunk]:
+        total = self.chunker.total
+        segment = "" if start is None and end is None else f" in segment [{start or 0.0}, {end or 'end'}) s"
+        if total == 0:
+            raise DecodeError("empty", self.src, f"no frames decoded{segment}")
+        if total < self.min_frames:
+            raise DecodeError("too_short", self.src,
+                              f"{total} frames{segment}, fewer than min_frames={self.min_frames}")
+        yield from self.pending
+        last = self.chunker.flush()
+        if last is not None:
+            yield last
+
+
+def _span_text(header_duration: float | None, start: float | None, end: float | None) -> str:
+    """What the frame cap was computed from, for the ``too_long`` message."""
+    span = "its unknown duration" if header_duration is None else f"its header duration of {header_duration:.3f} s"
+    if start is not None or end is not None:
+        span = f"the segment [{start or 0.0}, {end or 'end'}) s within {span}"
+    return span
 
 
 def _check_args(fps: float | None, start: float | None, end: float | None, chunk_size: int,
@@ -671,43 +739,19 @@ def iter_frames(
     _check_args(fps, start, end, chunk_size, threads, min_frames)
     if max_gap is not None and not max_gap > 0:
         raise ValueError(f"max_gap must be > 0 seconds or None (no limit), got {max_gap}")
-    chunker = _Chunker(chunk_size, geometry.size)
     src = str(path)
-    pending: list[FrameChunk] = []  # full chunks held back until min_frames frames exist
-
-    def emit(items: Iterator[tuple[av.VideoFrame, float]]) -> Iterator[FrameChunk]:
-        for frame, t in items:
-            try:
-                image = convert(frame)
-            except _DECODE_ERRORS as e:
-                raise DecodeError("decode", src, f"cannot convert the frame at {t:.3f} s to RGB "
-                                  f"({type(e).__name__}: {e})") from e
-            full = chunker.add(image, t)
-            if cap is not None and chunker.total > cap:
-                raise DecodeError("too_long", src, (
-                    f"more than {cap:,} frames at {fps:g} fps, the cap for {span} (+{CAP_MARGIN:.0%} "
-                    f"+{CAP_SLACK_S:g} s): timestamps run past the duration its header states "
-                    f"(frame at {t:.3f} s)"))
-            if full is not None:
-                pending.append(full)
-                if chunker.total >= min_frames:
-                    yield from pending
-                    pending.clear()
 
     with opened_video(src) as container:
         stream = video_stream(container, src)
         stream.thread_type = "AUTO"
         stream.codec_context.thread_count = threads
-        convert = _Converter(geometry, stream)  # used by emit() from here on
         timeline = _Timeline(stream)
         eps = timeline.eps
         selector = _Selector(fps, start, end, eps, max_gap=max_gap, src=src)
         header_duration = _header_duration(container, stream)
-        cap = None if fps is None else frame_cap(header_duration, fps, start, end)
-        span = "its unknown duration" if header_duration is None else \
-            f"its header duration of {header_duration:.3f} s"
-        if start is not None or end is not None:
-            span = f"the segment [{start or 0.0}, {end or 'end'}) s within {span}"
+        out = _Emitter(_Converter(geometry, stream), chunk_size=chunk_size, fps=fps,
+                       cap=None if fps is None else frame_cap(header_duration, fps, start, end),
+                       span=_span_text(header_duration, start, end), min_frames=min_frames, src=src)
         frames = _decode_from(container, stream, start, timeline)
         cut_by_end = False
         try:
@@ -716,6 +760,8 @@ def iter_frames(
                     frame = next(frames)
                 except StopIteration:
                     break
+                except FetchError as e:  # a remote input's network errors outlasted the retries
+                    raise DecodeError("fetch", src, str(e)) from e
                 except _DECODE_ERRORS as e:
                     where = f" after {timeline.last:.3f} s" if timeline.last is not None else ""
                     raise DecodeError("decode", src, f"demux/decode failed{where} "
@@ -729,21 +775,11 @@ def iter_frames(
                     cut_by_end = True
                     break
                 timeline.last = t
-                yield from emit(selector.push(frame, t))
-            yield from emit(selector.finish(cut_by_end))
+                yield from out.emit(selector.push(frame, t))
+            yield from out.emit(selector.finish(cut_by_end))
         finally:
             frames.close()
-
-    total = chunker.total
-    segment = "" if start is None and end is None else f" in segment [{start or 0.0}, {end or 'end'}) s"
-    if total == 0:
-        raise DecodeError("empty", src, f"no frames decoded{segment}")
-    if total < min_frames:
-        raise DecodeError("too_short", src, f"{total} frames{segment}, fewer than min_frames={min_frames}")
-    yield from pending
-    last = chunker.flush()
-    if last is not None:
-        yield last
+    yield from out.close(start, end)
 
 
 def decode_all(

@@ -3,12 +3,21 @@
 Label propagation (DAVIS-2017, JHMDB, VIP) needs every frame of a video at a protocol
 input size that is not square (DAVIS 480 x 880), so it does not go through the square
 ``extract`` pipeline: frames are read from the video's frame folder (JPEG / PNG, the
-layout the benchmarks ship) or decoded from a video file, resized **whole** (no crop) to
-the input size of the size policy, run through :meth:`Backbone.forward_dense`, and written
-to a regular feature store (zarr v3, one shard per video so grids may differ between
-videos) whose markers record each video's geometry::
+layout the benchmarks ship) or, when ``DenseVideo.video`` names a file, decoded from it
+with the stage-1 PyAV decoder (:func:`extract.decode.iter_frames`, frames selected by
+presentation time at ``fps``, at their own displayed size: the ``native`` geometry). Either
+way the frames, ``(n, H, W, 3)`` uint8 batch by batch, are resized **whole** (no crop) to the
+input size of the size policy by the same torch resize, so a lossless video and the
+folder of its frames give the same features. They go through
+:meth:`Backbone.forward_dense` and into a regular feature store (zarr v3, one shard per
+video so grids may differ between videos) whose markers record each video's geometry::
 
     {"frame_size": [H, W], "input_size": [Hi, Wi], "grid": [h, w], "frames": [names...]}
+
+and whose header's ``feature_shape`` is ``[h, w, C]`` when every video has the same grid
+(DAVIS, JHMDB), else ``[None, None, C]`` (VIP: each video's grid is in its geometry).
+Timestamps (seconds): ``index / fps`` for frame files, the decoded presentation times for
+a video file.
 
 Because the whole frame is resized, grid cell ``(i, j)`` covers exactly the original
 pixels ``[i H / h, (i + 1) H / h) x [j W / w, (j + 1) W / w)``: labels map back to pixels
@@ -37,6 +46,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from extract.backbones import Backbone, create_backbone
+from extract.decode import Geometry, iter_frames
 from manifests.dense import DenseVideo
 from pipeline.config import runtime
 from pipeline.errors import FreezeframeError, StoreError
@@ -50,6 +60,8 @@ __all__ = [
     "DenseExtractError",
     "input_size",
     "read_frame_folder",
+    "iter_video_frames",
+    "frame_size",
     "prepare_frames",
     "extract_dense",
     "video_geometry",
@@ -98,7 +110,9 @@ class DenseExtractConfig:
         interpolation: frame resize (``bicubic`` or ``bilinear``, antialiased);
             None: the backbone's preprocessing interpolation.
         dtype: stored dtype (``float16``, ``float32``, ``int8``).
-        fps: nominal frame rate giving frame-folder timestamps (``index / fps`` seconds).
+        fps: frames per second: frame-folder timestamps are ``index / fps`` seconds; from a
+            video file frames are selected at this rate by presentation time (as stage 1
+            does), and there must be as many as the video's frame names.
         batch_size: frames per forward (runtime).
         device: where the backbone runs (runtime).
     """
@@ -124,6 +138,50 @@ def read_frame_folder(video: DenseVideo) -> Iterator[np.ndarray]:
             raise DenseExtractError(f"{video.video_id}: cannot read frame {path!r} ({e})") from None
 
 
+#: the stage-1 decoder's geometry for dense extraction: whole frames at their displayed size
+NATIVE = Geometry(mode="native")
+
+
+def _decoded(video: DenseVideo, fps: float, chunk_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    for chunk in iter_frames(video.video, geometry=NATIVE, fps=fps, chunk_size=chunk_size):
+        yield chunk.frames, chunk.timestamps
+
+
+def _from_folder(video: DenseVideo, fps: float, chunk_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    frames = read_frame_folder(video)
+    for i in range(0, len(video.frames), chunk_size):
+        batch = [next(frames) for _ in range(min(chunk_size, len(video.frames) - i))]
+        if len({f.shape for f in batch}) > 1:
+            raise DenseExtractError(f"{video.video_id}: frames {i}..{i + len(batch) - 1} differ in size")
+        yield np.stack(batch), np.arange(i, i + len(batch), dtype=np.float64) / fps
+
+
+def iter_video_frames(video: DenseVideo, fps: float, chunk_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``video``'s frames in order, ``chunk_size`` at a time: ``(n, H, W, 3)`` uint8 RGB and
+    ``(n,)`` float64 seconds (decoded from ``video.video`` when set, else the frame files).
+
+    Raises:
+        DecodeError: the video file cannot be decoded (its stage says why).
+        DenseExtractError: a frame file cannot be read.
+    """
+    return (_decoded if video.video else _from_folder)(video, fps, chunk_size)
+
+
+def frame_size(video: DenseVideo, fps: float) -> tuple[int, int]:
+    """``(H, W)`` of ``video``'s frames: the manifest's, else the first frame file's header, else
+    the first decoded frame of its video file."""
+    if video.video:
+        frames, _ = next(iter(_decoded(video, fps, 1)))
+        return int(frames.shape[1]), int(frames.shape[2])
+    if video.size != (0, 0):
+        return video.size
+    try:
+        with Image.open(video.frames[0]) as im:
+            return im.height, im.width
+    except (OSError, IndexError) as e:
+        raise DenseExtractError(f"{video.video_id}: cannot read its first frame ({e})") from None
+
+
 def prepare_frames(frames: np.ndarray, backbone: Backbone, size: tuple[int, int], interpolation: str) -> torch.Tensor:
     """``(n, H, W, 3)`` uint8 -> ``(n, 3, Hi, Wi)`` float32, resized whole and normalised."""
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div_(255.0)
@@ -146,8 +204,11 @@ def video_geometry(store_path: str | os.PathLike) -> dict[str, dict]:
     return out
 
 
-def _header(cfg: DenseExtractConfig, backbone: Backbone, videos: Sequence[DenseVideo], interpolation: str) -> dict:
+def _header(cfg: DenseExtractConfig, backbone: Backbone, videos: Sequence[DenseVideo], interpolation: str,
+            grids: Sequence[tuple[int, int]]) -> dict:
     desc = backbone.describe()
+    shared = set(grids)
+    feature_shape = [*next(iter(shared)), backbone.channels] if len(shared) == 1 else [None, None, backbone.channels]
     return {
         "format_version": 1,
         "kind": "dense",
@@ -161,7 +222,7 @@ def _header(cfg: DenseExtractConfig, backbone: Backbone, videos: Sequence[DenseV
             "dtype": cfg.dtype,
             "fps": cfg.fps,
             "channels": backbone.channels,
-            "feature_shape": None,  # per video: see each video's geometry
+            "feature_shape": feature_shape,  # [None, None, C]: grids differ, see each video's geometry
             "manifest_sha256": manifest_sha256([v.row() for v in videos]),
             "num_videos": len(videos),
             "num_shards": len(videos),  # shard k = video k, so status/verify see what is missing
@@ -186,7 +247,9 @@ def extract_dense(
 
     Raises:
         ConfigMismatchError: the store exists with other content settings.
-        DenseExtractError: a frame cannot be read or the frames of a video differ in size.
+        DenseExtractError: a frame cannot be read, the frames of a video differ in size, or a
+            video file holds another number of frames (at ``fps``) than its frame names.
+        DecodeError: a video file cannot be decoded.
     """
     bb = backbone or create_backbone(
         cfg.backbone, weights=cfg.weights, pretrained=not cfg.random_weights, dynamic_size=True
@@ -194,32 +257,41 @@ def extract_dense(
     if not bb.dense_step:
         raise DenseExtractError(f"backbone {cfg.backbone!r} has no any-size forward")
     interp = cfg.interpolation or bb.preprocess.interpolation
+    sizes = [frame_size(v, cfg.fps) for v in videos]
+    inputs = [input_size(cfg.size_policy, hw, bb.dense_step) for hw in sizes]
+    grids = [bb.dense_grid(*size) for size in inputs]
     root = Path(store_path)
-    init_store(root, _header(cfg, bb, videos, interp))
+    init_store(root, _header(cfg, bb, videos, interp, grids))
     device = torch.device(cfg.device)
     bb = bb.to(device)
     for k, video in enumerate(videos):
         name = shard_name(k)
         if marker_path(root, name).exists():
             continue
-        frames = np.stack(list(read_frame_folder(video)))
-        if frames.shape[0] != len(video.frames):
-            raise DenseExtractError(f"{video.video_id}: read {frames.shape[0]} of {len(video.frames)} frames")
-        h, w = frames.shape[1:3]
-        size = input_size(cfg.size_policy, (h, w), bb.dense_step)
-        grid = bb.dense_grid(*size)
+        (h, w), size, grid = sizes[k], inputs[k], grids[k]
         writer = ShardWriter.create(root, name, feature_shape=(*grid, bb.channels), dtype=cfg.dtype,
                                     frames_per_file=max(1, len(video.frames)))
         geometry = {"frame_size": [h, w], "input_size": list(size), "grid": list(grid),
                     "frames": list(video.frame_names)}
         writer.begin_video({"video_id": video.video_id, "split": video.split, "label": None,
                             "label_name": None, "geometry": geometry})
+        count = 0
         with torch.inference_mode():
-            for i in range(0, len(frames), cfg.batch_size):
-                x = prepare_frames(frames[i : i + cfg.batch_size], bb, size, interp).to(device)
-                feats = bb.forward_dense(x).cpu().numpy()
-                ts = np.arange(i, i + feats.shape[0], dtype=np.float64) / cfg.fps
-                writer.append(feats, ts)
+            for frames, ts in iter_video_frames(video, cfg.fps, cfg.batch_size):
+                if frames.shape[1:3] != (h, w):
+                    raise DenseExtractError(f"{video.video_id}: frame {count} is {frames.shape[2]}x{frames.shape[1]}, "
+                                            f"the first {w}x{h}: every frame of a video must have one size")
+                count += len(frames)
+                if count > len(video.frames):
+                    break
+                x = prepare_frames(frames, bb, size, interp).to(device)
+                writer.append(bb.forward_dense(x).cpu().numpy(), ts)
+        if count != len(video.frames):
+            n = len(video.frames)
+            got = f"more than {n}" if count > n else str(count)
+            raise DenseExtractError(f"{video.video_id}: {got} frames from {video.video or video.frames_dir} at "
+                                    f"{cfg.fps:g} fps, but it has {n} frame names; give the rate the frames were "
+                                    "taken at (--fps) or fix the manifest")
         writer.end_video()
         writer.finish()
         if progress is not None:

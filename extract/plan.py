@@ -1,14 +1,22 @@
-"""``freezeframe plan``: what an extraction would produce, from container headers only.
+"""``freezeframe plan``: what an extraction would produce and cost, without decoding.
 
 It takes the same :class:`~extract.config.ExtractConfig` as ``freezeframe extract`` (built
 by :func:`extract.config.resolve_extract_config`) and plans shards with the same
-:func:`extract.runner.plan_shards`.
+:func:`extract.runner.plan_shards`. Frames come from the container headers
+(:func:`make_plan`), from the manifest's segments (``start``/``end``) for videos that are not
+on this machine, or from a ``N videos x S seconds`` estimate (:func:`estimate_plan`) when
+there is no manifest yet. Hours: frames / (frames/s per device x devices), the rate measured
+by ``python -m bench.backbones`` (docs/bench-backbones.json, :func:`measured_rate`) unless
+given (docs/scale.md).
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 import stat
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -17,7 +25,9 @@ from extract.config import ExtractConfig
 from extract.decode import DecodeError, probe
 from extract.encode import feature_shape
 from extract.runner import plan_shards
+from pipeline.errors import FreezeframeError
 from pipeline.manifest import ManifestRow, read_manifest
+from pipeline.remote import require_fs_libraries
 from pipeline.store import STORAGE_DTYPES
 
 
@@ -30,10 +40,47 @@ class Plan:
     feature_shape: tuple[int, int, int]
     bytes_per_frame: int  # uncompressed, including int8 scales and timestamps
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (video_id, reason)
+    #: how ``frames`` was obtained: "headers", "headers + manifest segments", "estimate"
+    source: str = "headers"
+    #: videos not on this machine whose frames come from their manifest segment (start/end)
+    from_segments: int = 0
 
     @property
     def bytes(self) -> int:
         return self.frames * self.bytes_per_frame
+
+    def bytes_as(self, dtype: str) -> int:
+        """Uncompressed store bytes if stored as ``dtype`` (same grid)."""
+        return self.frames * bytes_per_frame(self.feature_shape, dtype)
+
+
+#: where ``python -m bench.backbones`` records the measured backbone rates (docs/benchmarks.md)
+RATES_FILE = Path(__file__).resolve().parents[1] / "docs" / "bench-backbones.json"
+
+
+@dataclass(frozen=True)
+class Rate:
+    """Frames/s of one device and where the number comes from."""
+
+    frames_per_s: float
+    source: str
+
+
+def measured_rate(backbone: str, path: Path = RATES_FILE) -> Rate | None:
+    """The model-only frames/s measured for ``backbone`` (None if it was not measured)."""
+    try:
+        data = json.loads(path.read_text())
+        r = data["backbones"][backbone]
+        return Rate(float(r["frames_per_s"]), f"measured: {data.get('machine', '?')}, {data.get('date', '?')}, "
+                                              f"{r.get('weights', '?')} weights (docs/benchmarks.md)")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def device_hours(frames: int, frames_per_s: float, devices: int) -> float:
+    """Wall-clock hours for ``frames`` on ``devices`` devices of ``frames_per_s`` each
+    (perfect split: dynamic shard claiming keeps every device busy to the last shard)."""
+    return frames / (frames_per_s * max(1, devices)) / 3600.0
 
 
 def bytes_per_frame(shape: tuple[int, int, int], dtype: str) -> int:
@@ -66,15 +113,33 @@ def special_file(path: str) -> str | None:
     return "not a regular file"
 
 
-def make_plan(rows: list[ManifestRow], cfg: ExtractConfig, shape: tuple[int, int, int]) -> Plan:
+def _absent(path: str) -> bool:
+    """A local path (not a URL) with no file behind it."""
+    local = path.rsplit("::", 1)[-1]
+    local = local[len("file://"):] if local.startswith("file://") else local
+    return "://" not in local and not os.path.exists(local)
+
+
+def make_plan(rows: list[ManifestRow], cfg: ExtractConfig, shape: tuple[int, int, int],
+              native_fps: float = 30.0) -> Plan:
     """Probe every video's header (no decoding) and add up frames, bytes and shards.
 
-    Paths that are not regular files (a FIFO would block the probe forever) are listed in
-    ``unreadable`` without being opened."""
+    A video that is not on this machine but whose manifest row has a segment (``start`` and
+    ``end``, seconds) counts ``(end - start) x fps`` frames (``native_fps`` when ``cfg.fps``
+    keeps every frame). Paths that are not regular files (a FIFO would block the probe
+    forever) are listed in ``unreadable`` without being opened."""
+    require_fs_libraries(r.path for r in rows)  # s3:// without s3fs: one line with the pip command
     frames = 0
     seconds = 0.0
+    segments = 0
     bad: list[tuple[str, str]] = []
     for r in rows:
+        if r.start is not None and r.end is not None and _absent(r.path):
+            dur = max(r.end - r.start, 0.0)
+            frames += round(dur * (cfg.fps or native_fps))
+            seconds += dur
+            segments += 1
+            continue
         kind = special_file(r.path)
         if kind is not None:
             bad.append((r.video_id, f"{r.path}: {kind}, not a regular file; not opened "
@@ -99,11 +164,31 @@ def make_plan(rows: list[ManifestRow], cfg: ExtractConfig, shape: tuple[int, int
         feature_shape=shape,
         bytes_per_frame=bytes_per_frame(shape, cfg.dtype),
         unreadable=bad,
+        source="headers + manifest segments" if segments else "headers",
+        from_segments=segments,
     )
 
 
-def plan_extraction(cfg: ExtractConfig) -> Plan:
-    """The plan of ``cfg.manifest`` for ``cfg`` (``freezeframe plan``): the backbone is built
-    with random weights, since only its grid and width are needed (no checkpoint is read)."""
+def estimate_plan(cfg: ExtractConfig, shape: tuple[int, int, int], videos: int, seconds: float,
+                  native_fps: float = 30.0) -> Plan:
+    """The plan of ``videos`` videos of ``seconds`` seconds each, without a manifest:
+    ``seconds x fps`` frames per video (``native_fps`` when ``cfg.fps`` keeps every frame)."""
+    if videos < 1 or not seconds > 0 or not native_fps > 0:
+        raise FreezeframeError(f"an estimate needs --videos >= 1, --seconds > 0 and --native-fps > 0 "
+                               f"(got {videos}, {seconds}, {native_fps})")
+    per_video = round(seconds * (cfg.fps or native_fps))
+    return Plan(videos=videos, shards=math.ceil(videos / cfg.videos_per_shard), frames=videos * per_video,
+                seconds_of_video=videos * seconds, feature_shape=shape,
+                bytes_per_frame=bytes_per_frame(shape, cfg.dtype), source="estimate")
+
+
+def plan_shape(cfg: ExtractConfig) -> tuple[int, int, int]:
+    """The stored (H, W, C) per frame: the backbone is built with random weights, since only
+    its grid and width are needed (no checkpoint is read)."""
     backbone = create_backbone(cfg.backbone, pretrained=False, image_size=cfg.image_size)
-    return make_plan(read_manifest(cfg.manifest), cfg, feature_shape(backbone, cfg))
+    return feature_shape(backbone, cfg)
+
+
+def plan_extraction(cfg: ExtractConfig, native_fps: float = 30.0) -> Plan:
+    """The plan of ``cfg.manifest`` for ``cfg`` (``freezeframe plan``)."""
+    return make_plan(read_manifest(cfg.manifest), cfg, plan_shape(cfg), native_fps)

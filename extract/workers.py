@@ -1,11 +1,14 @@
-"""Killable decode workers that run ahead of the model.
+"""Killable decode workers that run ahead of the model, several videos at once.
 
-Videos are dealt round-robin to ``num_workers`` worker processes (spawned, so they share no
-threads or CUDA state with the main process). Each worker decodes its videos in order and
-hands frame chunks to a sender thread through a *bounded* queue, so decoding runs ahead of
-the model by at most ``queue_chunks`` chunks per worker (memory stays bounded whatever a
-video's length) while the main process consumes video i from one worker and the next videos
-are being decoded by the others.
+Videos are dealt to ``num_workers`` worker processes (spawned, so they share no threads or
+CUDA state with the main process) as they finish earlier ones: each worker decodes one video
+and has the next one queued, so ``num_workers`` videos are decoded at once. A worker hands
+frame chunks to a sender thread through a *bounded* queue (``queue_chunks``) and its pipe.
+The main process yields the events in job order: the oldest unfinished video streams
+through, later ones wait in a reorder buffer bounded in bytes (``buffer_bytes``); when it is
+full only the oldest video's worker is read and the others block, so memory stays bounded
+whatever the videos' lengths (:class:`DecodePool`). Measured scaling: ``bench/decode.py``,
+``docs/benchmarks.md``.
 
 Transport: each worker writes length-prefixed pickled messages into its own pipe, whose
 write end only the worker holds, so a worker that dies (any signal, an out-of-memory kill)
@@ -38,30 +41,17 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
-import queue
 import select
 import signal
-import threading
 import time
-import traceback
-import zlib
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from extract.decode_worker import _HEADER, DecodeJob, _worker_main
 from pipeline.store import Failure
-
-
-@dataclass(frozen=True)
-class DecodeJob:
-    """What a worker needs to decode one video (picklable)."""
-
-    index: int  # position in the current batch of jobs
-    video_id: str
-    path: str
-    start: float | None = None  # seconds
-    end: float | None = None  # seconds
 
 
 @dataclass
@@ -75,115 +65,22 @@ class ChunkEvent:
 class DoneEvent:
     index: int
     num_frames: int
+    retries: int = 0  # transient input errors retried (not failures)
 
 
 @dataclass
 class FailedEvent:
     index: int
     failure: Failure
+    retries: int = 0  # transient input errors retried before the video failed
 
 
 Event = ChunkEvent | DoneEvent | FailedEvent
 
 
-_POLL_S = 1.0  # how often a waiting worker checks that the main process is still alive
-_HEADER = 8  # bytes of the little-endian length that precedes each pickled message
+_POLL_S = 1.0  # seconds between checks while the main process waits for messages
 _PIPE_BYTES = 1 << 20  # pipe buffer asked for (Linux F_SETPIPE_SZ): fewer wake-ups per chunk
 _F_SETPIPE_SZ = 1031
-
-
-def _die_with_parent() -> None:
-    """Linux: have the kernel SIGKILL this worker when the thread that started it (the pool's
-    owner) dies, even while a native decoder hangs; the polling in :func:`_worker_main`
-    covers the other systems."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-class _Sender:
-    """Worker side of the pipe: a thread writes queued messages, length-prefixed.
-
-    ``put`` blocks while ``maxsize`` messages wait (the run-ahead bound). If the main process
-    is gone the write fails (broken pipe) and the worker exits at once.
-    """
-
-    def __init__(self, fd: int, maxsize: int, orphaned: Any) -> None:
-        self.fd, self.orphaned = fd, orphaned
-        self.queue: queue.Queue = queue.Queue(maxsize=max(1, maxsize))
-        threading.Thread(target=self._run, name="ff-decode-sender", daemon=True).start()
-
-    def put(self, msg: tuple) -> None:
-        while True:
-            try:
-                self.queue.put(msg, timeout=_POLL_S)
-                return
-            except queue.Full:
-                if self.orphaned():
-                    raise SystemExit(0) from None
-
-    def _run(self) -> None:
-        try:
-            while True:
-                data = pickle.dumps(self.queue.get(), protocol=pickle.HIGHEST_PROTOCOL)
-                self._write(len(data).to_bytes(_HEADER, "little"))
-                self._write(data)
-                self.queue.task_done()
-        except OSError:  # broken pipe: the main process is gone or gave up on this worker
-            os._exit(0)
-
-    def _write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view):]
-
-
-def _frame_crcs(frames: np.ndarray) -> np.ndarray:
-    """CRC-32 of each frame's pixels: ``(n, S, S, 3)`` uint8 -> ``(n,)`` uint32."""
-    return np.fromiter((zlib.crc32(np.ascontiguousarray(f)) for f in frames), dtype=np.uint32,
-                       count=len(frames))
-
-
-def _worker_main(jobs: Any, conn: Any, decode_kwargs: dict, queue_chunks: int) -> None:
-    """Worker loop: decode each job and send ("chunk" | "done" | "failed") messages.
-
-    Exits when it gets ``None`` or when the main process is gone (killed with SIGKILL, a
-    worker blocked on its queues would otherwise live on as an orphan).
-    """
-    from extract.decode import DecodeError, iter_frames
-
-    _die_with_parent()
-    parent = mp.parent_process()
-
-    def orphaned() -> bool:
-        return parent is not None and not parent.is_alive()
-
-    out = _Sender(conn.fileno(), queue_chunks, orphaned)
-    out.put(("ready", -1, os.getpid()))  # imports done: from now on waiting counts against the timeout
-    while True:
-        try:
-            job = jobs.get(timeout=_POLL_S)
-        except queue.Empty:
-            if orphaned():
-                return
-            continue
-        if job is None:
-            break
-        n = 0
-        try:
-            for chunk in iter_frames(job.path, start=job.start, end=job.end, **decode_kwargs):
-                out.put(("chunk", job.index, chunk.frames, chunk.timestamps, _frame_crcs(chunk.frames)))
-                n += len(chunk.frames)
-            out.put(("done", job.index, n))
-        except DecodeError as e:
-            out.put(("failed", job.index, e.stage, type(e).__name__, str(e)))
-        except Exception as e:  # noqa: BLE001 - any decoder error is data about this video
-            msg = f"{e} | {traceback.format_exc(limit=3).strip().splitlines()[-1]}"
-            out.put(("failed", job.index, "decode", type(e).__name__, msg))
-    out.queue.join()  # every message written before the process exits
 
 
 class _Inbox:
@@ -239,15 +136,16 @@ class _Inbox:
 
 
 class _Worker:
-    def __init__(self, ctx: Any, decode_kwargs: dict, queue_chunks: int) -> None:
+    def __init__(self, ctx: Any, decoder: Any, decode_kwargs: dict, queue_chunks: int) -> None:
         self.jobs = ctx.Queue()
         reader, writer = ctx.Pipe(duplex=False)
-        self.proc = ctx.Process(target=_worker_main, args=(self.jobs, writer, decode_kwargs, queue_chunks),
+        self.proc = ctx.Process(target=_worker_main, args=(self.jobs, writer, decoder, decode_kwargs, queue_chunks),
                                 daemon=True, name="ff-decode")
         self.proc.start()
         writer.close()  # the worker now holds the only write end: its death is an end-of-file here
         self.inbox = _Inbox(reader)
         self.videos_done = 0
+        self.assigned: deque[int] = deque()  # its unfinished jobs (indices), in the order it decodes them
         self.ready = False  # its first message, "ready", says its imports are done
         self.started = time.monotonic()
 
@@ -344,20 +242,51 @@ class _Replay:
         return n, None
 
 
+@dataclass
+class _JobState:
+    """The consumer's view of one job: chunks received but not yet yielded (the reorder
+    buffer), its end event once known, and what a retry must reproduce."""
+
+    job: DecodeJob
+    chunks: deque = field(default_factory=deque)  # ChunkEvent, in order
+    nbytes: int = 0  # bytes of ``chunks``' frames
+    end: "DoneEvent | FailedEvent | None" = None
+    worker: int = -1  # the worker it is assigned to
+    attempt: _Attempt = field(default_factory=_Attempt)
+    replay: _Replay | None = None
+    waited: float = 0.0  # seconds it kept the consumer waiting (as the head job), start-up excluded
+
+
 class DecodePool:
     """A pool of decode workers; :meth:`run` yields events for jobs in job order.
+
+    Several videos are decoded at once, one per worker, and each worker has its next video
+    queued. Jobs are dealt to the worker with the fewest unfinished jobs, as workers finish
+    them (a long video does not hold back the short ones behind it). Events come out in job
+    order: the chunks of the oldest unfinished job (the *head*) stream through as they
+    arrive, and the chunks of later jobs wait in a reorder buffer of at most
+    ``buffer_bytes``. When it is full, the pool reads only the head's worker; the others
+    block on their pipes (their run-ahead is ``queue_chunks`` chunks plus a pipe buffer), so
+    memory stays bounded whatever the videos' lengths. The head job is always being decoded
+    (a worker decodes its jobs in order, and every job before the head is finished), so the
+    pool never deadlocks. A worker that dies is noticed when its pipe ends, a stall when its
+    job is the head (see the module doc for the timeout).
 
     Args:
         num_workers: worker processes (>= 1).
         decode_kwargs: keyword arguments of ``extract.decode.iter_frames`` (geometry, fps,
             chunk_size, threads, min_frames, max_gap).
+        decoder: a picklable decoder (:mod:`extract.decoders`); default PyAV.
         timeout_s: total seconds a video may keep the consumer waiting (see module doc).
         startup_s: seconds a new worker may take to start (imports) before it is replaced.
-        queue_chunks: chunks each worker may decode ahead.
+        queue_chunks: chunks each worker may decode ahead of its pipe.
         recycle_after: replace a worker after this many videos (caps slow leaks in native
             decoders, like ``maxtasksperchild``).
         retries: times a video is decoded again on a fresh worker after its worker died or
             stalled, before it is recorded as a failure.
+        buffer_bytes: most bytes of decoded frames held for jobs after the head.
+        jobs_per_worker: jobs queued on a worker at once (1: it idles between videos while
+            the consumer hands it the next one).
     """
 
     def __init__(
@@ -365,23 +294,34 @@ class DecodePool:
         num_workers: int,
         decode_kwargs: dict,
         *,
+        decoder: Any = None,
         timeout_s: float = 120.0,
         startup_s: float = 300.0,
         queue_chunks: int = 4,
         recycle_after: int = 500,
         retries: int = 1,
+        buffer_bytes: int = 512 << 20,
+        jobs_per_worker: int = 2,
     ) -> None:
+        if decoder is None:
+            from extract.decoders import PyAVDecoder  # lazy: the module imports the decode stack
+
+            decoder = PyAVDecoder()
         self.ctx = mp.get_context("spawn")
+        self.decoder = decoder
         self.decode_kwargs = decode_kwargs
         self.timeout_s = timeout_s
         self.startup_s = startup_s
         self.queue_chunks = queue_chunks
         self.recycle_after = recycle_after
         self.retries = retries
+        self.buffer_bytes = buffer_bytes
+        self.jobs_per_worker = max(1, jobs_per_worker)
+        self.peak_buffer_bytes = 0  # most bytes the reorder buffer held (for tests and benchmarks)
         self.workers = [self._spawn() for _ in range(max(1, num_workers))]
 
     def _spawn(self) -> _Worker:
-        return _Worker(self.ctx, self.decode_kwargs, self.queue_chunks)
+        return _Worker(self.ctx, self.decoder, self.decode_kwargs, self.queue_chunks)
 
     def close(self) -> None:
         for w in self.workers:
@@ -394,85 +334,171 @@ class DecodePool:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # ------------------------------------------------------------------ the run
     def run(self, jobs: Sequence[DecodeJob]) -> Iterator[Event]:
         """Decode ``jobs`` (with ``job.index == position``); yield events in job order.
 
         For each job: zero or more :class:`ChunkEvent`, then one :class:`DoneEvent` or one
         :class:`FailedEvent` (after which that job's earlier chunks must be discarded).
         """
-        nw = len(self.workers)
-        # recycle long-lived workers between runs
-        for k, w in enumerate(self.workers):
+        for k, w in enumerate(self.workers):  # recycle long-lived workers between runs
             if w.videos_done >= self.recycle_after:
                 w.stop()
                 self.workers[k] = self._spawn()
-        for job in jobs:
-            self.workers[job.index % nw].jobs.put(job)
-        for job in jobs:
-            k = job.index % nw
-            yield from self._consume(job, k, jobs)
+            w.assigned.clear()  # a run abandoned by its consumer leaves nothing behind
+        self._states = [_JobState(job) for job in jobs]
+        self._next = 0  # next job to deal
+        self._buffered = 0  # bytes in the reorder buffer (jobs after the head)
+        try:
+            for head in range(len(jobs)):
+                self._head = head
+                st = self._states[head]
+                while True:
+                    self._deal()
+                    while st.chunks:
+                        ev = st.chunks.popleft()
+                        st.nbytes -= ev.frames.nbytes
+                        self._buffered -= ev.frames.nbytes
+                        yield ev
+                    if st.end is not None:
+                        yield st.end
+                        break
+                    self._pump(head)
+                self._states[head] = None  # type: ignore[call-overload]  # free it
+        finally:
+            if any(w.assigned for w in self.workers):  # the consumer stopped early: drop queued work
+                for k, w in enumerate(self.workers):
+                    if w.assigned:
+                        w.kill()
+                        self.workers[k] = self._spawn()
 
-    def _consume(self, job: DecodeJob, k: int, jobs: Sequence[DecodeJob]) -> Iterator[Event]:
-        attempt = _Attempt()
-        replay: _Replay | None = None
-        waited = 0.0
+    def _deal(self) -> None:
+        """Give the next jobs to the workers with the fewest unfinished jobs."""
+        while self._next < len(self._states):
+            k = min(range(len(self.workers)), key=lambda i: len(self.workers[i].assigned))
+            w = self.workers[k]
+            if len(w.assigned) >= self.jobs_per_worker:
+                return
+            st = self._states[self._next]
+            st.worker = k
+            w.assigned.append(self._next)
+            w.jobs.put(st.job)
+            self._next += 1
+
+    def _pump(self, head: int) -> None:
+        """Wait (at most 1 s) for messages; handle every complete one that arrived, from the
+        head's worker and, while the buffer has room, from the others; then check the head's
+        worker for a stall."""
+        st = self._states[head]
+        hk = st.worker
+        listen = [k for k, w in enumerate(self.workers)
+                  if k == hk or (w.assigned and self._buffered < self.buffer_bytes)]
+        poller = select.poll()
+        for k in listen:
+            poller.register(self.workers[k].inbox.fd, select.POLLIN)
+        t0 = time.monotonic()
+        poller.poll(int(1000 * min(1.0, max(self.timeout_s - st.waited, 0.01))))
+        if self.workers[hk].ready:
+            st.waited += time.monotonic() - t0
+        for k in listen:
+            self._drain(k)
+        if st.end is None and not st.chunks:
+            fault = self._stall(self.workers[hk], st.waited)
+            if fault is not None:
+                self._fault(hk, fault)
+
+    def _drain(self, k: int) -> None:
+        """Handle the complete messages waiting in worker k's pipe (only one while the buffer
+        is full: the head's chunks are yielded before more are read)."""
         while True:
             w = self.workers[k]
-            t0 = time.monotonic()
-            fault: _Fault | None = None
             try:
-                msg = w.inbox.recv(timeout=min(1.0, max(self.timeout_s - waited, 0.01)))
+                msg = w.inbox.recv(timeout=0)
             except EOFError:
-                msg = None
-                sig = w.death()
-                fault = _Fault("worker_died", "WorkerDied", f"worker_died: {sig}", _DEATH_ADVICE)
-            if w.ready:
-                waited += time.monotonic() - t0
-            if msg is None and fault is None:
-                fault = self._stall(w, waited)
-            if fault is not None:
-                attempt.faults.append(fault)
-                if len(attempt.faults) <= self.retries:  # again from the start on a fresh worker
-                    self._replace(k, jobs, first=job.index)
-                    replay, waited = attempt.replay(), 0.0
-                    continue
-                self._replace(k, jobs, first=job.index + 1)
-                yield self._failed(job, attempt)
+                self._fault(k, _Fault("worker_died", "WorkerDied", f"worker_died: {w.death()}", _DEATH_ADVICE))
                 return
             if msg is None:
-                continue
-            kind, index = msg[0], msg[1]
-            if kind == "ready":
-                w.ready = True
-                continue
-            if index != job.index:  # cannot happen: each worker serves its jobs in order
-                raise RuntimeError(f"decode worker sent job {index}, expected {job.index}")
-            if kind == "chunk":
-                frames, times, crcs = msg[2], msg[3], msg[4]
-                if replay is not None and replay.left:
-                    drop, mismatch = replay.consume(times, crcs)
-                    if mismatch is not None:
-                        self._replace(k, jobs, first=job.index + 1)
-                        yield self._failed(job, attempt, f"the retry on a fresh worker decoded other frames: "
-                                                         f"{mismatch}")
-                        return
-                    frames, times, crcs = frames[drop:], times[drop:], crcs[drop:]
-                    if not len(times):
-                        continue
-                attempt.delivered(times, crcs)
-                yield ChunkEvent(index, frames, times)
-            elif kind == "done":
-                w.videos_done += 1
-                if replay is not None and replay.left:
-                    yield self._failed(job, attempt, f"the retry on a fresh worker decoded {msg[2]} frames, "
-                                                     f"fewer than the {len(replay.times)} already delivered")
+                return
+            self._handle(k, msg)
+            if self._buffered >= self.buffer_bytes:  # one message at a time while the buffer is full
+                return
+
+    def _handle(self, k: int, msg: tuple) -> None:
+        w = self.workers[k]
+        kind, index = msg[0], msg[1]
+        if kind == "ready":
+            w.ready = True
+            return
+        if not w.assigned or index != w.assigned[0]:  # cannot happen: a worker serves its jobs in order
+            raise RuntimeError(f"decode worker sent job {index}, expected {list(w.assigned)[:1]}")
+        st = self._states[index]
+        if kind == "chunk":
+            frames, times, crcs = msg[2], msg[3], msg[4]
+            if st.replay is not None and st.replay.left:
+                drop, mismatch = st.replay.consume(times, crcs)
+                if mismatch is not None:
+                    self._finish(k, self._failed(st, f"the retry on a fresh worker decoded other frames: "
+                                                     f"{mismatch}"), kill=True)
                     return
-                yield DoneEvent(index, msg[2])
-                return
+                frames, times, crcs = frames[drop:], times[drop:], crcs[drop:]
+                if not len(times):
+                    return
+            st.attempt.delivered(times, crcs)
+            st.chunks.append(ChunkEvent(index, frames, times))
+            st.nbytes += frames.nbytes
+            self._buffered += frames.nbytes
+            self.peak_buffer_bytes = max(self.peak_buffer_bytes, self._buffered)
+            return
+        w.videos_done += 1
+        if kind == "done":
+            n, retries = msg[2], msg[3]
+            if st.replay is not None and st.replay.left:
+                self._finish(k, self._failed(st, f"the retry on a fresh worker decoded {n} frames, fewer "
+                                                 f"than the {len(st.replay.times)} already delivered"))
             else:
-                w.videos_done += 1
-                yield FailedEvent(index, Failure(job.video_id, msg[2], msg[3], msg[4]))
-                return
+                self._finish(k, DoneEvent(index, n, retries))
+        else:
+            stage, etype, text, retries = msg[2], msg[3], msg[4], msg[5]
+            self._finish(k, FailedEvent(index, Failure(st.job.video_id, stage, etype, text), retries))
+
+    def _finish(self, k: int, end: DoneEvent | FailedEvent, *, kill: bool = False) -> None:
+        """Record the end of worker k's current job; a failed job's buffered chunks are dropped
+        (the consumer discards a failed video). ``kill``: the worker is still decoding it."""
+        w = self.workers[k]
+        index = w.assigned.popleft()
+        st = self._states[index]
+        st.end = end
+        if isinstance(end, FailedEvent):
+            self._buffered -= st.nbytes
+            st.chunks.clear()
+            st.nbytes = 0
+        if kill:
+            self._replace(k)
+
+    def _fault(self, k: int, fault: _Fault) -> None:
+        """Worker k died or stalled: its current job is tried again from the start on a fresh
+        worker (frames already received are checked, then dropped), or fails after
+        ``retries`` faults; the fresh worker then takes k's other jobs."""
+        w = self.workers[k]
+        if not w.assigned:  # died between jobs
+            self._replace(k)
+            return
+        st = self._states[w.assigned[0]]
+        st.attempt.faults.append(fault)
+        if len(st.attempt.faults) <= self.retries:
+            st.replay, st.waited = st.attempt.replay(), 0.0
+            self._replace(k)
+        else:
+            self._finish(k, self._failed(st), kill=True)
+
+    def _replace(self, k: int) -> None:
+        """Kill worker k, start a new one and give it k's unfinished jobs, in order."""
+        old = self.workers[k]
+        old.kill()
+        new = self.workers[k] = self._spawn()
+        new.assigned = old.assigned
+        for index in new.assigned:
+            new.jobs.put(self._states[index].job)
 
     def _stall(self, w: _Worker, waited: float) -> _Fault | None:
         """A stall, if the video has waited ``timeout_s`` in total (``waited`` seconds, start-up
@@ -488,24 +514,15 @@ class DecodePool:
                           "file system")
         return None
 
-    def _failed(self, job: DecodeJob, attempt: _Attempt, mismatch: str | None = None) -> FailedEvent:
-        """The failure of a video whose worker died or stalled on every try (``attempt.faults``,
-        the last one gives the stage), or whose retry did not reproduce the frames already
+    def _failed(self, st: _JobState, mismatch: str | None = None) -> FailedEvent:
+        """The failure of a video whose worker died or stalled on every try (``faults``, the
+        last one gives the stage), or whose retry did not reproduce the frames already
         delivered (``mismatch``). The message starts with the reason, e.g. ``worker_died: SIGKILL``."""
-        first, last = attempt.faults[0], attempt.faults[-1]
+        job, faults = st.job, st.attempt.faults
+        first, last = faults[0], faults[-1]
         if mismatch is not None:
             return FailedEvent(job.index, Failure(job.video_id, last.stage, "RetryMismatch",
                                                   f"{last.reason}, then {mismatch}; {last.advice}"))
-        tries = "" if len(attempt.faults) == 1 else \
-            f" on a fresh worker, after {first.reason} on the first try"
+        tries = "" if len(faults) == 1 else f" on a fresh worker, after {first.reason} on the first try"
         return FailedEvent(job.index, Failure(job.video_id, last.stage, last.error_type,
                                               f"{last.reason}{tries}; {last.advice}"))
-
-    def _replace(self, k: int, jobs: Sequence[DecodeJob], *, first: int) -> None:
-        """Kill worker k, start a new one and give it k's jobs from index ``first`` on."""
-        self.workers[k].kill()
-        self.workers[k] = self._spawn()
-        nw = len(self.workers)
-        for later in jobs:
-            if later.index >= first and later.index % nw == k:
-                self.workers[k].jobs.put(later)

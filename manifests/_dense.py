@@ -13,6 +13,7 @@ labels without a frame, frames without a label, sizes that disagree, ...) in one
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ __all__ = [
     "DenseVideo",
     "LABEL_KINDS",
     "image_size",
+    "with_video_files",
     "read_dense_manifest",
     "write_dense_manifest",
 ]
@@ -57,6 +59,10 @@ class DenseVideo:
             empty for a per-video label file.
         label_kind: one of :data:`LABEL_KINDS`.
         size: ``(height, width)`` of the frames in pixels.
+        video: a video file holding the same frames (local path or fsspec URL); empty:
+            the frames are read from the frame files. Dense extraction then decodes frame
+            ``k`` of the video (selected by presentation time) in place of ``frames[k]``;
+            ``frames`` still name the frames (results are written under those names).
     """
 
     video_id: str
@@ -66,6 +72,7 @@ class DenseVideo:
     label_frames: tuple[int, ...] = field(default=())
     label_kind: str = "davis-objects"
     size: tuple[int, int] = (0, 0)
+    video: str = ""
 
     @property
     def frames_dir(self) -> str:
@@ -85,8 +92,8 @@ class DenseVideo:
             return None
 
     def row(self) -> ManifestRow:
-        """The extraction manifest row: the frames folder as the video."""
-        return ManifestRow(video_id=self.video_id, path=self.frames_dir, split=self.split)
+        """The extraction manifest row: the video file, else the frames folder."""
+        return ManifestRow(video_id=self.video_id, path=self.video or self.frames_dir, split=self.split)
 
     def to_json(self) -> str:
         d = {
@@ -98,6 +105,8 @@ class DenseVideo:
             "labels": list(self.labels),
             "label_frames": list(self.label_frames),
         }
+        if self.video:
+            d["video"] = self.video
         return json.dumps(d, ensure_ascii=False)
 
     @classmethod
@@ -117,6 +126,7 @@ class DenseVideo:
             label_frames=tuple(int(i) for i in d.get("label_frames", ())),
             label_kind=kind,
             size=(size[0], size[1]),
+            video=str(d.get("video", "")),
         )
 
 
@@ -159,3 +169,29 @@ def image_size(path: Path, problems: Problems, what: str) -> tuple[int, int] | N
     except OSError as e:
         problems.add(f"unreadable {what} {str(path)!r}: {e}")
     return None
+
+
+#: video file suffixes :func:`with_video_files` looks for
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
+
+
+def with_video_files(videos: Iterable[DenseVideo], folder: str | os.PathLike) -> list[DenseVideo]:
+    """``videos`` with ``video`` set to ``folder/<video_id>.<suffix>`` (one of
+    :data:`VIDEO_SUFFIXES`), so dense extraction decodes that file instead of reading frames.
+
+    Raises:
+        ManifestError: every video without exactly one such file, together.
+    """
+    root = Path(folder)
+    out, problems = [], []
+    for v in videos:
+        found = [root / f"{v.video_id}{suf}" for suf in VIDEO_SUFFIXES if (root / f"{v.video_id}{suf}").is_file()]
+        if len(found) != 1:
+            what = "no" if not found else f"{len(found)}"
+            problems.append(f"{v.video_id}: {what} video file {root}/{v.video_id}{{{','.join(VIDEO_SUFFIXES)}}}")
+            continue
+        out.append(dataclasses.replace(v, video=str(found[0])))
+    if problems:
+        raise ManifestError(f"{root}: {len(problems)} video(s) without exactly one video file; "
+                            "name each <video_id>.mp4 (or .mkv, ...)", problems)
+    return out

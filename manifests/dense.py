@@ -19,6 +19,7 @@ from manifests._dense import (
     LABEL_KINDS,
     DenseVideo,
     read_dense_manifest,
+    with_video_files,
     write_dense_manifest,
 )
 from pipeline.errors import ManifestError
@@ -32,6 +33,7 @@ __all__ = [
     "DenseVideo",
     "build_dense",
     "read_dense_manifest",
+    "with_video_files",
     "write_dense_manifest",
 ]
 

@@ -7,8 +7,10 @@ webdataset way (the key is the member name up to the first dot of its base name)
     000000001.mp4   ...
 
 Each video member (extension in ``extensions``) becomes one row with
-``path = "tar://<member>::<absolute tar path>"`` (an fsspec chained URL: fsspec opens the
-member inside the tar) and ``video_id = key``. Keys must be unique across all shards.
+``path = "tar://<member>::<absolute tar path>"`` (an fsspec chained URL; the decoder reads the
+member in place through a cached index of the tar) and ``video_id = key``. Shards may be
+remote (``s3://bucket/k400/`` or ``s3://bucket/k400/*.tar``, any fsspec URL): the rows are then
+``tar://<member>::s3://bucket/k400/000000.tar``. Keys must be unique across all shards.
 Samples without a video member (video2dataset's failed downloads) are skipped.
 
 Labels (all optional):
@@ -29,9 +31,10 @@ import json
 import os
 import re
 import tarfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from manifests._common import (
     BUILDERS,
@@ -50,15 +53,47 @@ _BASE_PLUS_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _META = re.compile(r"__[^/]*__($|/)")
 
 
+def _is_url(path: str | os.PathLike) -> bool:
+    return "://" in os.fspath(path)
+
+
 def tar_url(member: str, tar_path: str | os.PathLike) -> str:
-    """fsspec URL of a member inside a local tar: ``tar://<member>::<abs tar path>``."""
-    return f"tar://{member}::{abs_dir(tar_path)}"
+    """fsspec URL of a member inside a tar: ``tar://<member>::<abs tar path or URL>``."""
+    return f"tar://{member}::{tar_path if _is_url(tar_path) else abs_dir(tar_path)}"
 
 
-def expand_shards(shards: Sequence[str | os.PathLike], problems: Problems) -> list[Path]:
-    """Shard paths from files, folders (their ``*.tar``, sorted) and glob patterns, in order."""
-    out: list[Path] = []
+def _expand_remote(entry: str, problems: Problems) -> list[str]:
+    """URLs of the shards a remote entry names: a ``.tar`` URL, a folder or a glob pattern."""
+    import fsspec  # lazy: only remote shards need it
+
+    try:
+        fs, path = fsspec.core.url_to_fs(entry)
+        if fsspec.core.has_magic(path):
+            found = sorted(fs.glob(path))
+        elif fs.isdir(path):
+            found = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".tar"))
+        else:
+            found = [path] if fs.exists(path) else []
+    except ImportError as e:
+        problems.add(f"cannot read {entry!r}: {e} (install the library for this URL, e.g. pip install s3fs)")
+        return []
+    except OSError as e:
+        problems.add(f"cannot list {entry!r} ({type(e).__name__}: {e})")
+        return []
+    return [fs.unstrip_protocol(p) for p in found]
+
+
+def expand_shards(shards: Sequence[str | os.PathLike], problems: Problems) -> list[Path | str]:
+    """Shard paths from files, folders (their ``*.tar``, sorted) and glob patterns, in order;
+    remote entries (``s3://...``) give URLs."""
+    out: list[Path | str] = []
     for entry in shards:
+        if _is_url(entry):
+            found_urls = _expand_remote(os.fspath(entry), problems)
+            if not found_urls:
+                problems.add(f"no tar shard matches {os.fspath(entry)!r}")
+            out += found_urls
+            continue
         p = abs_dir(entry)
         if p.is_dir():
             found = sorted(q for q in p.iterdir() if q.suffix == ".tar" and q.is_file())
@@ -75,17 +110,35 @@ def expand_shards(shards: Sequence[str | os.PathLike], problems: Problems) -> li
 @dataclass
 class _Sample:
     key: str
-    tar: Path
+    tar: Path | str
     video: list[str]
     cls_text: str | None = None
     meta: dict | None = None
 
 
-def _read_shard(tar_path: Path, extensions: set[str], problems: Problems) -> list[_Sample]:
+def _shard_name(tar_path: Path | str) -> str:
+    return tar_path.name if isinstance(tar_path, Path) else tar_path.rsplit("/", 1)[-1]
+
+
+@contextmanager
+def _open_tar(tar_path: Path | str) -> Iterator[tarfile.TarFile]:
+    """A local tar, or a remote one read through fsspec (one sequential pass over its headers)."""
+    if isinstance(tar_path, Path):
+        with tarfile.open(tar_path, mode="r:") as tf:
+            yield tf
+        return
+    import fsspec  # lazy: only remote shards need it
+
+    with fsspec.open(tar_path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
+        yield tf
+
+
+def _read_shard(tar_path: Path | str, extensions: set[str], problems: Problems) -> list[_Sample]:
     """Samples of one shard, in member order, reading headers and the small sidecars only."""
     samples: dict[str, _Sample] = {}
+    name = _shard_name(tar_path)
     try:
-        with tarfile.open(tar_path, mode="r:") as tf:
+        with _open_tar(tar_path) as tf:
             for info in tf:
                 if not info.isreg() or _META.match(info.name):
                     continue
@@ -102,7 +155,7 @@ def _read_shard(tar_path: Path, extensions: set[str], problems: Problems) -> lis
                     continue
                 f = tf.extractfile(info)
                 data = f.read() if f is not None else b""
-                where = f"{tar_path.name}:{info.name}"
+                where = f"{name}:{info.name}"
                 if ext == "cls":
                     s.cls_text = data.decode("utf-8", "replace").strip()
                 else:
@@ -156,11 +209,12 @@ def build_webdataset(
     class_list = resolve_classes(classes, classes_file, problems)
     hint = "check the shard paths; keys must be unique across shards"
 
-    seen: dict[str, Path] = {}
+    seen: dict[str, Path | str] = {}
     parsed: list[tuple[_Sample, int | None, str | None]] = []  # (sample, index, name)
     for tar_path in expand_shards(shards, problems):
+        tar_name = _shard_name(tar_path)
         for s in _read_shard(tar_path, exts, problems):
-            where = f"{tar_path.name}:{s.key}"
+            where = f"{tar_name}:{s.key}"
             if not s.video:
                 continue  # e.g. a failed download: metadata only
             if len(s.video) > 1:
@@ -218,7 +272,7 @@ def build_webdataset(
     for s, index, name in parsed:
         if index is None and name is not None:
             if name not in class_of:
-                problems.add(f"{s.tar.name}:{s.key}: unknown label {name!r} (not in the class list)")
+                problems.add(f"{_shard_name(s.tar)}:{s.key}: unknown label {name!r} (not in the class list)")
                 continue
             index = class_of[name]
         rows.append(

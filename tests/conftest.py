@@ -46,3 +46,23 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 API server (moto's server mode, tests/s3.py) for the whole session; the AWS
+    environment variables point at it while it runs. Skipped without the dev extra."""
+    pytest.importorskip("moto.server", reason="moto[server] is in the dev extra: pip install -e '.[dev]'")
+    pytest.importorskip("s3fs", reason="s3fs is in the dev extra: pip install -e '.[dev]'")
+    from tests.s3 import s3_server
+
+    with s3_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str) -> str:
+    """``s3://<fresh bucket>`` on the session's S3 server."""
+    from tests.s3 import new_bucket
+
+    return new_bucket()

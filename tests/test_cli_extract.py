@@ -121,13 +121,24 @@ def test_plan_is_close_to_the_real_extraction(extracted: Extracted) -> None:
 def test_status_and_verify_exit_codes(extracted: Extracted, tmp_path: Path) -> None:
     import shutil
 
-    r = invoke(["status", str(extracted.store)])
+    # 2 of 5 videos failed: not ok by default (any failure fails), ok when 40% is allowed
+    accept = ["--max-failure-rate", "0.4"]
+    r = invoke(["status", str(extracted.store), *accept])
     assert r.exit_code == 0, r.output
     assert "shards 3/3 complete (100%), 0 in progress, videos 3/5, frames 24, failed 2" in flatten(r.stdout)
-    r = invoke(["status", str(extracted.store), "--failures", "--config"])
+    assert "failed 2 of 5 videos (40.0%): 2 x open: DecodeError" in flatten(r.stdout)
+    r = invoke(["status", str(extracted.store), "--failures", "--config", *accept])
     assert r.exit_code == 0 and "notvideo" in r.stdout and '"dtype": "float16"' in r.stdout
-    r = invoke(["verify", str(extracted.store)])
+    r = invoke(["verify", str(extracted.store), *accept])
     assert r.exit_code == 0 and "ok" in r.stdout, r.output
+    assert "(2 failed video(s) within --max-failure-rate 0.4)" in flatten(r.stdout)
+    for cmd in ("status", "verify"):
+        for flags in ([], ["--max-failure-rate", "0.39"]):
+            r = invoke([cmd, str(extracted.store), *flags])
+            assert r.exit_code == 1, (cmd, flags, r.output)
+            flat = flatten(r.stdout)
+            assert "not ok" in flat and "2 of 5 videos failed (40.0% >" in flat, flat
+            assert "most common: 2 x open: DecodeError" in flat and "--retry-failed" in flat
 
     broken = tmp_path / "broken"
     shutil.copytree(extracted.store, broken)
@@ -136,7 +147,7 @@ def test_status_and_verify_exit_codes(extracted: Extracted, tmp_path: Path) -> N
     assert r.exit_code == 1, r.output
     assert "shard 00001: incomplete" in r.stdout and "1 planned shard(s) not complete: [1]" in r.stdout
     assert "2 problem(s)" in r.stdout
-    r = invoke(["status", str(broken)])
+    r = invoke(["status", str(broken), "--max-failure-rate", "1"])  # 2 of the 3 videos left failed
     assert r.exit_code == 0 and "shards 2/3 complete (67%), 1 in progress" in flatten(r.stdout)
     r = invoke(["verify", str(tmp_path / "nothing")])
     assert r.exit_code == 1 and "not a freezeframe store" in flatten(r.stdout)

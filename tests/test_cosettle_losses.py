@@ -14,6 +14,7 @@ from train.losses import (
     cosettle_loss,
     cycle_loss,
     kl_anchor,
+    l2_normalize,
     pool_nodes,
 )
 from train.models.projection import BACKBONE_INIT, Projection, init_for_backbone
@@ -145,3 +146,72 @@ def test_projection_shapes_arches_inits_and_gradients() -> None:
     assert init_for_backbone("mae-vitb16") == "xavier_uniform"
     assert init_for_backbone("dinov2-vitb14") == "trunc_normal"
     assert set(BACKBONE_INIT) >= {"clip-vit-b16", "mae-vitb16", "dinov2-vitb14", "mobilenetv2-imagenet"}
+
+
+def _released_objective(frozen: torch.Tensor, proj: torch.Tensor, tau: float, lam: float) -> torch.Tensor:
+    """The objective with the released library calls: F.normalize, F.avg_pool2d per view, bmm
+    softmaxes, CE on log(P + 1e-6), F.kl_div(log_softmax, softmax, batchmean)."""
+    z, p = F.normalize(frozen, dim=-1), F.normalize(proj, dim=-1)
+    nodes = [F.avg_pool2d(v.permute(0, 3, 1, 2), 2, 2).flatten(2).transpose(1, 2) for v in p.unbind(1)]
+    s1 = F.softmax(nodes[0] @ nodes[1].transpose(1, 2) / tau, -1)
+    s2 = F.softmax(nodes[1] @ nodes[2].transpose(1, 2) / tau, -1)
+    walk = s1 @ s2
+    b, n, _ = walk.shape
+    cyc = F.cross_entropy(torch.log(walk + 1e-6).flatten(0, 1), torch.arange(n).repeat(b))
+    return cyc + lam * F.kl_div(F.log_softmax(p, -1), F.softmax(z, -1), reduction="batchmean")
+
+
+@pytest.mark.parametrize("grid", [(4, 4), (5, 7), (14, 14)])
+def test_fast_objective_equals_the_released_calls_in_value_and_gradient(grid: tuple[int, int]) -> None:
+    """The step's fused pieces (strided pooling, closed-form normalise backward, KL as one dot
+    product) change no value and no gradient: float64 against the library calls, rel 1e-10."""
+    gen = torch.Generator().manual_seed(11)
+    frozen = torch.randn(3, 3, *grid, 16, dtype=torch.float64, generator=gen)
+    proj = (frozen + 0.2 * torch.randn(frozen.shape, dtype=torch.float64, generator=gen)).requires_grad_()
+    ref = _released_objective(frozen, proj, 0.03, 3.0)
+    (g_ref,) = torch.autograd.grad(ref, proj)
+    out = cosettle_loss(frozen, proj, tau=0.03, lam=3.0)
+    (g_out,) = torch.autograd.grad(out.loss, proj)
+    assert out.loss.item() == pytest.approx(ref.item(), rel=1e-10)
+    torch.testing.assert_close(g_out, g_ref, rtol=1e-10, atol=1e-14)
+    # float32, as training runs: within float32 rounding of the library calls
+    f32 = proj.detach().float().requires_grad_()
+    ref32 = _released_objective(frozen.float(), f32, 0.03, 3.0)
+    (g_ref32,) = torch.autograd.grad(ref32, f32)
+    out32 = cosettle_loss(frozen.float(), f32, tau=0.03, lam=3.0)
+    (g_out32,) = torch.autograd.grad(out32.loss, f32)
+    assert out32.loss.item() == pytest.approx(ref32.item(), rel=1e-5)
+    torch.testing.assert_close(g_out32, g_ref32, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 4, 3), (2, 5, 7, 3), (1, 7, 7, 2), (3, 14, 14, 5)])
+def test_pool_nodes_equals_avg_pool2d_with_its_gradient(shape: tuple[int, ...]) -> None:
+    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(12), requires_grad=True)
+    ref = F.avg_pool2d(x.permute(0, 3, 1, 2), 2, 2).flatten(2).transpose(1, 2)
+    out = pool_nodes(x)
+    torch.testing.assert_close(out, ref, rtol=1e-15, atol=0)
+    w = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(13))
+    torch.testing.assert_close(torch.autograd.grad((out * w).sum(), x)[0],
+                               torch.autograd.grad((ref * w).sum(), x)[0], rtol=1e-15, atol=0)
+    assert torch.autograd.gradcheck(pool_nodes, (x,))
+    x32 = x.detach().float()
+    assert torch.equal(pool_nodes(x32), F.avg_pool2d(x32.permute(0, 3, 1, 2), 2, 2).flatten(2).transpose(1, 2))
+
+
+def test_l2_normalize_and_kl_anchor_equal_the_library_calls() -> None:
+    gen = torch.Generator().manual_seed(14)
+    x = torch.randn(4, 6, 9, dtype=torch.float64, generator=gen)
+    x[0, 0] = 0.0  # a zero token: eps keeps it finite as in F.normalize
+    x.requires_grad_()
+    w = torch.randn(x.shape, dtype=torch.float64, generator=gen)
+    out, ref = l2_normalize(x), F.normalize(x, dim=-1)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad((out * w).sum(), x)[0],
+                               torch.autograd.grad((ref * w).sum(), x)[0], rtol=1e-12, atol=1e-15)
+    assert torch.autograd.gradcheck(l2_normalize, (torch.randn(3, 5, dtype=torch.float64, requires_grad=True),))
+    z = F.normalize(torch.randn(2, 5, 768, dtype=torch.float64, generator=gen), dim=-1)
+    p = F.normalize(z + 0.1 * torch.randn(z.shape, dtype=torch.float64, generator=gen), dim=-1).requires_grad_()
+    ref_kl = F.kl_div(F.log_softmax(p, -1), F.softmax(z, -1), reduction="batchmean")
+    kl = kl_anchor(z, p)
+    assert kl.item() == pytest.approx(ref_kl.item(), rel=1e-10)
+    torch.testing.assert_close(torch.autograd.grad(kl, p)[0], torch.autograd.grad(ref_kl, p)[0], rtol=1e-10, atol=1e-16)

@@ -99,3 +99,16 @@ def test_report_statistics_pair_videos_and_check_the_claim() -> None:
     assert "**holds**" in _claim(arms)
     arms["tmm-kt3-scratch"] = ArmResult("tmm-kt3-scratch", [result(72), result(60)])  # 35 points on seed 1
     assert "does NOT hold (1/2 seeds)" in _claim(arms)
+
+
+def test_control_task_trains_fewer_epochs_than_motion() -> None:
+    """The appearance control (it saturates) pays for the budget: control_epochs there, the full
+    fine-tuning on motion, pretraining epochs for PRP; None falls back to finetune_epochs."""
+    from freezeframe.demo.advise import DemoConfig, DemoRun, _epochs
+
+    cfg = DemoConfig()
+    ft, prp = DemoRun("tmm-kt3-scratch", "finetune", "tmm"), DemoRun("prp-kt3", "prp", "tmm")
+    assert _epochs(cfg, ft, "motion") == cfg.finetune_epochs > _epochs(cfg, ft, "appearance") == cfg.control_epochs
+    assert _epochs(cfg, prp, "motion") == cfg.pretrain_epochs
+    assert _epochs(DemoConfig(control_epochs=None), ft, "appearance") == cfg.finetune_epochs
+    assert cfg.synth.scene_pool == 24 and cfg.synth.test_per_class >= 24  # >= 24 unseen-scene test videos per class

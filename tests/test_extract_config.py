@@ -17,7 +17,7 @@ from tests.videos import make_lossless_video, pattern_frames
 
 RUNTIME = {"manifest", "store", "batch_size", "workers", "decode_threads", "threads", "streams",
            "decode_timeout", "chunk_size", "device", "amp", "shard_index", "num_shards",
-           "retry_failed", "progress"}
+           "retry_failed", "progress", "verbose", "storage_options", "lease_seconds", "decode_buffer_mb"}
 BAD = dict(codec="lz4", spatial_pool=0, frames_per_file=0, dtype="bf16", backbone="resnet-nope")
 
 

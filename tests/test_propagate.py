@@ -130,3 +130,16 @@ def test_config_refuses_bad_values():
         PropagationConfig(temperature=0)
     with pytest.raises(ValueError):
         PropagationConfig(upsample="bicubic")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("shape,band_cells", [((7, 4), 1), ((7, 4), 8), ((4, 9), 2), ((5, 5), 1000)])
+def test_banded_affinities_equal_the_per_cell_reference(shape, band_cells):
+    """Bands of 1 row .. the whole grid, tall and wide grids (transposed), a radius that is not an
+    integer and a context padded with repeats of frame 0: the same labels as the reference."""
+    g = torch.Generator().manual_seed(5)
+    h, w = shape
+    feats = torch.randn(7, h, w, 6, generator=g)
+    first = torch.softmax(torch.randn(h, w, 4, generator=g) * 3, dim=-1)
+    cfg = PropagationConfig(context=4, radius=2.5, topk=4, band_cells=band_cells)
+    want = reference_propagate(feats, first, cfg)
+    assert torch.allclose(propagate(feats, first, cfg).double(), want, atol=1e-5)

@@ -2,16 +2,21 @@
 named from its overrides, reruns resume/skip, jobs share the runs, a report at the end."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from freezeframe.cli import app
+from pipeline.dist import RankInfo
 from pipeline.errors import ConfigError
+from pipeline.paths import project_root
 from tests.stores import write_synthetic_store
 from train.config import resolve_train_config
-from train.sweep import expand_sweep, load_sweep, sweep_configs
+from train.stats import tmm_stats
+from train.sweep import expand_sweep, load_sweep, rank_device, run_names, sweep_configs, sweep_share
 
 TINY = ["model.tmm.in_channels=16", "model.tmm.hidden=8", "model.tmm.out_channels=16", "model.mlp_dim=16",
         "clip.num_frames=4", "clip.stride=2", "test.num_clips=2", "test.num_frames=4", "test.stride=2",
@@ -73,4 +78,83 @@ def test_the_shipped_sweep_resolves() -> None:
         "temporal_kernel=1,spatial_pool=1", "temporal_kernel=1,spatial_pool=2", "temporal_kernel=3,spatial_pool=1",
         "temporal_kernel=3,spatial_pool=2", "arch=avgpool"]
     assert {c.model.spatial_pool for c in cfgs[:4]} == {1, 2} and cfgs[4].model.arch == "avgpool"
-    assert all(c.data.store == "data/stores/motion.zarr" and not c.init for c in cfgs)
+    # the shipped configs' paths are under the project root (pipeline.paths), not the current directory
+    assert all(c.data.store == str(project_root() / "data/stores/motion.zarr") and not c.init for c in cfgs)
+
+
+def _ablation_spec(tmp_path: Path, store: Path) -> Path:
+    sets = ", ".join(f"'{s}'" for s in [f'data.store="{store}"', 'init=""', *TINY])
+    pre = ", ".join(f"'{s}'" for s in [f'data.store="{store}"', "model.tmm.in_channels=16", "model.tmm.hidden=8",
+                                        "model.tmm.out_channels=16", "model.mlp_dim=16", "prp.num_frames=4",
+                                        "prp.clips_per_video=2", "optim.batch_size=2", "optim.warmup_epochs=1",
+                                        "data.workers=0", "optim.epochs=1", "prp.short_video=\"wrap\""])
+    path = tmp_path / "ablations.toml"
+    path.write_text(f'task = "finetune"\nout = "{tmp_path / "runs"}"\nset = [{sets}]\ndelta = true\n'
+                    f'pretrain_set = [{pre}]\n'
+                    '[[runs]]\n[[runs]]\n"model.spatial_pool" = 1\n[[runs]]\n"model.tmm.blocks" = 2\n'
+                    '[[tables]]\ntitle = "Spatial pooling"\nkeys = ["model.spatial_pool"]\n'
+                    '[[tables]]\ntitle = "Depth"\nkeys = ["model.tmm.blocks"]\n')
+    return path
+
+
+def test_sweep_shares_by_rank_and_reports_ablation_tables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two torchrun-style ranks share the 3 points (point k -> rank k % 2), each trains its runs
+    alone (no process group), the last writes the paper-shaped report: per table the base point
+    and the points changing only its keys, params and MACs from `stats`, scratch / PRP top-1, ΔAcc."""
+    store = write_synthetic_store(tmp_path / "s.zarr", num_classes=3, grid=(2, 2))
+    spec_path = _ablation_spec(tmp_path, store.path)
+    spec = load_sweep(spec_path)
+    names = ["base@prp", "base@prp-ft", "base", "spatial_pool=1@prp", "spatial_pool=1@prp-ft", "spatial_pool=1",
+             "blocks=2@prp", "blocks=2@prp-ft", "blocks=2"]
+    assert run_names(spec) == names
+    cfgs = {Path(c.run_dir).name: c for c in sweep_configs(spec, resolve_train_config)}
+    assert cfgs["blocks=2@prp"].task == "prp" and cfgs["blocks=2@prp-ft"].init == str(tmp_path / "runs" / "blocks=2@prp")
+    assert not cfgs["blocks=2"].init and cfgs["blocks=2"].model.tmm.blocks == 2
+    for rank in (1, 0):  # rank 1 first: rank 0 finishes last and writes the report
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        r = CliRunner().invoke(app, ["sweep", str(spec_path)])
+        assert r.exit_code == 0, r.output
+        assert f"sweep job {rank} of 2: {3 if rank else 6} of 9 runs" in r.output
+        assert os.environ["RANK"] == str(rank)  # restored after the runs
+        done = sorted(p.name for p in (tmp_path / "runs").iterdir() if (p / "summary.json").is_file())
+        assert done == sorted(names[3:6] if rank else names), done
+        assert (tmp_path / "runs" / "report.md").is_file() == (rank == 0)
+    report = (tmp_path / "runs" / "report.md").read_text()
+    spatial = report.split("### Spatial pooling")[1].split("###")[0]
+    assert "| spatial_pool | tokens/frame | C | params | GMACs/clip | top-1 % scratch | top-1 % PRP | ΔAcc (pp) |" in spatial
+    rows = [line for line in spatial.splitlines() if line.startswith("| ") and "spatial_pool" not in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| base", "| 1"]  # base row then the pooled point
+    s = tmm_stats(16, 16, 8, 1, 3, 4, 1, num_classes=3, mlp_dim=16)  # spatial_pool=1: a 1x1 grid
+    cells = rows[1].strip("| ").split(" | ")
+    assert cells[1:5] == ["1", "16", f"{s.tmm_params + s.head_params:,}", f"{s.tmm_macs / 1e9:.3f}"]
+    scratch, prp, delta = float(cells[5]), float(cells[6]), float(cells[7])
+    assert delta == pytest.approx(prp - scratch, abs=0.051)  # the cells are rounded to 0.1
+    depth = report.split("### Depth")[1].split("###")[0]
+    assert "| blocks |" in depth and "| 2 |" in depth and "| 1 |" in depth  # base (1 block) and 2 blocks
+    assert (tmp_path / "runs" / "ablation_0.png").stat().st_size > 0 and "ablation_1.png" in report
+    assert all(n in report for n in names)  # every run in the run table too
+
+
+def test_sweep_share_reads_the_launcher() -> None:
+    assert sweep_share(env={}) == (0, 1)
+    assert sweep_share(env={"RANK": "3", "WORLD_SIZE": "4"}) == (3, 4)
+    assert sweep_share(env={"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "5", "SLURM_ARRAY_TASK_COUNT": "3"}) == (2, 3)
+    assert sweep_share(2, 5, env={"RANK": "3", "WORLD_SIZE": "4"}) == (2, 5)  # explicit wins
+    # a rank's device is fixed before the launcher variables are hidden: its own GPU, or the CPU
+    rank = RankInfo(rank=3, world=4, local_rank=3, local_world=4, launcher="torchrun")
+    want = f"cuda:{3 % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+    assert rank_device("auto", rank) == want and rank_device("cuda:1", rank) == "cuda:1"
+
+
+@pytest.mark.parametrize("name", ["synth-motion-ablations", "ucf101-ablations"])
+def test_the_shipped_ablation_sweeps_resolve(name: str) -> None:
+    """The paper-shaped specs: a base point, one factor at a time, every point with a PRP twin."""
+    spec = load_sweep(Path(__file__).resolve().parent.parent / f"train/configs/sweeps/{name}.toml")
+    assert spec.delta and [t.title.split(":")[0] for t in spec.tables] == [
+        "Compression of the cached tokens", "Compression of the cached tokens", "TMM width", "TMM depth"]
+    cfgs = sweep_configs(spec, resolve_train_config)
+    assert len(cfgs) == 3 * len(expand_sweep(spec)) and expand_sweep(spec)[0].name == "base"
+    tasks = [c.task for c in cfgs]
+    assert tasks == ["prp", "finetune", "finetune"] * len(expand_sweep(spec))
+    assert all(c.init == "" or c.init is None or c.init.endswith("@prp") for c in cfgs)

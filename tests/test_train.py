@@ -343,10 +343,12 @@ def test_tmm_learns_temporal_order_where_avgpool_stays_at_chance(tmp_path: Path)
 
 def test_dataset_configs_apply_the_task_table() -> None:
     """`--dataset X` applies [common] then the task's own table ([pretrain] for PRP)."""
+    from pipeline.paths import data_root
     from train.config import resolve_train_config
 
+    root = data_root()  # the dataset file's paths are under the data root (pipeline.paths), not the cwd
     pre = resolve_train_config("prp", "ucf101", None, [])
-    assert (pre.optim.epochs, pre.run_dir, pre.model.num_classes) == (800, "runs/ucf101-prp", 4)
+    assert (pre.optim.epochs, pre.run_dir, pre.model.num_classes) == (800, str(root / "runs/ucf101-prp"), 4)
     ft = resolve_train_config("finetune", "ucf101", None, ['init=""'])
-    assert (ft.model.num_classes, ft.run_dir, ft.init) == (101, "runs/ucf101-finetune", "")
-    assert resolve_train_config("finetune", "ucf101", None, []).init == "runs/ucf101-prp"
+    assert (ft.model.num_classes, ft.run_dir, ft.init) == (101, str(root / "runs/ucf101-finetune"), "")
+    assert resolve_train_config("finetune", "ucf101", None, []).init == str(root / "runs/ucf101-prp")

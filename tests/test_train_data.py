@@ -18,7 +18,7 @@ from extract.backbones import create_backbone
 from extract.decode import Geometry, decode_all
 from pipeline.store import open_store
 from tests.stores import RealStore, SynthStore, make_real_store, write_synthetic_store
-from train.data import ClipConfig, ClipDataset, DataError, PRPDataset
+from train.data import ClipConfig, ClipDataset, DataError, PRPDataset, to_model_dtype
 from train.data import TestViewConfig as ViewConfig
 from train.data import TestViewDataset as ViewDataset
 from train.sampling import PRPConfig, prp_clips, random_clip, test_clips
@@ -235,7 +235,10 @@ def test_prp_item_equals_decoding_and_backbone_on_float16_store(
             ref = backbone_net(backbone_net.prepare(frames[idx.reshape(-1)]))
             shifted = backbone_net(backbone_net.prepare(frames[(idx.reshape(-1) + 1) % length]))
         ref = ref.reshape(*idx.shape, *ref.shape[1:]).numpy().astype(np.float64)
-        assert x.shape == ref.shape == (3, 4, *shape) and x.dtype == torch.float32
+        # the item keeps the storage dtype; the loop casts it on the device (exactly)
+        assert x.shape == ref.shape == (3, 4, *shape) and x.dtype == torch.float16
+        x = to_model_dtype(x)
+        assert x.dtype == torch.float32
         scale = float(np.abs(ref).max())
         assert scale > 0.1
         err = np.abs(x.numpy().astype(np.float64) - ref)
@@ -265,3 +268,61 @@ def test_hflip_is_refused_on_left_right_labels(tmp_path: Path) -> None:
 
     check_label_preserving(("hflip",), ["class0", "playing_guitar"])  # no direction in the names: allowed
     check_label_preserving(("grid-crop",), ["up_left"])  # a crop does not mirror
+
+
+def test_relabel_reverses_clips_and_remaps_their_labels(tmp_path: Path) -> None:
+    """``data.relabel = {reverse = [...]}``: about half the items are the same clip played
+    backwards with the mapped label, the others unchanged; over epochs both happen for a video."""
+    from train.data import apply_relabeling
+
+    store = write_synthetic_store(tmp_path / "s.zarr", splits={"train": 4}, num_classes=4, lengths=(24, 24))
+    cfg = ClipConfig(num_frames=6, stride=2)
+    plain = ClipDataset(open_store(store.path), "train", cfg, seed=3)
+    perm = [3, 2, 1, 0]
+    rev = ClipDataset(open_store(store.path), "train", cfg, seed=3, relabel={"reverse": perm})
+    seen = set()
+    for epoch in range(6):
+        plain.set_epoch(epoch)
+        rev.set_epoch(epoch)
+        for i in range(len(rev)):
+            (xp, yp), (xr, yr) = plain[i], rev[i]
+            if yr == yp:
+                assert torch.equal(xr, xp)
+                seen.add("kept")
+            else:
+                assert yr == perm[yp]
+                assert torch.equal(xr, xp.flip(0))  # the same clip (same frames drawn), backwards
+                seen.add("reversed")
+    assert seen == {"kept", "reversed"}
+    clip = np.arange(2 * 2 * 3 * 1, dtype=np.float32).reshape(2, 2, 3, 1)
+    flips = {apply_relabeling({"hflip": [1, 0]}, clip, 0, np.random.default_rng(s))[1] for s in range(8)}
+    assert flips == {0, 1}
+    out, lab = next((o, lab) for s in range(8)
+                    for o, lab in [apply_relabeling({"hflip": [1, 0]}, clip, 0, np.random.default_rng(s))] if lab == 1)
+    assert np.array_equal(out, clip[:, :, ::-1])
+
+
+def test_relabel_is_checked_before_training(tmp_path: Path) -> None:
+    """A map that is not a permutation of the classes, an unknown name or a name also in
+    data.augment is refused before training; hflip with a map is allowed on left/right labels."""
+    from pipeline.registry import RegistryError
+    from train.config import resolve_train_config
+    from train.loop import fit
+
+    store = write_synthetic_store(tmp_path / "s.zarr", num_classes=2, label_names=("left", "right"))
+    base = [f'data.store="{store.path}"', "data.workers=0", "model.num_classes=2", "model.tmm.in_channels=16",
+            "optim.epochs=1", "clip.num_frames=4", "test.num_clips=2", "test.num_frames=4", "model.tmm.hidden=8",
+            "model.tmm.out_channels=8", "model.mlp_dim=8"]
+    for i, (extra, err) in enumerate([
+        (["data.relabel.reverse=[0, 0]"], "permutation"),
+        (["data.relabel.reverse=[1, 0, 2]"], "permutation"),
+        (['data.augment=["hflip"]', "data.relabel.hflip=[1, 0]"], "both data.augment"),
+    ]):
+        with pytest.raises(DataError, match=err):
+            fit(resolve_train_config("finetune", None, None, base + [f'run_dir="{tmp_path / f"r{i}"}"'] + extra))
+    with pytest.raises(RegistryError, match="reverse"):
+        fit(resolve_train_config("finetune", None, None, base + [f'run_dir="{tmp_path / "r9"}"', "data.relabel.spin=[1, 0]"]))
+    res = fit(resolve_train_config("finetune", None, None, base + [f'run_dir="{tmp_path / "ok"}"',
+                                                                  "data.relabel.hflip=[1, 0]",
+                                                                  "data.relabel.reverse=[1, 0]"]))
+    assert res.top1 is not None

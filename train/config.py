@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 
 from pipeline.config import drop_keys, from_dict, load_toml, merge, parse_overrides, runtime_keys, to_dict
 from pipeline.errors import ConfigError, FreezeframeError
+from pipeline.paths import root_keys
 from train.evals import EVALUATIONS
 from train.presets import PRESETS, preset_layers
 from train.schema import DataConfig, OptimConfig, TrainConfig, peak_lr, per_rank_batch
@@ -57,9 +58,31 @@ def _assemble(task: type[Task], d: Mapping[str, Any], task_section: Mapping | No
     return cfg
 
 
+#: dotted keys of a training config that hold paths (rooted in the shipped dataset files)
+PATH_KEYS = ("data.store", "data.splits", "run_dir", "init")
+
+
+def _rooted_dataset_file(t: Mapping[str, Any]) -> dict[str, Any]:
+    """A dataset file's tables (``[common]``, ``[pretrain]``..., recipe tables ``[paper.finetune]``)
+    with their :data:`PATH_KEYS` under the data root (:mod:`pipeline.paths`)."""
+    out: dict[str, Any] = {}
+    for name, table in t.items():
+        if not isinstance(table, Mapping):
+            out[name] = table
+            continue
+        table = root_keys(table, PATH_KEYS)
+        out[name] = {k: root_keys(v, PATH_KEYS) if isinstance(v, Mapping) and k not in ("data",) else v
+                     for k, v in table.items()}
+    return out
+
+
 def resolve_train_config(task: str, dataset: str | None, config_file: str | Path | None,
                          overrides: Sequence[str]) -> TrainConfig:
     """Defaults <- recipe preset <- ``train/configs/<dataset>.toml`` <- ``config_file`` <- ``overrides``.
+
+    Relative paths of the dataset file (:data:`PATH_KEYS`) are under the data root
+    (:func:`pipeline.paths.data_root`: ``--data-root``, ``FREEZEFRAME_DATA_ROOT`` or the project root);
+    those of ``config_file`` and ``overrides`` are the user's (the current directory).
 
     From each file, ``[common]`` then the task's own table (``[pretrain]`` for PRP,
     ``[finetune]``...) then the recipe's table of that file (``[paper.finetune]``...) apply.
@@ -80,6 +103,8 @@ def resolve_train_config(task: str, dataset: str | None, config_file: str | Path
     if config_file:
         files.append(Path(config_file))
     tables = [load_toml(f) for f in files]
+    if dataset:  # the shipped dataset file's paths mean the data root, not the current directory
+        tables[0] = _rooted_dataset_file(tables[0])
     over = parse_overrides(overrides)
     recipe = ""
     for layer in [t.get("common", {}) for t in tables] + [over]:

@@ -4,17 +4,22 @@ Each item is one video. Randomness is drawn from ``np.random.default_rng((seed, 
 index))``, so an item is the same whichever DataLoader worker or rank reads it and
 whenever it is read: that makes resumed runs bit-identical to uninterrupted ones.
 
-Shapes: a clip is ``(T, H, W, C)`` float32 (store layout); models permute it themselves.
+Shapes: a clip is ``(T, H, W, C)`` (store layout); models permute it themselves. Items keep
+the store's float16 (half the bytes through workers, pinned memory and the host-to-device
+copy); the training loop casts them to float32 on the device (:func:`to_model_dtype`), which
+is exact: every float16 value is a float32 value. Other storage dtypes, and items that run
+feature-space augmentations, are float32 already in the worker.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from pipeline.errors import FreezeframeError
 from pipeline.registry import Registry
@@ -79,13 +84,95 @@ def check_label_preserving(augment: tuple[str, ...], class_names: list[str]) -> 
         if hit:
             raise DataError(
                 f"data.augment has {name!r}, which changes the meaning of the labels {hit[:4]} "
-                f"(it mirrors {'/'.join(words[:2])}): remove {name!r} from data.augment for this dataset")
+                f"(it mirrors {'/'.join(words[:2])}): remove {name!r} from data.augment for this dataset, or "
+                f"move it to data.relabel with the class each class becomes (data.relabel.{name} = [...])")
+
+
+# --------------------------------------------------------------------------------------
+# label-changing augmentations (data.relabel: name -> the class each class becomes)
+# --------------------------------------------------------------------------------------
+#: clip (T, H, W, C) -> the transformed clip; applied with p = 0.5 each, the label remapped
+RELABELINGS: Registry[Callable[[np.ndarray], np.ndarray]] = Registry("label-changing augmentation")
+RELABELINGS.add("reverse", lambda clip: clip[::-1].copy())  # exact: the frames played backwards
+RELABELINGS.add("hflip", lambda clip: clip[:, :, ::-1].copy())  # approximate, like the "hflip" augmentation
+RELABELINGS.add("vflip", lambda clip: clip[:, ::-1].copy())  # approximate: the token grid upside down
+
+
+def check_relabel(relabel: dict[str, Sequence[int]], num_classes: int, augment: tuple[str, ...] = ()) -> None:
+    """Refuse an unknown name, a map that is not a permutation of the ``num_classes`` classes,
+    or a name that is also in ``data.augment`` (label-preserving there, remapped here)."""
+    for name, perm in relabel.items():
+        RELABELINGS.get(name)  # unknown: RegistryError naming the known ones
+        if sorted(int(c) for c in perm) != list(range(num_classes)):
+            raise DataError(f"data.relabel.{name} = {list(perm)} must list, for each of the {num_classes} classes, "
+                            f"the class it becomes (a permutation of 0..{num_classes - 1})")
+        if name in augment:
+            raise DataError(f"{name!r} is in both data.augment (label kept) and data.relabel (label remapped); "
+                            "keep it in one of them")
+
+
+def apply_relabeling(relabel: dict[str, Sequence[int]], clip: np.ndarray, label: int,
+                     rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """Each augmentation of ``relabel`` (in its order) with p = 0.5; the label follows its map."""
+    for name, perm in relabel.items():
+        if rng.random() < 0.5:
+            clip, label = RELABELINGS.get(name)(clip), int(perm[label])
+    return clip, label
 
 
 def apply_augmentations(names: tuple[str, ...], clip: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     for name in names:
         clip = AUGMENTATIONS.get(name)(clip, rng)
     return clip
+
+
+#: IEEE exponent bits of each float dtype: all ones means inf or NaN
+_EXPONENT = {np.dtype(np.float16): (np.uint16, 0x7C00), np.dtype(np.float32): (np.uint32, 0x7F800000)}
+
+
+def finite_rows(x: np.ndarray) -> np.ndarray:
+    """(n, k) floats -> (n,) bool: every value of the row is finite. The same as
+    ``np.isfinite(x).all(axis=1)``, read from the exponent bits (an integer mask and compare,
+    about 15x faster on float16, which numpy's ``isfinite`` handles without SIMD)."""
+    bits = _EXPONENT.get(x.dtype)
+    if bits is None or not x.flags.c_contiguous:
+        return np.isfinite(x).all(axis=1)
+    uint, mask = bits
+    return ((x.view(uint) & uint(mask)) != uint(mask)).all(axis=1)
+
+
+class ItemBatch(list):
+    """The items of one batch, as a list (what ``default_collate`` expects, and stacks), whose
+    clips are views of one batch tensor ``clips`` (B, ...) with labels ``labels`` (B, ...):
+    :func:`collate` returns ``(clips, labels)`` as they are, without copying."""
+
+    def __init__(self, items: list, clips: torch.Tensor, labels: torch.Tensor) -> None:
+        super().__init__(items)
+        self.clips = clips
+        self.labels = labels
+
+
+def collate(batch: list) -> Any:
+    """The DataLoader's ``collate_fn`` for these datasets: an :class:`ItemBatch` as it is, anything
+    else by ``default_collate``."""
+    if isinstance(batch, ItemBatch):
+        return batch.clips, batch.labels
+    return default_collate(batch)
+
+
+def batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor; in a DataLoader worker in shared memory, where the batch goes to the main
+    process without a copy (allocated as torch's own ``default_collate`` does)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    elem = torch.empty(0, dtype=dtype)
+    storage = elem._typed_storage()._new_shared(math.prod(shape), device=elem.device)
+    return elem.new(storage).resize_(*shape)
+
+
+def to_model_dtype(x: torch.Tensor) -> torch.Tensor:
+    """A float16 tensor (features as stored) as float32, on its own device; anything else as it is."""
+    return x.float() if x.dtype == torch.float16 else x
 
 
 # --------------------------------------------------------------------------------------
@@ -125,11 +212,46 @@ class _StoreVideos(Dataset):
                 f"wrap-around is off; use fewer frames, a smaller stride, or {section}.short_video=wrap"
             )
 
+    augment: tuple[str, ...] = ()
+    relabel: dict[str, Sequence[int]] = {}  # label-changing augmentations (ClipDataset sets its own)
+
+    def plan(self, index: int) -> tuple[str, np.ndarray, Any, np.random.Generator | None]:
+        """Item ``index`` without its features: (video id, frame indices (..., T), label, its rng)."""
+        raise NotImplementedError
+
+    def __getitems__(self, indices: list[int]) -> list:
+        """A whole batch (DataLoader calls this instead of ``__getitem__`` per item): the frames
+        of every item read straight into one batch tensor, in shared memory when read in a
+        DataLoader worker, so :func:`collate` hands it over without the stacking copy. With
+        augmentations (label-changing ones included) or an int8 store: the items one by one."""
+        if self.augment or self.relabel or self.store.dtype.extras:
+            return [self[i] for i in indices]
+        plans = [self.plan(i) for i in indices]
+        shape = self.store.feature_shape
+        dtype = torch.from_numpy(np.empty(0, dtype=self.store.dtype.feature_dtype)).dtype
+        clips = batch_tensor((len(plans), *plans[0][1].shape, *shape), dtype)
+        flat = clips.numpy()
+        for b, (vid, idx, _, _) in enumerate(plans):
+            dest = flat[b].reshape(-1, *shape)  # a view: the batch is contiguous
+            self.store.stored_features(vid, idx.reshape(-1), out=dest)
+            self.checked(vid, idx.reshape(-1), dest)
+        labels = default_collate([p[2] for p in plans])
+        return ItemBatch([(clips[b], labels[b]) for b in range(len(plans))], clips, labels)
+
+    def frames(self, video_id: str, indices: np.ndarray, augment: tuple[str, ...] = ()) -> np.ndarray:
+        """Frames ``indices`` (n,) of a video, ``(n, H, W, C)``, checked finite: as stored (float16)
+        when the store holds float16 and no augmentation will run on them, else float32 (the
+        augmentations compute in float32, int8 is dequantised here)."""
+        if augment or self.store.dtype.extras:
+            feats = self.store.features(video_id, indices)
+        else:
+            feats = self.store.stored_features(video_id, indices)["features"]
+        return self.checked(video_id, indices, feats)
+
     def checked(self, video_id: str, indices: np.ndarray, feats: np.ndarray) -> np.ndarray:
         """``feats`` (``len(indices)`` frames first) unless a value is NaN/inf: then
         :class:`NonFiniteFeaturesError` naming the video, the stored frame and its shard."""
-        flat = feats.reshape(len(indices), -1)
-        finite = np.isfinite(flat).all(axis=1)
+        finite = finite_rows(feats.reshape(len(indices), -1))
         if not finite.all():
             frame = int(np.asarray(indices)[int(np.argmin(finite))])
             raise NonFiniteFeaturesError(
@@ -161,7 +283,7 @@ class _StoreVideos(Dataset):
 class PRPDataset(_StoreVideos):
     """Playback-rate perception: ``clips_per_video`` clips per video, each with its own rate.
 
-    Item: ``(clips (K, T, H, W, C) float32, rate labels (K,) int64)``. Resampling at rate r
+    Item: ``(clips (K, T, H, W, C) float16 as stored (or float32, see :meth:`frames`), rate labels (K,) int64)``. Resampling at rate r
     is done by choosing cached frame indices (``train.sampling.prp_clips``), exactly what
     decoding those frames would give.
     """
@@ -173,17 +295,18 @@ class PRPDataset(_StoreVideos):
         self.augment = augment
         self._require_fitting_clip("a PRP clip at rate 1", cfg.num_frames, cfg.stride, cfg.short_video, "prp")
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def plan(self, index: int) -> tuple[str, np.ndarray, torch.Tensor, np.random.Generator]:
         rng = self._rng(index)
-        vid = self.video_ids[index]
         clips = prp_clips(int(self.lengths[index]), rng, self.cfg)
         idx = np.stack([c.indices for c in clips])  # (K, T)
-        feats = self.checked(vid, idx.reshape(-1), self.store.features(vid, idx.reshape(-1)))
-        feats = feats.reshape(*idx.shape, *self.store.feature_shape)
+        return self.video_ids[index], idx, torch.from_numpy(np.array([c.rate_label for c in clips], dtype=np.int64)), rng
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        vid, idx, labels, rng = self.plan(index)
+        feats = self.frames(vid, idx.reshape(-1), self.augment).reshape(*idx.shape, *self.store.feature_shape)
         if self.augment:
             feats = np.stack([apply_augmentations(self.augment, f, rng) for f in feats])
-        labels = np.array([c.rate_label for c in clips], dtype=np.int64)
-        return torch.from_numpy(np.ascontiguousarray(feats)), torch.from_numpy(labels)
+        return torch.from_numpy(np.ascontiguousarray(feats)), labels
 
 
 @dataclass(frozen=True)
@@ -199,23 +322,33 @@ class ClipConfig:
 
 
 class ClipDataset(_StoreVideos):
-    """Fine-tuning: one random clip per video per epoch. Item: ``((T, H, W, C), label)``."""
+    """Fine-tuning: one random clip per video per epoch. Item: ``((T, H, W, C), label)``.
+
+    ``relabel``: label-changing augmentations (:data:`RELABELINGS`) and the class each class
+    becomes under them, e.g. ``{"reverse": [3, 2, 1, 0]}``, applied after ``augment``."""
 
     def __init__(self, store: FeatureStore, split: str, cfg: ClipConfig, seed: int = 0,
-                 augment: tuple[str, ...] = ()) -> None:
+                 augment: tuple[str, ...] = (), relabel: dict[str, Sequence[int]] | None = None) -> None:
         super().__init__(store, split, seed)
         self.cfg = cfg
         self.augment = augment
+        self.relabel = dict(relabel or {})
         self._require_fitting_clip(f"a clip of {cfg.num_frames} frames at stride {cfg.stride}", cfg.num_frames,
                                    cfg.stride, cfg.short_video, "clip")
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def plan(self, index: int) -> tuple[str, np.ndarray, int, np.random.Generator]:
         rng = self._rng(index)
         idx = random_clip(int(self.lengths[index]), rng, self.cfg.num_frames, self.cfg.stride, self.cfg.short_video)
-        clip = self.checked(self.video_ids[index], idx, self.store.features(self.video_ids[index], idx))
+        return self.video_ids[index], idx, self.label(index), rng
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        vid, idx, label, rng = self.plan(index)
+        clip = self.frames(vid, idx, self.augment)
         if self.augment:
             clip = apply_augmentations(self.augment, clip, rng)
-        return torch.from_numpy(np.ascontiguousarray(clip)), self.label(index)
+        if self.relabel:
+            clip, label = apply_relabeling(self.relabel, clip, label, rng)
+        return torch.from_numpy(np.ascontiguousarray(clip)), label
 
 
 @dataclass(frozen=True)
@@ -240,13 +373,15 @@ class TestViewDataset(_StoreVideos):
         super().__init__(store, split, 0)
         self.cfg = cfg
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def plan(self, index: int) -> tuple[str, np.ndarray, int, None]:
         idx = test_clips(int(self.lengths[index]), self.cfg.num_clips, self.cfg.num_frames, self.cfg.stride,
                          self.cfg.short_video)  # (V, T)
-        vid = self.video_ids[index]
-        feats = self.checked(vid, idx.reshape(-1), self.store.features(vid, idx.reshape(-1)))
-        feats = feats.reshape(*idx.shape, *self.store.feature_shape)
-        return torch.from_numpy(np.ascontiguousarray(feats)), self.label(index)
+        return self.video_ids[index], idx, self.label(index), None
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        vid, idx, label, _ = self.plan(index)
+        feats = self.frames(vid, idx.reshape(-1)).reshape(*idx.shape, *self.store.feature_shape)
+        return torch.from_numpy(np.ascontiguousarray(feats)), label
 
 
 def flatten_clips(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,14 +8,14 @@ SyncBatchNorm refuses CPU tensors.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.dist import discover_rank, resolve_device
+from pipeline.dist import discover_rank, join_process_group, resolve_device
+from pipeline.errors import FreezeframeError
 
 
 @dataclass(frozen=True)
@@ -42,12 +42,9 @@ def setup(device: str = "auto") -> DistInfo:
     dev = resolve_device(device, info)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if info.world > 1 and not dist.is_initialized():
-        if info.launcher == "slurm":  # torch reads its rendezvous from these variables
-            os.environ.setdefault("RANK", str(info.rank))
-            os.environ.setdefault("WORLD_SIZE", str(info.world))
-            os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    if info.world > 1 and not join_process_group(info, "nccl" if dev.type == "cuda" else "gloo"):
+        raise FreezeframeError(f"{info.world} {info.launcher} ranks but no MASTER_ADDR/MASTER_PORT to meet at: "
+                               "export them in the batch script (README, section Cluster)")
     return DistInfo(info.rank, info.world, info.local_rank, dev)
 
 

@@ -34,7 +34,7 @@ from pipeline.provenance import environment
 from train import distributed as D
 from train.config import TrainConfig, content_of
 from train.schema import OptimConfig
-from train.data import open_training_store
+from train.data import collate, open_training_store, to_model_dtype
 from train.evals import get_evaluation
 from train.models import arch_signature, check_input_channels
 from train.progress import TrainProgress
@@ -92,9 +92,11 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
-    """Tensors of a (nested) tuple/list/dict batch moved to ``device``."""
+    """Tensors of a (nested) tuple/list/dict batch moved to ``device`` (asynchronously from
+    pinned memory on CUDA); float16 tensors (store features kept in their storage dtype by the
+    datasets, :func:`train.data.to_model_dtype`) are cast to float32 there, on the device."""
     if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
+        return to_model_dtype(batch.to(device, non_blocking=True))
     if isinstance(batch, (tuple, list)):
         return type(batch)(_to_device(b, device) for b in batch)
     if isinstance(batch, dict):
@@ -300,6 +302,8 @@ def _fit(cfg: TrainConfig, console: Any, held: ExitStack) -> RunResult:
             train_set, batch_size=per_rank_batch, sampler=SkipSampler(base_sampler, in_epoch * per_rank_batch),
             num_workers=cfg.data.workers, pin_memory=dinfo.device.type == "cuda", drop_last=True,
             persistent_workers=False, multiprocessing_context="fork" if cfg.data.workers else None,
+            prefetch_factor=cfg.data.prefetch_factor if cfg.data.workers else None,
+            collate_fn=collate,  # a batch the dataset read as one tensor is handed over without a copy
             generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))  # not the global RNG: see below
         model.train()
         for batch in _batches(loader):

@@ -20,7 +20,7 @@ from pipeline.registry import Registry
 
 __all__ = ["cross_entropy", "accuracy", "info_nce", "masked_feature_loss", "distill_kl", "feature_regression",
            "REGRESSION_LOSSES", "CYCLE_EPS", "CosettleLoss", "CosettleLossError", "CycleOutput", "cosettle_loss",
-           "cycle_loss", "kl_anchor", "pool_nodes", "stochastic", "walk"]
+           "cycle_from_nodes", "cycle_loss", "kl_anchor", "l2_normalize", "pool_nodes", "stochastic", "walk"]
 
 
 def cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
@@ -119,13 +119,48 @@ class CosettleLossError(FreezeframeError, ValueError):
 CYCLE_EPS = 1e-6
 
 
+class _GridPool(torch.autograd.Function):
+    """Non-overlapping ``w x w`` average pooling of ``(N, H, W, D)`` grids (D contiguous).
+
+    Forward: the ``w^2`` strided slices summed in place then divided by ``w^2``, the same sum
+    order as ``F.avg_pool2d`` on CPU; backward: the incoming node gradients / ``w^2``
+    broadcast back to their windows in one copy (zeros on a dropped odd edge). ``avg_pool2d``
+    on the permuted channels-last view and its backward cost 2.8x more per step
+    (``docs/benchmarks.md``, Co-Settle).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, window: int) -> Tensor:  # type: ignore[override]
+        n, h, w, d = x.shape
+        hh, ww = h // window, w // window
+        ctx.shape, ctx.window = (n, h, w, d), window
+        grid = x[:, : hh * window, : ww * window]
+        out = grid[:, 0::window, 0::window].clone(memory_format=torch.contiguous_format)
+        for i in range(window):
+            for j in range(window):
+                if i or j:
+                    out.add_(grid[:, i::window, j::window])
+        return out.div_(window * window).view(n, hh * ww, d)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        n, h, w, d = ctx.shape
+        k = ctx.window
+        hh, ww = h // k, w // k
+        gx = (grad / (k * k)).view(n, hh, 1, ww, 1, d).expand(n, hh, k, ww, k, d).reshape(n, hh * k, ww * k, d)
+        if hh * k != h or ww * k != w:
+            gx = F.pad(gx, (0, 0, 0, w - ww * k, 0, h - hh * k))
+        return gx, None
+
+
 def pool_nodes(x: Tensor, window: int = 2) -> Tensor:
     """``(B, H, W, D)`` -> ``(B, (H // window) * (W // window), D)``: non-overlapping average pooling.
 
     ``F.avg_pool2d(kernel=stride=window)`` as released: 14 x 14 -> 7 x 7 = 49 nodes; the
     released fallback for other square grids (``S = sqrt(N)``) gives 16 x 16 -> 8 x 8; an odd
     side loses its last row/column (7 x 7 -> 3 x 3), as ``avg_pool2d`` floors. Pooled vectors
-    are not re-normalised. Nodes are row-major.
+    are not re-normalised. Nodes are row-major. Computed on the ``(.., D)``-contiguous layout
+    by :class:`_GridPool` (equal to ``avg_pool2d``; tested).
     """
     if x.ndim != 4:
         raise CosettleLossError(f"pool_nodes expects (B, H, W, D) token grids, got {tuple(x.shape)}")
@@ -135,8 +170,34 @@ def pool_nodes(x: Tensor, window: int = 2) -> Tensor:
             f"a {h}x{w} token grid is smaller than the {window}x{window} pooling window; extract at a "
             f"larger image size (or set the pooling window to 1)"
         )
-    pooled = F.avg_pool2d(x.permute(0, 3, 1, 2), kernel_size=window, stride=window)  # (B, D, h', w')
-    return pooled.flatten(2).transpose(1, 2)
+    if window == 1:
+        return x.reshape(b, h * w, d)
+    return _GridPool.apply(x, window)
+
+
+class _L2Normalize(torch.autograd.Function):
+    """``x / max(||x||_2, eps)`` over the last dim, with the closed-form backward
+    ``(g - y <g, y>) / max(||x||, eps)`` (3 passes instead of autograd's ~7 for ``F.normalize``)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(eps)
+        y = x / norm
+        ctx.save_for_backward(y, norm)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        y, norm = ctx.saved_tensors
+        dot = (grad * y).sum(-1, keepdim=True)
+        return torch.addcmul(grad, y, dot, value=-1).div_(norm), None
+
+
+def l2_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
+    """``F.normalize(x, p=2, dim=-1, eps=eps)`` (same values; tested with its gradient)."""
+    if not x.requires_grad:
+        return F.normalize(x, p=2, dim=-1, eps=eps)
+    return _L2Normalize.apply(x, eps)
 
 
 def stochastic(x1: Tensor, x2: Tensor, tau: float) -> Tensor:
@@ -183,7 +244,11 @@ def cycle_loss(views: list[Tensor], tau: float = 0.03, window: int = 2, eps: flo
     x nodes; note that cross-entropy log-softmaxes its logits, so each term is
     ``-log(P_ii + eps) + log(sum_j (P_ij + eps))`` = ``-log(P_ii + eps) + log(1 + n eps)``.
     """
-    nodes = [pool_nodes(v, window) for v in views]
+    return cycle_from_nodes([pool_nodes(v, window) for v in views], tau, eps)
+
+
+def cycle_from_nodes(nodes: list[Tensor], tau: float = 0.03, eps: float = CYCLE_EPS) -> CycleOutput:
+    """:func:`cycle_loss` on already pooled nodes ``(B, n, D)`` per view."""
     p = walk(nodes, tau)
     b, n, _ = p.shape
     logits = torch.log(p + eps).flatten(0, 1)
@@ -201,11 +266,15 @@ def kl_anchor(target: Tensor, pred: Tensor) -> Tensor:
     ``F.kl_div(log_softmax(pred, -1), softmax(target, -1), reduction="batchmean")``: the sum over
     every token and channel of ``KL(softmax(target) || softmax(pred))``, divided by the batch size
     ``B = target.shape[0]``. Inputs ``(B, ..., D)``, L2-normalised per token in the released use,
-    where it is about ``(1 - cos) / D`` per token.
+    where it is about ``(1 - cos) / D`` per token. Computed as ``sum(t (log t - log q)) / B``
+    with ``log t`` and ``log q`` from ``log_softmax`` (one dot product; tested against ``F.kl_div``).
     """
     if target.shape != pred.shape:
         raise CosettleLossError(f"target {tuple(target.shape)} and pred {tuple(pred.shape)} differ")
-    return F.kl_div(F.log_softmax(pred, dim=-1), F.softmax(target, dim=-1), reduction="batchmean")
+    log_t = F.log_softmax(target, dim=-1)
+    # = F.kl_div(log_softmax(pred), softmax(target), reduction="batchmean"), whose xlogy(t, t) takes a log
+    # of every softmax value; here log t comes from log_softmax and the sum is one dot product
+    return torch.dot(log_t.exp().flatten(), (log_t - F.log_softmax(pred, dim=-1)).flatten()) / target.shape[0]
 
 
 @dataclass
@@ -236,9 +305,11 @@ def cosettle_loss(frozen: Tensor, projected: Tensor, tau: float = 0.03, lam: flo
             f"expected frozen and projected (B, V, H, W, D) of equal shape, got {tuple(frozen.shape)} "
             f"and {tuple(projected.shape)}"
         )
-    z = F.normalize(frozen, p=2, dim=-1)
-    p = F.normalize(projected, p=2, dim=-1)
-    cyc = cycle_loss(list(p.unbind(1)), tau=tau, window=window)
+    b, v, h, w, d = projected.shape
+    z = l2_normalize(frozen)
+    p = l2_normalize(projected)
+    nodes = pool_nodes(p.reshape(b * v, h, w, d), window)  # all views at once: (B V, n, D)
+    cyc = cycle_from_nodes(list(nodes.view(b, v, *nodes.shape[1:]).unbind(1)), tau=tau)
     kl = kl_anchor(z, p)
     return CosettleLoss(loss=cyc.loss + lam * kl, cycle=cyc.loss, kl=kl, acc=cyc.acc,
                         cos_identity=cyc.cos_identity)

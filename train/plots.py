@@ -25,7 +25,8 @@ from matplotlib.ticker import MaxNLocator
 from train.metrics import EvalResult
 from train.rundir import RunDir, RunDirError
 
-__all__ = ["ComparisonRow", "plot_curves", "plot_confusion", "plot_comparison"]
+__all__ = ["AblationPoint", "ComparisonRow", "plot_ablation", "plot_curves", "plot_confusion", "plot_comparison",
+           "plot_metric_pairs"]
 
 TRAIN_COLOUR = "tab:blue"
 EVAL_COLOUR = "tab:orange"
@@ -253,4 +254,81 @@ def plot_comparison(
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
+    return _save(fig, path)
+
+
+@dataclass
+class AblationPoint:
+    """One row of an ablation table as a chart point: its label, cost and accuracies.
+
+    Attributes:
+        label: the row's values of the table's keys (e.g. ``"2"`` for spatial_pool=2).
+        macs: multiply-accumulates per clip (0: no TMM); params: trainable parameters.
+        top1_scratch, top1_prp: fractions in [0, 1], None when the run has not evaluated.
+    """
+
+    label: str
+    macs: int
+    params: int
+    top1_scratch: float | None
+    top1_prp: float | None
+
+
+def plot_ablation(points: Sequence[AblationPoint], path: str | Path, title: str = "ablation") -> Path:
+    """Top-1 (%) against GMACs per clip (log axis; a model without TMM sits at the left edge),
+    scratch and PRP-initialised as two series, each point labelled with its row."""
+    fig = _figure(6.4, 4.4)
+    ax = fig.add_subplot()
+    positive = [p.macs for p in points if p.macs > 0]
+    floor = (min(positive) / 4 if positive else 1e6) / 1e9
+    for series, colour, get in (("scratch", SERIES_COLOURS[1], lambda p: p.top1_scratch),
+                                ("PRP", SERIES_COLOURS[2], lambda p: p.top1_prp)):
+        pts = [(max(p.macs / 1e9, floor), 100 * get(p), p.label) for p in points if get(p) is not None]
+        if not pts:
+            continue
+        ax.scatter([x for x, _, _ in pts], [y for _, y, _ in pts], color=colour, label=series, zorder=3)
+        for x, y, label in pts:
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("TMM GMACs per clip (log)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return _save(fig, path)
+
+
+def plot_metric_pairs(points: dict[str, dict[str, tuple[float, float, float]]], path: str | Path,
+                      per_video: dict[str, dict[str, Sequence[float]]] | None = None,
+                      title: str | None = None) -> Path:
+    """One panel per metric: each representation's value with its interval, side by side.
+
+    ``points``: metric -> representation -> ``(value, low, high)``; ``per_video``: metric ->
+    representation -> per-video values, drawn as jittered dots behind (optional).
+    """
+    metrics = list(points)
+    cols = min(4, len(metrics))
+    rows = math.ceil(len(metrics) / cols)
+    fig = _figure(3.0 * cols, 2.6 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    rng = np.random.default_rng(0)
+    for ax, metric in zip(axes, metrics):
+        reps = list(points[metric])
+        for i, rep in enumerate(reps):
+            colour = SERIES_COLOURS[(i + 1) % len(SERIES_COLOURS)]
+            dots = (per_video or {}).get(metric, {}).get(rep)
+            if dots is not None:
+                y = np.asarray(dots, dtype=float)
+                y = y[np.isfinite(y)]
+                ax.scatter(i + rng.uniform(-0.18, 0.18, len(y)), y, s=6, alpha=0.3, color=colour, linewidths=0)
+            v, lo, hi = points[metric][rep]
+            ax.errorbar([i], [v], yerr=[[v - lo], [hi - v]], fmt="o", color="black", capsize=4, markersize=5)
+        ax.set_xticks(range(len(reps)), reps)
+        ax.set_xlim(-0.6, len(reps) - 0.4)
+        ax.set_title(metric, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in axes[len(metrics):]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return _save(fig, path)

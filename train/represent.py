@@ -51,6 +51,7 @@ __all__ = [
     "RELEASED_BATCH",
     "RepresentationError",
     "RepresentationMetrics",
+    "PerVideo",
     "RepresentationAccumulator",
     "cycle_accuracy",
     "effective_rank_from_gram",
@@ -199,6 +200,20 @@ class RepresentationMetrics:
 
 
 @dataclass
+class PerVideo:
+    """Per-video parts of the metrics, ``N`` videos in the order added: ``d_intra`` ``(N,)``
+    (NaN for videos of 7 frames or fewer) and its normalised variants, the D_inter tokens
+    ``sampled`` ``(N, K, D)``, the per-video ``cycle_accuracy`` ``(N,)``, and (with
+    ``keep_middle``) the middle-frame tokens ``middle`` ``(N, P, D)`` of the effective rank."""
+
+    d_intra: Tensor
+    d_intra_normalized: dict[int, Tensor]
+    sampled: Tensor
+    cycle_accuracy: Tensor
+    middle: Tensor | None
+
+
+@dataclass
 class RepresentationAccumulator:
     """Streams videos ``(T, H, W, D)`` one at a time and keeps only what the metrics need."""
 
@@ -211,6 +226,10 @@ class RepresentationAccumulator:
     _rows: int = 0
     _grid: tuple[int, int, int] | None = None
     _frames: int = 0
+    #: keep every video's middle-frame tokens ``(P, D)`` (for :meth:`per_video`; costs P x D floats per video)
+    keep_middle: bool = False
+    _middle: list[Tensor] = field(default_factory=list)
+    _has_intra: list[bool] = field(default_factory=list)
 
     def add(self, video: Tensor) -> None:
         """Add one video's tokens ``(T, H, W, D)`` (any float dtype; measured in float32)."""
@@ -224,6 +243,7 @@ class RepresentationAccumulator:
             raise RepresentationError(f"every video must have the same token grid; got {grid} after {self._grid}")
         self._frames += video.shape[0]
         intra = intra_distance(video)
+        self._has_intra.append(intra is not None)
         if intra is not None:
             self._intra.append(intra)
             for p, diameter in video_diameters(video).items():
@@ -235,6 +255,21 @@ class RepresentationAccumulator:
         self._gram = gram if self._gram is None else self._gram + gram
         self._rows += mid.shape[0]
         self._cycle.append(cycle_accuracy(video, self.tau))
+        if self.keep_middle:
+            self._middle.append(mid.clone())
+
+    def per_video(self) -> "PerVideo":
+        """What each added video contributed, in order (for intervals over videos)."""
+        n = len(self._sampled)
+        intra = torch.full((n,), math.nan, dtype=torch.float64)
+        norm = {p: torch.full((n,), math.nan, dtype=torch.float64) for p in PERCENTILES}
+        rows = torch.tensor(self._has_intra, dtype=torch.bool)
+        intra[rows] = torch.tensor(self._intra, dtype=torch.float64)
+        for p in PERCENTILES:
+            norm[p][rows] = torch.tensor(self._intra_norm[p], dtype=torch.float64)
+        return PerVideo(d_intra=intra, d_intra_normalized=norm, sampled=torch.stack(self._sampled),
+                        cycle_accuracy=torch.tensor(self._cycle, dtype=torch.float64),
+                        middle=torch.stack(self._middle) if self._middle else None)
 
     def result(self) -> RepresentationMetrics:
         n = len(self._sampled)
@@ -258,16 +293,18 @@ class RepresentationAccumulator:
 
 def measure(videos: Iterable[Tensor], total: int | None = None,
             transform: Callable[[Tensor], Tensor] | None = None, console=None,
-            description: str = "measuring") -> RepresentationMetrics:
+            description: str = "measuring", accumulator: RepresentationAccumulator | None = None
+            ) -> RepresentationMetrics:
     """All metrics over ``videos`` (an iterable of ``(T, H, W, D)`` tensors).
 
     ``transform`` (e.g. a trained projection g, run under ``no_grad``) is applied to each
     video's tokens first. Progress is shown with rich on ``console`` (stderr when None).
+    ``accumulator``: a fresh one to fill (e.g. ``keep_middle=True``, then ``per_video()``).
     """
     from rich.console import Console  # lazy: rich is only needed when measuring
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    acc = RepresentationAccumulator()
+    acc = accumulator if accumulator is not None else RepresentationAccumulator()
     con = console or Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=con, transient=True) as bar:
@@ -292,9 +329,10 @@ def store_videos(store: FeatureStore, videos: int | None = None, split: str | No
 
 
 def measure_store(store: FeatureStore, videos: int | None = None, split: str | None = None,
-                  transform: Callable[[Tensor], Tensor] | None = None, console=None) -> RepresentationMetrics:
+                  transform: Callable[[Tensor], Tensor] | None = None, console=None,
+                  accumulator: RepresentationAccumulator | None = None) -> RepresentationMetrics:
     """:func:`measure` over the stored tokens of :func:`store_videos` (read one video at a time)."""
     ids = store_videos(store, videos, split)
     stream = (torch.from_numpy(store.features(v)) for v in ids)
     return measure(stream, total=len(ids), transform=transform, console=console,
-                   description=f"measuring {len(ids)} videos of {store.path.name}")
+                   description=f"measuring {len(ids)} videos of {store.path.name}", accumulator=accumulator)

@@ -108,14 +108,18 @@ class DataConfig:
     train_split: str = "train"
     test_split: str = "test"
     workers: int = runtime(2)  # DataLoader workers per rank
+    prefetch_factor: int = runtime(4)  # batches each worker reads ahead (DataLoader prefetch_factor; workers > 0)
     in_memory: str = runtime("auto")  # auto | yes | no: read the whole store into RAM first
     in_memory_max_gb: float = runtime(4.0)  # "auto" loads the store when it is smaller than this
     augment: tuple[str, ...] = ()  # feature-space augmentations, e.g. ("hflip", "grid-crop")
+    # label-changing augmentations (fine-tuning; p = 0.5 each) -> the class each class becomes under
+    # it, e.g. {reverse = [3, 2, 1, 0]}: a clip played backwards, whose label is remapped (train.data)
+    relabel: dict[str, tuple[int, ...]] = field(default_factory=dict)
     allow_incomplete: bool = runtime(False)  # train on a store whose extraction has not finished
     skip_bad_videos: bool = False  # leave out (count, report) training videos with NaN/inf features
 
     def __post_init__(self) -> None:
-        raise_problems(range_problems(self, at_least=[("workers", 0)], positive=["in_memory_max_gb"],
+        raise_problems(range_problems(self, at_least=[("workers", 0), ("prefetch_factor", 1)], positive=["in_memory_max_gb"],
                                       choices=[("in_memory", ("auto", "yes", "no"))]))
 
 

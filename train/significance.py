@@ -1,16 +1,18 @@
-"""Small-sample statistics for test accuracies: Wilson intervals and exact McNemar tests.
+"""Small-sample statistics: Wilson intervals, exact McNemar / sign tests, bootstrap intervals.
 
-Pure python (``math`` only). Accuracies are fractions in [0, 1]; counts are numbers of videos.
+Pure python (``math`` and a seeded ``random.Random``). Accuracies are fractions in [0, 1]; counts are numbers of videos.
 Used by the demo report (``docs/demo.md``) and usable on any two runs evaluated on the same
 test videos (``eval.json`` holds the per-video predictions).
 """
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 from typing import Sequence
 
-__all__ = ["wilson_interval", "McNemar", "mcnemar_exact", "paired_outcomes"]
+__all__ = ["wilson_interval", "McNemar", "mcnemar_exact", "paired_outcomes", "bootstrap_interval",
+           "PairedDifference", "paired_difference"]
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
@@ -57,3 +59,46 @@ def paired_outcomes(pred_a: Sequence[int], pred_b: Sequence[int], targets: Seque
     a = [p == t for p, t in zip(pred_a, targets)]
     b = [p == t for p, t in zip(pred_b, targets)]
     return mcnemar_exact(sum(x and not y for x, y in zip(a, b)), sum(y and not x for x, y in zip(a, b)))
+
+
+def bootstrap_interval(values: Sequence[float], *, level: float = 0.95, reps: int = 10000,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval ``(low, high)`` of the mean of ``values`` (items resampled
+    with replacement ``reps`` times, seeded). With few items (say n < 10) it is too narrow:
+    state n next to it."""
+    xs = [float(v) for v in values]
+    if not xs:
+        raise ValueError("bootstrap_interval needs at least one value")
+    if not 0 < level < 1 or reps < 1:
+        raise ValueError(f"need 0 < level < 1 and reps >= 1, got level={level}, reps={reps}")
+    rng = random.Random(seed)
+    n = len(xs)
+    means = sorted(sum(rng.choices(xs, k=n)) / n for _ in range(reps))
+    lo = means[int(math.floor((1 - level) / 2 * (reps - 1)))]
+    hi = means[int(math.ceil((1 + level) / 2 * (reps - 1)))]
+    return lo, hi
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """``a - b`` on the same items: mean difference, its bootstrap interval, and the exact sign
+    test of wins (a > b) against losses (ties dropped)."""
+
+    n: int
+    mean: float
+    interval: tuple[float, float]
+    wins: int
+    losses: int
+    ties: int
+    p_value: float
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], *, level: float = 0.95, reps: int = 10000,
+                      seed: int = 0) -> PairedDifference:
+    """Compare two scores per item (same order): e.g. J&F of two methods per sequence."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired scores need equal, non-zero lengths, got {len(a)} and {len(b)}")
+    d = [float(x) - float(y) for x, y in zip(a, b)]
+    wins, losses = sum(x > 0 for x in d), sum(x < 0 for x in d)
+    return PairedDifference(len(d), sum(d) / len(d), bootstrap_interval(d, level=level, reps=reps, seed=seed),
+                            wins, losses, len(d) - wins - losses, mcnemar_exact(wins, losses).p_value)

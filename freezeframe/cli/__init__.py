@@ -8,12 +8,15 @@ training commands import torch through their configs).
 from __future__ import annotations
 
 import importlib
-from typing import Any
+import os
+from pathlib import Path
+from typing import Any, Optional
 
 import typer
 from typer.core import TyperGroup
 
 from freezeframe.cli.common import AppGroup, new_app
+from pipeline.paths import DATA_ROOT_ENV
 
 # command -> module whose typer app holds it, in the order of the root help
 COMMANDS: dict[str, str] = {
@@ -86,8 +89,15 @@ app = new_app(
 def root(
     debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error "
                                "(also: environment variable FREEZEFRAME_DEBUG=1)."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where the relative paths of the shipped "
+                                             "dataset configs point (stores/, data/, runs/); also: environment "
+                                             "variable FREEZEFRAME_DATA_ROOT; default: the project root.",
+                                             show_default=False),
 ) -> None:
-    pass  # --debug is read where errors are caught (freezeframe.cli.common.AppGroup)
+    """--debug is read where errors are caught (freezeframe.cli.common.AppGroup); --data-root is
+    handed to every command (and its worker processes) through the environment (pipeline.paths)."""
+    if data_root is not None:
+        os.environ[DATA_ROOT_ENV] = str(data_root.expanduser().resolve())
 
 
 def main() -> None:

@@ -120,3 +120,18 @@ def config_default(cls: type, dotted: str) -> str:
     if dataclasses.is_dataclass(obj):
         raise ValueError(f"{dotted} is a config section, not a field")
     return str(obj)
+
+
+#: ``--storage-option KEY=VALUE`` of the commands that open a store (remote stores only)
+STORAGE_OPTION = typer.Option([], "--storage-option", metavar="KEY=VALUE", show_default=False,
+                              help="fsspec option of an s3:// / gs:// store (repeatable; e.g. endpoint_url=http://"
+                              "minio:9000, anon=true); the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) "
+                              "fills in the rest.")
+
+
+def storage_options(pairs: list[str]) -> dict[str, Any] | None:
+    """``--storage-option`` pairs as a dict (values parsed like ``--set``: ``true`` is a bool,
+    dotted keys nest), None when none were given."""
+    from pipeline.config import parse_overrides
+
+    return parse_overrides(pairs) if pairs else None

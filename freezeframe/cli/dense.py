@@ -87,18 +87,24 @@ def dense_extract_cmd(
     random_weights: bool = typer.Option(False, "--random-weights", help="Untrained backbone (tests only)."),
     size_policy: Optional[str] = typer.Option(None, help="davis, jhmdb, vip or native (default: the benchmark's)."),
     dtype: str = typer.Option("float16", help="Stored dtype: float16, float32, int8."),
+    videos_dir: Optional[Path] = typer.Option(
+        None, "--videos", help="Decode DIR/<video_id>.mp4 (.mkv, ...) instead of reading each video's frame files."),
+    fps: float = typer.Option(24.0, help="Frame rate: timestamps of frame files; frames of --videos are selected at it."),
     batch_size: int = typer.Option(8, help="Frames per forward."),
     device: str = typer.Option("cpu", help="Device of the backbone."),
 ) -> None:
     """Every frame of a benchmark's videos through the backbone at the protocol's input size."""
     from extract.dense import DenseExtractConfig, extract_dense  # lazy: torch only when the command runs
+    from manifests.dense import with_video_files
     from train.dense.evaluate import BENCHMARKS
 
     name, videos = _benchmark(davis, jhmdb, vip, split)
+    if videos_dir is not None:
+        videos = with_video_files(videos, videos_dir)
     cfg = DenseExtractConfig(backbone=backbone, weights=str(weights) if weights else None,
                              random_weights=random_weights,
                              size_policy=size_policy or BENCHMARKS.get(name).size_policy,
-                             dtype=dtype, batch_size=batch_size, device=device)
+                             dtype=dtype, fps=fps, batch_size=batch_size, device=device)
     extract_dense(videos, store, cfg, progress=lambda vid, i, n: err.print(f"[{i}/{n}] {vid}"))
     out.print(f"{len(videos)} video(s) in {store}")
 

@@ -18,6 +18,7 @@ from extract.source import OnlineFeatureSource
 from freezeframe.cli.common import console, flag_overrides, new_app, out
 from pipeline.errors import FreezeframeError
 from pipeline.manifest import ManifestRow, read_manifest
+from pipeline.paths import project_root
 from pipeline.store import open_store
 from synth.longform import LongformConfig, write_longform
 from train.config import resolve_train_config
@@ -103,7 +104,8 @@ def pretext_online(
 
 @app.command("longform-experiment")
 def longform_experiment(
-    config: Path = typer.Option(Path("train/configs/experiments/longform-synth.toml"), help="Experiment file ([experiment] table)."),
+    config: Path = typer.Option(project_root() / "train/configs/experiments/longform-synth.toml",
+                                help="Experiment file ([experiment] table); default: the shipped one."),
     set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", show_default=False,
                                    help="Experiment override (e.g. 'strides=[8,16]', 'seeds=[0,1,2]')."),
 ) -> None:

@@ -24,13 +24,14 @@ from train.project import apply_projection, check_fits, load_projection
 from train.report import report_main
 from train.represent import measure_store
 from train.stats import tmm_stats
-from train.sweep import expand_sweep, load_sweep, sweep_configs
+from train.ablation import write_sweep_report
+from train.sweep import expand_sweep, load_sweep, rank_device, single_process, sweep_share, sweep_units
 
 app = new_app("Stage 2: stats, pretrain, finetune, evaluate, represent, project, report, sweep.")
 
 _DATASET = typer.Option(None, help="Training config train/configs/<name>.toml (e.g. ucf101, synth-motion).")
 _CONFIG = typer.Option(None, help="TOML config file ([common], [pretrain], [finetune] tables).")
-_STORE = typer.Option(None, help="Feature store (overrides data.store).", show_default=False)
+_STORE = typer.Option(None, help="Feature store, a path or an fsspec URL (overrides data.store).", show_default=False)
 _RUN_DIR = typer.Option(None, help="Run directory (resumed if it exists).", show_default=False)
 _EPOCHS = config_option(TrainConfig, "optim.epochs", "Epochs (overrides optim.epochs).")
 _SEED = config_option(TrainConfig, "seed", "Seed.")
@@ -58,7 +59,7 @@ def _train(task: str, dataset: Optional[str], config: Optional[Path], set_: list
 @app.command()
 def pretrain(
     dataset: Optional[str] = _DATASET, config: Optional[Path] = _CONFIG,
-    store: Optional[Path] = _STORE, run_dir: Optional[Path] = _RUN_DIR,
+    store: Optional[str] = _STORE, run_dir: Optional[Path] = _RUN_DIR,
     epochs: Optional[int] = _EPOCHS, seed: Optional[int] = _SEED,
     temporal_kernel: Optional[int] = _KT, arch: Optional[str] = _ARCH,
     task: str = typer.Option("prp", help="prp (TMM + head, playback-rate perception) | cosettle (Co-Settle "
@@ -74,7 +75,7 @@ def pretrain(
 @app.command()
 def finetune(
     dataset: Optional[str] = _DATASET, config: Optional[Path] = _CONFIG,
-    store: Optional[Path] = _STORE, run_dir: Optional[Path] = _RUN_DIR,
+    store: Optional[str] = _STORE, run_dir: Optional[Path] = _RUN_DIR,
     init: Optional[Path] = typer.Option(None, help="Pretraining run dir or checkpoint (omit: the config's init; "
                                         "--set init=\"\" trains from scratch).", show_default=False),
     epochs: Optional[int] = _EPOCHS, seed: Optional[int] = _SEED,
@@ -90,7 +91,7 @@ def finetune(
 @app.command()
 def evaluate(
     run_dir: Path = typer.Argument(..., help="A fine-tuning run directory."),
-    store: Optional[Path] = typer.Option(None, help="Evaluate on another store (default: the run's).",
+    store: Optional[str] = typer.Option(None, help="Evaluate on another store (default: the run's).",
                                          show_default=False),
     split: Optional[str] = typer.Option(None, help="Split to evaluate (default: the run's test split).",
                                         show_default=False),
@@ -119,7 +120,7 @@ def evaluate(
 
 @app.command()
 def represent(
-    store: Path = typer.Argument(..., help="Feature store (raw or projected tokens)."),
+    store: str = typer.Argument(..., help="Feature store (raw or projected tokens)."),
     projection: Optional[Path] = typer.Option(None, help="A `pretrain --task cosettle` run: measure g(tokens).",
                                               show_default=False),
     videos: Optional[int] = typer.Option(None, help="The first N videos in store order (default: all).",
@@ -177,23 +178,44 @@ def report(
 
 @app.command()
 def sweep(
-    spec: Path = typer.Argument(..., help="Sweep spec (TOML: task, out, set, [grid], [[runs]]; see train/sweep.py)."),
-    index: int = typer.Option(0, help="This job's index (Slurm array task id, or one machine of several)."),
-    count: int = typer.Option(1, help="Number of jobs sharing the sweep (run i goes to job i % count)."),
+    spec: Path = typer.Argument(..., help="Sweep spec (TOML: task, out, set, [grid], [[runs]], delta, [[tables]]; "
+                                "see train/sweep.py)."),
+    index: Optional[int] = typer.Option(None, help="This job's index (default: the torchrun/srun rank or the Slurm "
+                                        "array task; 0 alone).", show_default=False),
+    count: Optional[int] = typer.Option(None, help="Number of jobs sharing the sweep (point k goes to job k % count; "
+                                        "default: the world size or the array size).", show_default=False),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the runs and their overrides, train nothing."),
+    report_only: bool = typer.Option(False, "--report-only", help="Only (re)write the report of the runs so far."),
 ) -> None:
-    """Train a grid of ablations over one store, one run directory each (reruns resume), then report them."""
+    """Train a grid of ablations over one store, one run directory each (reruns resume), then
+    report them as the paper's ablation tables; under torchrun or a Slurm array each job trains its share."""
     s = load_sweep(spec)
     runs = expand_sweep(s)
     if dry_run:
         for r in runs:
             out.print(f"{Path(s.out) / r.name}: {' '.join(r.overrides)}", soft_wrap=True, highlight=False)
         return
-    for cfg in sweep_configs(s, resolve_train_config, index, count):
-        console.log(f"sweep run {cfg.run_dir}")
-        fit(cfg, console)
-    if count == 1:
-        raise typer.Exit(report_main([Path(s.out) / r.name for r in runs], Path(s.out) / "report.md"))
+    job, jobs = sweep_share(index, count)
+    every = {name: cfg for u in sweep_units(s, resolve_train_config) for name, cfg in u.runs}  # all checked first
+    if not report_only:
+        mine = sweep_units(s, resolve_train_config, job, jobs)
+        console.log(f"sweep job {job} of {jobs}: {sum(len(u.runs) for u in mine)} of {len(every)} runs")
+        for u in mine:
+            for name, cfg in u.runs:
+                cfg.device = rank_device(cfg.device)  # this rank's GPU, not every rank on cuda:0
+        with single_process():
+            for u in mine:
+                for name, cfg in u.runs:
+                    console.log(f"sweep run {cfg.run_dir}")
+                    fit(cfg, console)
+    unfinished = [n for n in every if not (Path(s.out) / n / "summary.json").is_file()]
+    if unfinished:  # another job still trains: the last one to finish writes the report
+        out.print(f"{len(unfinished)} run(s) of the sweep not finished yet (e.g. {unfinished[0]}); the report is "
+                  "written when they are (or: freezeframe sweep SPEC --report-only)")
+        if not report_only:
+            return
+    path = write_sweep_report(s, every)
+    out.print(f"wrote {path}")
 
 
 @app.command()

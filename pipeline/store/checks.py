@@ -24,18 +24,15 @@ is rewritten from that copy.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
+from collections import Counter
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import zarr
 
 from pipeline.errors import StoreError
-from pipeline.fileio import atomic_write_bytes, atomic_write_text
-from pipeline.provenance import sha256_file
+from pipeline.store.fs import StoreFS, StoreRoot, store_fs
 from pipeline.store.header import group_metadata_bytes, read_group_metadata, read_header, root_group_bytes
 from pipeline.store.integrity import (
     INTEGRITY_VERSION,
@@ -43,16 +40,16 @@ from pipeline.store.integrity import (
     frames_per_file,
     has_chunk_checksums,
     marker_digest,
+    sha256_key,
 )
 from pipeline.store.layout import (
     ATTR_KEY,
     HEADER_FILE,
-    marker_path,
+    marker_key,
     scan_markers,
     shard_dirs,
     shard_lock,
     shard_locked,
-    shards_dir,
 )
 from pipeline.store.writer import STORAGE_DTYPES
 
@@ -76,6 +73,14 @@ class StoreStatus:
     damaged_markers: list[str] = field(default_factory=list)
     #: PEA return views stored per frame (Co-Settle, ``extract --pea-views K``; 0: none)
     pea_views: int = 0
+    #: why the failed videos failed: ("stage: ErrorType", count), most common first
+    failure_reasons: list[tuple[str, int]] = field(default_factory=list)
+
+    @property
+    def failure_rate(self) -> float:
+        """Failed videos over the videos tried (stored + failed); 0 before any was tried."""
+        tried = self.videos_stored + self.failures
+        return self.failures / tried if tried else 0.0
 
     @property
     def pending_shards(self) -> int:
@@ -83,17 +88,16 @@ class StoreStatus:
         return max(self.planned_shards - self.complete_shards - len(self.in_progress_shards), 0)
 
 
-def store_status(path: str | os.PathLike) -> StoreStatus:
+def store_status(path: StoreRoot) -> StoreStatus:
     """Progress of a store from its markers and shard folders (works while it is being
     written). A damaged marker is counted, not read (:class:`StoreError` only for a header
     that cannot be read)."""
-    root = Path(path)
+    root = store_fs(path)
     header = read_header(root)
     markers, bad = scan_markers(root)
     in_progress = [s for s in shard_dirs(root) if s not in markers and s not in bad]
     stored = {v.get("video_id") for m in markers.values() for v in m["videos"] if isinstance(v, dict)}
-    failed = {f.get("video_id") for m in markers.values() for f in m.get("failures", [])
-              if isinstance(f, dict)} - stored
+    failed = latest_failures(markers, stored)
     return StoreStatus(
         planned_shards=_int(header["content"].get("num_shards")),
         complete_shards=sum(1 for s in markers if not s.startswith("retry")),
@@ -105,7 +109,47 @@ def store_status(path: str | os.PathLike) -> StoreStatus:
         writing_shards=[s for s in in_progress if shard_locked(root, s)],
         damaged_markers=sorted(bad),
         pea_views=_int((header["content"].get("pea") or {}).get("views")),
+        failure_reasons=failure_reasons(failed.values()),
     )
+
+
+def latest_failures(markers: dict[str, dict], stored: set) -> dict[str, dict]:
+    """video id -> its last recorded failure (markers in name order: a retry shard's after
+    the planned one's), for the videos that are not stored (a retry may have stored them)."""
+    out: dict[str, dict] = {}
+    for m in markers.values():
+        for f in m.get("failures", []):
+            if isinstance(f, dict) and f.get("video_id") not in stored:
+                out[f.get("video_id")] = f
+    return out
+
+
+def failure_reason(failure: dict) -> str:
+    """``"decode: InvalidDataError"``: the stage and the error type of a recorded failure."""
+    return f"{failure.get('stage', '?')}: {failure.get('error_type', '?')}"
+
+
+def failure_reasons(failures: Iterable[dict]) -> list[tuple[str, int]]:
+    """(reason, count) of recorded failures (:func:`failure_reason`), most common first."""
+    return Counter(failure_reason(f) for f in failures).most_common()
+
+
+def failure_verdict(failed: int, stored: int, reasons: list[tuple[str, int]],
+                    max_rate: float) -> str | None:
+    """Why a store (or a run) with ``failed`` failed and ``stored`` stored videos is not ok:
+    its failure rate passes ``max_rate`` (0: any failure), or every video failed; None if ok.
+    One sentence naming the most common reason and what to do."""
+    tried = failed + stored
+    if not failed or (failed / tried <= max_rate and stored):
+        return None
+    top, n = reasons[0] if reasons else ("unknown", failed)
+    if not stored:
+        head = f"all {failed} videos failed: {n} x {top}"
+    else:
+        head = (f"{failed} of {tried} videos failed ({100 * failed / tried:.1f}% > {100 * max_rate:g}% allowed); "
+                f"most common: {n} x {top}")
+    return (head + " (`freezeframe status STORE --failures` lists them with their messages; fix the cause, then "
+            "rerun `freezeframe extract` with --retry-failed; --max-failure-rate R accepts a failure rate up to R)")
 
 
 def _int(x: Any) -> int:
@@ -147,11 +191,25 @@ class Problem:
 class VerifyReport:
     """Everything :func:`check_store` found: problems (verify fails) and notes (it does not)."""
 
-    root: Path
+    root: StoreFS
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     #: videos of every completed shard (also of damaged ones), for the advice
     shard_videos: dict[str, list[str]] = field(default_factory=dict)
+    #: videos stored, and the failed ones (id -> last recorded failure): not problems of the
+    #: store's integrity, but a store with failures is not ok either (:meth:`failure_verdict`)
+    videos_stored: int = 0
+    failed: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def failure_rate(self) -> float:
+        tried = self.videos_stored + len(self.failed)
+        return len(self.failed) / tried if tried else 0.0
+
+    def failure_verdict(self, max_rate: float = 0.0) -> str | None:
+        """Why the store's failures make it not ok (rate above ``max_rate``, or every video
+        failed), None if they do not (:func:`failure_verdict`)."""
+        return failure_verdict(len(self.failed), self.videos_stored, failure_reasons(self.failed.values()), max_rate)
 
     @property
     def damaged_shards(self) -> list[str]:
@@ -185,16 +243,16 @@ class VerifyReport:
         return out
 
 
-def verify_store(path: str | os.PathLike, *, scan_values: bool = True) -> list[str]:
+def verify_store(path: StoreRoot, *, scan_values: bool = True) -> list[str]:
     """Check a store; return its problems as lines (empty = healthy). See :func:`check_store`."""
     return [str(p) for p in check_store(path, scan_values=scan_values).problems]
 
 
-def check_store(path: str | os.PathLike, *, scan_values: bool = True) -> VerifyReport:
+def check_store(path: StoreRoot, *, scan_values: bool = True) -> VerifyReport:
     """Every problem of the store at ``path`` (module docstring). ``scan_values=False``
     (``verify --quick``) skips what reads every byte: file SHA-256s, chunk decoding, the
     NaN/inf scan. Never raises on a damaged store: damage is a problem in the report."""
-    root = Path(path)
+    root = store_fs(path)
     rep = VerifyReport(root)
     header = _check_store_metadata(root, rep)
     if header is None:
@@ -238,8 +296,8 @@ def check_store(path: str | os.PathLike, *, scan_values: bool = True) -> VerifyR
                          f"{' ...' if len(legacy) > 5 else ''}) were written before integrity version "
                          f"{INTEGRITY_VERSION} (store header: {_int(header.get('integrity'))}), so bit flips and "
                          "swapped files cannot be detected in them: re-extract to get them")
-    stored_failed = {f.get("video_id") for m in markers.values() for f in m.get("failures", [])
-                     if isinstance(f, dict)} - set(seen)
+    stored_failed = latest_failures(markers, set(seen))
+    rep.videos_stored, rep.failed = len(seen), stored_failed
     planned_videos = _int(content.get("num_videos"))
     if not missing and not bad and planned_videos and len(seen) + len(stored_failed) != planned_videos:
         rep.problems.append(Problem(
@@ -261,7 +319,7 @@ def _videos(marker: dict, rows: tuple[int, int] | None = None) -> tuple[str, ...
     return tuple(out)
 
 
-def _check_store_metadata(root: Path, rep: VerifyReport) -> dict | None:
+def _check_store_metadata(root: StoreFS, rep: VerifyReport) -> dict | None:
     """Header, root group and ``shards`` group; the header to check the rest against, or
     None when there is none to trust."""
     why = ""
@@ -269,11 +327,11 @@ def _check_store_metadata(root: Path, rep: VerifyReport) -> dict | None:
         header: dict | None = read_header(root)
     except StoreError as e:
         header, why = None, str(e)
-    kept = (read_group_metadata(root / "zarr.json") or {}).get("attributes", {}).get(ATTR_KEY)
+    kept = (read_group_metadata(root, "zarr.json") or {}).get("attributes", {}).get(ATTR_KEY)
     kept = kept if isinstance(kept, dict) and isinstance(kept.get("content"), dict) else None
     if header is None:
         if kept is None:
-            if not (root / HEADER_FILE).exists() and not (root / "zarr.json").exists():
+            if not root.exists(HEADER_FILE) and not root.exists("zarr.json"):
                 rep.problems.append(Problem(why))
             else:
                 rep.problems.append(Problem(
@@ -289,17 +347,17 @@ def _check_store_metadata(root: Path, rep: VerifyReport) -> dict | None:
     elif kept != header:
         rep.problems.append(Problem(f"root group attributes differ from {HEADER_FILE}; --repair rewrites them "
                                     "from the header", file="zarr.json", repair="root"))
-    if read_group_metadata(shards_dir(root) / "zarr.json") is None:
+    if read_group_metadata(root, "shards/zarr.json") is None:
         rep.problems.append(Problem("shards group metadata missing or damaged; --repair rewrites it",
                                     file="shards/zarr.json", repair="shards_group"))
     return header
 
 
-def _check_shard(root: Path, s: str, m: dict, extras: dict[str, str], rep: VerifyReport,
+def _check_shard(root: StoreFS, s: str, m: dict, extras: dict[str, str], rep: VerifyReport,
                  seen: dict[str, str], legacy: list[str], scan: bool, pea: dict) -> None:
     """Everything about one completed shard (module docstring). ``pea``: the header's
     ``content.pea`` (Co-Settle return views; empty when the store has none)."""
-    sdir = shards_dir(root) / s
+    sdir = f"shards/{s}"
     n = int(m["num_frames"])
     everyone = _videos(m)
 
@@ -310,7 +368,7 @@ def _check_shard(root: Path, s: str, m: dict, extras: dict[str, str], rep: Verif
     if "digest" in m and marker_digest(m) != m["digest"]:
         damaged("edited or damaged: its digest does not match its videos, labels and files",
                 f"markers/{s}.json")
-    group = read_group_metadata(sdir / "zarr.json")
+    group = read_group_metadata(root, f"{sdir}/zarr.json")
     if group is None:
         damaged("shard group metadata missing or damaged", f"shards/{s}/zarr.json")
     else:
@@ -325,7 +383,7 @@ def _check_shard(root: Path, s: str, m: dict, extras: dict[str, str], rep: Verif
     arrays: dict[str, Any] = {}
     for k in sorted(names):
         try:
-            arrays[k] = zarr.open_array(str(sdir / k), mode="r")
+            arrays[k] = zarr.open_array(root.zarr_store(f"{sdir}/{k}", read_only=True), mode="r")
         except Exception as e:  # missing or unreadable metadata
             damaged(f"array metadata missing or damaged ({type(e).__name__})", f"shards/{s}/{k}/zarr.json")
     if files is None or any(not has_chunk_checksums(a) for a in arrays.values()):
@@ -347,13 +405,13 @@ def _check_shard(root: Path, s: str, m: dict, extras: dict[str, str], rep: Verif
     bad_files: set[str] = set()
     if files is not None:
         for rel, rec in files.items():
-            p = sdir / rel
-            size = p.stat().st_size if p.is_file() else None
+            p = f"{sdir}/{rel}"
+            size = root.size(p)
             if size is None:
                 why = f"missing (the marker records {rec['bytes']:,} bytes)"
             elif size != rec["bytes"]:
                 why = f"{size:,} bytes, the marker records {rec['bytes']:,} (truncated, emptied or replaced)"
-            elif scan and sha256_file(p) != rec["sha256"]:
+            elif scan and sha256_key(root, p) != rec["sha256"]:
                 why = "content does not match the SHA-256 in the marker (damaged, or another shard's file)"
             else:
                 continue
@@ -362,8 +420,7 @@ def _check_shard(root: Path, s: str, m: dict, extras: dict[str, str], rep: Verif
     else:
         for k, a in arrays.items():
             for key, a0, a1 in expected_files(a, min(n, a.shape[0])):
-                p = sdir / k / key
-                if not p.is_file() or p.stat().st_size == 0:
+                if not root.size(f"{sdir}/{k}/{key}"):
                     bad_files.add(f"{k}/{key}")
                     damaged("missing or empty (zarr would read it as zeros)", f"shards/{s}/{k}/{key}",
                             _videos(m, (a0, a1)))
@@ -462,7 +519,7 @@ def _video_table_diffs(marker_videos: list, group_videos: Any) -> list[str]:
 # --------------------------------------------------------------------------------------
 # repair
 # --------------------------------------------------------------------------------------
-def repair_store(path: str | os.PathLike, report: VerifyReport | None = None,
+def repair_store(path: StoreRoot, report: VerifyReport | None = None,
                  log: Callable[[str], None] = lambda s: None) -> list[str]:
     """Fix what ``report`` (default: a full :func:`check_store`) says ``--repair`` can fix;
     return one line per action.
@@ -472,7 +529,7 @@ def repair_store(path: str | os.PathLike, report: VerifyReport | None = None,
     under the shard's lock (a shard a running extraction is writing is left alone). A rerun
     of the same extract command then re-extracts exactly the removed shards.
     """
-    root = Path(path)
+    root = store_fs(path)
     report = report or check_store(root)
     kinds = {p.repair for p in report.problems}
     actions: list[str] = []
@@ -482,22 +539,22 @@ def repair_store(path: str | os.PathLike, report: VerifyReport | None = None,
         log(line)
 
     if "header" in kinds:
-        kept = json.loads((root / "zarr.json").read_bytes())["attributes"][ATTR_KEY]
-        atomic_write_text(root / HEADER_FILE, json.dumps(kept, indent=2, sort_keys=True))
+        kept = json.loads(root.read_bytes("zarr.json"))["attributes"][ATTR_KEY]
+        root.write_atomic(HEADER_FILE, json.dumps(kept, indent=2, sort_keys=True).encode())
         act(f"{HEADER_FILE}: restored from the root zarr.json")
     if "root" in kinds:
-        atomic_write_bytes(root / "zarr.json", root_group_bytes(read_header(root)))
+        root.write_atomic("zarr.json", root_group_bytes(read_header(root)))
         act(f"zarr.json: rewritten from {HEADER_FILE}")
     if "shards_group" in kinds:
-        atomic_write_bytes(shards_dir(root) / "zarr.json", group_metadata_bytes({}))
+        root.write_atomic("shards/zarr.json", group_metadata_bytes({}))
         act("shards/zarr.json: rewritten")
     for s in report.damaged_shards:
         with shard_lock(root, s) as mine:
             if not mine:
                 act(f"shard {s}: being written by a running extraction; left alone")
                 continue
-            marker_path(root, s).unlink(missing_ok=True)
-            shutil.rmtree(shards_dir(root) / s, ignore_errors=True)
+            root.delete(marker_key(s))
+            root.delete(f"shards/{s}", recursive=True)
         vids = report.shard_videos.get(s)
         what = (f"{len(vids)} videos: {', '.join(vids[:6])}{' ...' if len(vids) > 6 else ''}" if vids is not None
                 else "videos unknown: its marker was unreadable")

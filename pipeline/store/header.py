@@ -14,17 +14,15 @@ leaves either no header (the rerun starts over) or a header that the rerun compl
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.group import GroupMetadata
 
 from pipeline.config import diff_dicts
 from pipeline.errors import ConfigMismatchError, StoreError
-from pipeline.fileio import atomic_write_bytes
+from pipeline.store.fs import StoreFS, StoreRoot, store_fs
 from pipeline.store.integrity import INTEGRITY_VERSION
-from pipeline.store.layout import ATTR_KEY, FORMAT_VERSION, HEADER_FILE, create_once, shards_dir
+from pipeline.store.layout import ATTR_KEY, FORMAT_VERSION, HEADER_FILE, create_once
 
 
 def content_mismatch(existing: dict, wanted: dict) -> list[str]:
@@ -33,7 +31,7 @@ def content_mismatch(existing: dict, wanted: dict) -> list[str]:
     return diff_dicts(existing, wanted, have_name="store has", want_name="this run asks")
 
 
-def init_store(path: str | os.PathLike, header: dict, *, integrity: int = INTEGRITY_VERSION) -> dict:
+def init_store(path: StoreRoot, header: dict, *, integrity: int = INTEGRITY_VERSION) -> dict:
     """Create the store with ``header`` or verify that an existing store matches it; return
     the store's header.
 
@@ -45,14 +43,13 @@ def init_store(path: str | os.PathLike, header: dict, *, integrity: int = INTEGR
     same bytes, each file replaced atomically. ``integrity`` is recorded in a new header
     (0 only in tests of stores made before checksums).
     """
-    root = Path(path)
-    root.mkdir(parents=True, exist_ok=True)
-    target = root / HEADER_FILE
-    if not target.exists():
+    root = store_fs(path)
+    root.makedirs("")
+    if not root.exists(HEADER_FILE):
         # a store whose header file was lost keeps its header in the root group: restore that
         # one (the shards were made with it), never this run's
-        kept = (read_group_metadata(root / "zarr.json") or {}).get("attributes", {}).get(ATTR_KEY)
-        create_once(target, kept if isinstance(kept, dict) and "content" in kept else
+        kept = (read_group_metadata(root, "zarr.json") or {}).get("attributes", {}).get(ATTR_KEY)
+        create_once(root, HEADER_FILE, kept if isinstance(kept, dict) and "content" in kept else
                     {**header, "format_version": FORMAT_VERSION, "integrity": integrity})
     existing = read_header(root)
     diffs = content_mismatch(existing.get("content", {}), header.get("content", {}))
@@ -77,36 +74,38 @@ def root_group_bytes(header: dict) -> bytes:
     return group_metadata_bytes({ATTR_KEY: header})
 
 
-def complete_creation(root: Path, header: dict) -> None:
+def complete_creation(root: StoreFS, header: dict) -> None:
     """Write what a new store needs besides its header, where missing: the root group
     (attributes = ``header``), the ``shards`` group, ``markers/``. A present but unreadable
     group metadata file is damage, not an interrupted creation: :class:`StoreError`."""
-    for meta, content in ((root / "zarr.json", lambda: root_group_bytes(header)),
-                          (shards_dir(root) / "zarr.json", lambda: group_metadata_bytes({}))):
-        if not meta.exists():
-            atomic_write_bytes(meta, content())
-        elif read_group_metadata(meta) is None:
-            raise StoreError(f"{meta} is damaged (not zarr group metadata); run `freezeframe verify {root} "
-                             "--repair` (it rewrites it from the header), then rerun")
-    (root / "markers").mkdir(exist_ok=True)
+    for meta, content in (("zarr.json", lambda: root_group_bytes(header)),
+                          ("shards/zarr.json", lambda: group_metadata_bytes({}))):
+        if not root.exists(meta):
+            root.write_atomic(meta, content())
+        elif read_group_metadata(root, meta) is None:
+            raise StoreError(f"{root.path(meta)} is damaged (not zarr group metadata); run `freezeframe verify "
+                             f"{root} --repair` (it rewrites it from the header), then rerun")
+    root.makedirs("markers")
 
 
-def read_group_metadata(meta: Path) -> dict | None:
-    """A group ``zarr.json`` as a dict, or None if it is missing, unreadable or not a group."""
+def read_group_metadata(root: StoreRoot, key: str) -> dict | None:
+    """The group ``zarr.json`` at ``key`` of a store as a dict, or None if it is missing,
+    unreadable or not a group."""
     try:
-        d = json.loads(meta.read_bytes())
+        d = json.loads(store_fs(root).read_bytes(key))
     except (OSError, ValueError):
         return None
     ok = isinstance(d, dict) and d.get("node_type") == "group" and d.get("zarr_format") == 3
     return d if ok else None
 
 
-def read_header(path: str | os.PathLike) -> dict:
+def read_header(path: StoreRoot) -> dict:
     """The header of the store at ``path`` (:class:`StoreError` if it is not a store or its
     header cannot be read)."""
-    target = Path(path) / HEADER_FILE
-    if not target.exists():
-        if (Path(path) / "zarr.json").exists() and (Path(path) / "markers").exists():
+    fs = store_fs(path)
+    target = fs.path(HEADER_FILE)
+    if not fs.exists(HEADER_FILE):
+        if fs.exists("zarr.json") and fs.exists("markers"):
             raise StoreError(f"{target} is missing; run `freezeframe verify {path} --repair` "
                              "(it restores it from the root zarr.json)")
         raise StoreError(
@@ -114,7 +113,7 @@ def read_header(path: str | os.PathLike) -> dict:
             "create one with `freezeframe extract`."
         )
     try:
-        header = json.loads(target.read_bytes())
+        header = json.loads(fs.read_bytes(HEADER_FILE))
     except (OSError, ValueError) as e:
         header, why = None, f"{type(e).__name__}: {e}"
     else:

@@ -21,15 +21,14 @@ checksums. Checksum cost in bytes and write time: docs/benchmarks.md.
 """
 from __future__ import annotations
 
+import hashlib
 import math
-import os
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from zarr.codecs import Crc32cCodec, ShardingCodec
 
 from pipeline.config import config_hash
-from pipeline.provenance import sha256_file
+from pipeline.store.fs import StoreRoot, store_fs
 
 INTEGRITY_VERSION = 1
 
@@ -55,18 +54,22 @@ def has_chunk_checksums(array: Any) -> bool:
     return any(isinstance(c, Crc32cCodec) for c in codecs)
 
 
-def _walk(folder: Path) -> Iterator[Path]:
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts):
-            yield p
+def sha256_key(root: StoreRoot, key: str, chunk: int = 1 << 20) -> str:
+    """SHA-256 (hex) of the file at ``key`` of a store, read in ``chunk``-byte blocks."""
+    h = hashlib.sha256()
+    with store_fs(root).open_read(key) as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
-def file_table(shard_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
-    """Every file of a shard folder (hidden temporaries excluded): relative POSIX path ->
-    ``{"bytes": size, "sha256": hex}``, sorted by path."""
-    root = Path(shard_dir)
-    return {p.relative_to(root).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-            for p in _walk(root)}
+def file_table(root: StoreRoot, folder: str) -> dict[str, dict[str, Any]]:
+    """Every file of the store folder ``folder`` (a shard: ``shards/<name>``; hidden
+    temporaries excluded): relative POSIX path -> ``{"bytes": size, "sha256": hex}``, sorted by
+    path."""
+    fs = store_fs(root)
+    return {rel: {"bytes": size, "sha256": sha256_key(fs, f"{folder}/{rel}")}
+            for rel, size in fs.files(folder).items()}
 
 
 def marker_digest(marker: dict) -> str:

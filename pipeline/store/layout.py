@@ -8,20 +8,25 @@ Layout (see docs/architecture.md)::
     STORE/shards/<name>/scales       (N, H, W) float32 (int8 stores only; x = q * scale)
     STORE/shards/<name>/timestamps   (N,) float64, seconds
     STORE/markers/<name>.json        completion marker, written last
-    STORE/locks/<name>.lock          advisory lock held by the process writing shard <name>
+    STORE/locks/<name>.lock          flock held by the process writing shard <name> (local stores)
+    STORE/locks/<name>.lock/<g>.json lease generation g of shard <name> (remote stores, docs/storage.md)
+
+Every function takes the store root as a path, an fsspec URL or a :class:`StoreFS`
+(:func:`pipeline.store.fs.store_fs`).
 """
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator
 
 from pipeline.errors import StoreError
+from pipeline.store.fs import DEFAULT_LEASE_S, Claim, StoreRoot, file_lock, file_locked, store_fs
+
+__all__ = ["ATTR_KEY", "FORMAT_VERSION", "HEADER_FILE", "Failure", "VideoEntry", "create_once", "file_lock",
+           "file_locked", "lock_key", "lock_path", "marker_key", "marker_path", "read_markers", "scan_markers",
+           "shard_claim", "shard_dirs", "shard_lock", "shard_locked", "shard_name", "shards_dir"]
 
 FORMAT_VERSION = 1
 HEADER_FILE = "freezeframe.json"
@@ -56,49 +61,53 @@ class Failure:
 
 
 # --------------------------------------------------------------------------------------
-# paths
+# paths (keys relative to the store root; ``*_path`` = what names them: a Path or a URL)
 # --------------------------------------------------------------------------------------
 def shard_name(index: int, retry: int = 0) -> str:
     """``00003`` for planned shard 3; ``retry01-00003`` for shard 3 of retry generation 1."""
     return f"{index:05d}" if retry == 0 else f"retry{retry:02d}-{index:05d}"
 
 
-def shards_dir(root: str | os.PathLike) -> Path:
-    return Path(root) / "shards"
+def shards_dir(root: StoreRoot) -> Any:
+    return store_fs(root).path("shards")
 
 
-def shard_dirs(root: str | os.PathLike) -> list[str]:
+def shard_dirs(root: StoreRoot) -> list[str]:
     """Names of the shard folders present (complete or not), sorted."""
-    d = shards_dir(root)
-    return sorted(p.name for p in d.iterdir() if p.is_dir()) if d.exists() else []
+    return [n for n in store_fs(root).list("shards") if "." not in n]  # not zarr.json, not temporaries
 
 
-def marker_path(root: str | os.PathLike, shard: str) -> Path:
-    return Path(root) / "markers" / f"{shard}.json"
+def marker_key(shard: str) -> str:
+    return f"markers/{shard}.json"
 
 
-def scan_markers(root: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str]]:
+def marker_path(root: StoreRoot, shard: str) -> Any:
+    return store_fs(root).path(marker_key(shard))
+
+
+def scan_markers(root: StoreRoot) -> tuple[dict[str, dict], dict[str, str]]:
     """The completion markers of a store that can be read, by shard name (sorted), and the
     ones that cannot (shard name -> why: truncated, not JSON, not a marker)."""
-    mdir = Path(root) / "markers"
+    fs = store_fs(root)
     good: dict[str, dict] = {}
     bad: dict[str, str] = {}
-    if not mdir.exists():
-        return good, bad
-    for p in sorted(mdir.glob("*.json")):
+    names = [n[:-5] for n in fs.list("markers") if n.endswith(".json") and not n.startswith(".")]
+    for shard, data in zip(names, fs.read_many([marker_key(s) for s in names])):
         try:
-            m = json.loads(p.read_bytes())
+            if isinstance(data, BaseException):
+                raise data
+            m = json.loads(data)
         except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
-            bad[p.stem] = f"unreadable ({type(e).__name__}: {e})"
+            bad[shard] = f"unreadable ({type(e).__name__}: {e})"
             continue
         if not (isinstance(m, dict) and isinstance(m.get("videos"), list) and "num_frames" in m):
-            bad[p.stem] = "not a completion marker (no videos/num_frames)"
+            bad[shard] = "not a completion marker (no videos/num_frames)"
             continue
-        good[p.stem] = m
+        good[shard] = m
     return good, bad
 
 
-def read_markers(root: str | os.PathLike) -> dict[str, dict]:
+def read_markers(root: StoreRoot) -> dict[str, dict]:
     """All completion markers of a store, by shard name (sorted).
 
     :class:`StoreError` naming the first marker that cannot be read (one cannot tell what
@@ -115,87 +124,45 @@ def read_markers(root: str | os.PathLike) -> dict[str, dict]:
     return good
 
 
-def create_once(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> bool:
-    """Publish ``obj`` as JSON at ``path`` unless the file exists; True if this call created it.
-
-    Many processes may race: the file is written whole under a private name, then hard-linked
-    to ``path`` (atomic, fails if ``path`` exists), so every loser reads the winner's file
-    whole (store headers, retry plans).
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=indent, sort_keys=True))
-        f.flush()
-        os.fsync(f.fileno())  # the link publishes whole bytes, even after a power cut
-    try:
-        os.link(tmp, path)
-        return True
-    except FileExistsError:
-        return False
-    finally:
-        tmp.unlink(missing_ok=True)
+def create_once(root: StoreRoot, key: str, obj: Any, *, indent: int = 2) -> bool:
+    """Publish ``obj`` as JSON at ``key`` of the store unless it exists; True if this call
+    created it. Many processes may race: exactly one wins (a hard link locally, a conditional
+    write remotely, :meth:`StoreFS.create_once`), and every loser reads the winner's object
+    whole (store headers, retry plans)."""
+    return store_fs(root).create_once(key, json.dumps(obj, indent=indent, sort_keys=True).encode())
 
 
 # --------------------------------------------------------------------------------------
-# locks
+# claims (locks)
 # --------------------------------------------------------------------------------------
-def lock_path(root: str | os.PathLike, shard: str) -> Path:
-    return Path(root) / "locks" / f"{shard}.lock"
+def lock_key(shard: str) -> str:
+    return f"locks/{shard}.lock"
+
+
+def lock_path(root: StoreRoot, shard: str) -> Any:
+    return store_fs(root).path(lock_key(shard))
 
 
 @contextmanager
-def file_lock(path: str | os.PathLike) -> Iterator[bool]:
-    """Try to take the advisory ``flock`` on ``path`` (created if missing): yields True while
-    this process holds it, False (at once, without waiting) when another process holds it.
+def shard_claim(root: StoreRoot, shard: str, *, lease_s: float = DEFAULT_LEASE_S) -> Iterator[Claim]:
+    """Try to become the writer of ``shard``: yields a :class:`~pipeline.store.fs.Claim`, at
+    once, without waiting (``held`` False: another process is the writer, ``holder`` says who,
+    ``expires`` when its lease runs out on a remote store).
 
-    The kernel drops the lock when its holder exits, even by SIGKILL, so a crashed process
-    never leaves a stale lock. The file names the holder (host, pid) for people looking.
-    (``flock`` is reliable on local disks and most cluster file systems.) Used for store
-    shards (:func:`shard_lock`) and training run directories.
+    Locally a ``flock`` on ``STORE/locks/<shard>.lock`` (dropped by the kernel when its holder
+    dies); remotely a lease of ``lease_s`` seconds renewed by a heartbeat (docs/storage.md).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{socket.gethostname()} pid {os.getpid()}\n".encode())
-        yield True
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def file_locked(path: str | os.PathLike) -> bool:
-    """Whether a live process holds the :func:`file_lock` on ``path``."""
-    if not Path(path).exists():
-        return False
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+    with store_fs(root).claim(lock_key(shard), lease_s=lease_s) as claim:
+        yield claim
 
 
 @contextmanager
-def shard_lock(root: str | os.PathLike, shard: str) -> Iterator[bool]:
-    """Try to become the writer of ``shard``: yields True while this process holds its lock,
-    False (at once, without waiting) when another process holds it.
-
-    A :func:`file_lock` on ``STORE/locks/<shard>.lock``. (torchrun ranks and
-    ``--shard-index`` jobs never need it, since their shards are disjoint.)
-    """
-    with file_lock(lock_path(root, shard)) as held:
-        yield held
+def shard_lock(root: StoreRoot, shard: str) -> Iterator[bool]:
+    """:func:`shard_claim` as a bool: True while this process holds the shard."""
+    with shard_claim(root, shard) as claim:
+        yield claim.held
 
 
-def shard_locked(root: str | os.PathLike, shard: str) -> bool:
-    """Whether a live process holds ``shard``'s lock (i.e. is writing it now)."""
-    return file_locked(lock_path(root, shard))
+def shard_locked(root: StoreRoot, shard: str) -> bool:
+    """Whether a live process holds ``shard``'s claim (i.e. is writing it now)."""
+    return store_fs(root).claimed(lock_key(shard)).held

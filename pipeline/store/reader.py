@@ -14,8 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import zarr
@@ -23,9 +22,11 @@ from zarr.core.sync import sync
 
 from pipeline.errors import StoreError
 from pipeline.splits import SplitEntry, split_table_sha256
+from pipeline.store.frames import FrameReader, frame_reader
+from pipeline.store.fs import LocalFS, StoreRoot, store_fs
 from pipeline.store.header import read_header
 from pipeline.store.integrity import expected_files, frames_per_file, marker_digest, shard_file_key
-from pipeline.store.layout import Failure, VideoEntry, read_markers, shards_dir
+from pipeline.store.layout import Failure, VideoEntry, read_markers
 from pipeline.store.writer import PEA_OFFSETS, PEA_PREFIX, STORAGE_DTYPES, decode_pea
 
 
@@ -34,15 +35,19 @@ class FeatureStore:
 
     Safe to use from DataLoader workers: zarr handles are opened lazily per process.
     With ``in_memory=True`` every shard is read once into RAM (fast random access for small
-    stores, e.g. training ablations).
+    stores, e.g. training ablations). ``path`` is a local path or an fsspec URL
+    (``s3://bucket/x.zarr``; ``storage_options`` or the environment give credentials and
+    endpoint, :func:`pipeline.store.fs.store_fs`).
     """
 
-    def __init__(self, path: str | os.PathLike, *, in_memory: bool = False) -> None:
-        self.path = Path(path)
-        self.header = read_header(self.path)
+    def __init__(self, path: StoreRoot, *, in_memory: bool = False,
+                 storage_options: Mapping[str, Any] | None = None) -> None:
+        self.fs = store_fs(path, storage_options)
+        self.path: Any = self.fs.path()  # a Path for local stores, the URL otherwise
+        self.header = read_header(self.fs)
         self.content: dict = self.header.get("content", {})
         self.dtype = STORAGE_DTYPES.get(self.content.get("dtype", "float16"))
-        self.markers = read_markers(self.path)
+        self.markers = read_markers(self.fs)
         self._index: dict[str, VideoEntry] = {}
         for shard, marker in self.markers.items():
             if "digest" in marker and marker_digest(marker) != marker["digest"]:
@@ -58,6 +63,7 @@ class FeatureStore:
                     raise StoreError(f"{self.path}: video {e.video_id!r} stored twice")
                 self._index[e.video_id] = e
         self._handles: dict[str, dict[str, zarr.Array]] = {}
+        self._frame_readers: dict[tuple[str, str], FrameReader | None] = {}
         self._pid = os.getpid()
         self._memory: dict[str, dict[str, np.ndarray]] | None = None
         self.split_table: str | None = None  # sha256 of the split table applied (None: the store's own splits)
@@ -144,7 +150,7 @@ class FeatureStore:
         if self._memory is not None:
             return self._memory[shard]
         if os.getpid() != self._pid:
-            self._handles, self._pid = {}, os.getpid()
+            self._handles, self._frame_readers, self._pid = {}, {}, os.getpid()
         if shard not in self._handles:
             self._handles[shard] = self._open_shard(shard)
         return self._handles[shard]
@@ -160,11 +166,11 @@ class FeatureStore:
         for a marker without one (integrity 0), the shard files the arrays' shapes imply;
         zarr itself would read a missing shard file as zeros.
         """
-        sdir = shards_dir(self.path) / shard
+        fs, sdir = self.fs, f"shards/{shard}"
         marker = self.markers[shard]
         for rel, rec in marker.get("files", {}).items():
-            p = sdir / rel
-            size = p.stat().st_size if p.is_file() else None
+            p = fs.path(f"{sdir}/{rel}")
+            size = fs.size(f"{sdir}/{rel}")
             if size != rec["bytes"]:
                 state = "missing" if size is None else f"{size} bytes, the marker records {rec['bytes']}"
                 raise StoreError(f"{p}: {state} (shard {shard}: {self._shard_videos(shard)}); {self._fix()}")
@@ -173,15 +179,14 @@ class FeatureStore:
         names |= {rel.split("/")[0] for rel in marker.get("files", {}) if rel.endswith("/zarr.json")}
         for k in sorted(names):
             try:
-                arrays[k] = zarr.open_array(str(sdir / k), mode="r")
+                arrays[k] = zarr.open_array(fs.zarr_store(f"{sdir}/{k}", read_only=True), mode="r")
             except Exception as e:  # zarr raises many kinds (not found, JSON, metadata)
-                raise StoreError(f"{sdir / k / 'zarr.json'}: array metadata unreadable ({type(e).__name__}: "
+                raise StoreError(f"{fs.path(f'{sdir}/{k}/zarr.json')}: array metadata unreadable ({type(e).__name__}: "
                                  f"{e}) (shard {shard}: {self._shard_videos(shard)}); {self._fix()}") from e
             if "files" not in marker:
                 for key, _, _ in expected_files(arrays[k], int(marker["num_frames"])):
-                    p = sdir / k / key
-                    if not p.is_file() or p.stat().st_size == 0:
-                        raise StoreError(f"{p}: missing or empty (shard {shard}: {self._shard_videos(shard)}); "
+                    if not fs.size(f"{sdir}/{k}/{key}"):
+                        raise StoreError(f"{fs.path(f'{sdir}/{k}/{key}')}: missing or empty (shard {shard}: {self._shard_videos(shard)}); "
                                          f"{self._fix()}")
         return arrays
 
@@ -211,7 +216,7 @@ class FeatureStore:
                 bad, why = i, e
                 break
         i = bad if bad is not None else int(np.atleast_1d(rows)[0]) // per
-        path = shards_dir(self.path) / shard / key / shard_file_key(array, i)
+        path = self.fs.path(f"shards/{shard}/{key}/{shard_file_key(array, i)}")
         span = (i * per, (i + 1) * per)
         return StoreError(f"{path}: damaged, cannot be read ({type(why).__name__}: {str(why)[:120]}) "
                           f"(shard {shard} frames {span[0]}..{span[1] - 1}: {self._shard_videos(shard, span)}); "
@@ -228,23 +233,58 @@ class FeatureStore:
 
     def features(self, video_id: str, indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
         """Features of a video as float32 (T, H, W, C); ``indices`` selects frames (0-based)."""
+        return self.dtype.decode(self.stored_features(video_id, indices))
+
+    def stored_features(self, video_id: str, indices: Sequence[int] | np.ndarray | None = None,
+                        out: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """The stored arrays of a video's frames, not decoded: ``features`` (T, H, W, C) in the
+        storage dtype (float16 by default) and the dtype's extras (int8: ``scales`` (T, H, W));
+        ``self.dtype.decode`` of them is :meth:`features`. Training keeps float16 until the
+        device (half the bytes through the loader and the host-to-device copy). ``out``: an
+        array ``(len(indices), H, W, C)`` of the storage dtype to read ``features`` into (a
+        slice of a batch: no copy), with ``indices`` given."""
         e = self.meta(video_id)
         arrays = self._arrays(e.shard)
         keys = ["features", *self.dtype.extras]
         if indices is None:
+            if out is not None:
+                raise ValueError("stored_features(out=...) needs the frame indices")
             sel: Any = slice(e.offset, e.offset + e.length)
             span = np.arange(e.offset, e.offset + e.length)
-            raw = {k: self._read(e.shard, k, arrays[k], lambda k=k: np.asarray(arrays[k][sel]), span)
-                   for k in keys}
-        else:
-            idx = np.asarray(indices, dtype=np.int64)
-            if idx.size and (idx.min() < 0 or idx.max() >= e.length):
-                raise IndexError(f"frame index out of range [0, {e.length}) for {video_id!r}")
-            uniq, inverse = np.unique(idx, return_inverse=True)
-            rows = uniq + e.offset
-            raw = {k: self._read(e.shard, k, arrays[k], lambda k=k: _take(arrays[k], rows), rows)[inverse]
-                   for k in keys}
-        return self.dtype.decode(raw)
+            return {k: self._read(e.shard, k, arrays[k], lambda k=k: np.asarray(arrays[k][sel]), span)
+                    for k in keys}
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= e.length):
+            raise IndexError(f"frame index out of range [0, {e.length}) for {video_id!r}")
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        rows = uniq + e.offset
+        ordered = len(uniq) == len(idx) and bool((uniq == idx).all())  # already sorted, no repeats: no reorder copy
+        into = out if ordered else None
+        res = {k: self._read(e.shard, k, arrays[k],
+                             lambda k=k: self._rows(e.shard, k, arrays[k], rows, into if k == "features" else None), rows)
+               for k in keys}
+        if not ordered:
+            res = {k: np.take(v, inverse, axis=0, out=out if k == "features" else None) for k, v in res.items()}
+        return res
+
+    def _rows(self, shard: str, key: str, array: Any, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows (sorted, unique) of an array (into ``out`` when given): by
+        :class:`~pipeline.store.frames.FrameReader` when the array has its layout (one pread per
+        frame, no zarr event loop), else zarr."""
+        reader = None
+        if not isinstance(array, np.ndarray):
+            if (shard, key) not in self._frame_readers:
+                local = isinstance(self.fs, LocalFS)  # a remote store: zarr's reads (ranged GETs)
+                self._frame_readers[shard, key] = (frame_reader(self.fs.path(f"shards/{shard}/{key}"), array)
+                                                   if local else None)
+            reader = self._frame_readers[shard, key]
+        if reader is not None:
+            return reader.read(rows, out)
+        res = _take(array, rows)
+        if out is None:
+            return res
+        out[...] = res
+        return out
 
     # ---- PEA return views (Co-Settle; ``extract --pea-views K``) -------------------------
     @property
@@ -320,6 +360,7 @@ def _take(array: Any, rows: np.ndarray, max_gap: int = 2) -> np.ndarray:
     return block[np.searchsorted(offsets, rows)]
 
 
-def open_store(path: str | os.PathLike, *, in_memory: bool = False) -> FeatureStore:
-    """Open a feature store for reading (see :class:`FeatureStore`)."""
-    return FeatureStore(path, in_memory=in_memory)
+def open_store(path: StoreRoot, *, in_memory: bool = False,
+               storage_options: Mapping[str, Any] | None = None) -> FeatureStore:
+    """Open a feature store for reading (see :class:`FeatureStore`): a path or an fsspec URL."""
+    return FeatureStore(path, in_memory=in_memory, storage_options=storage_options)

@@ -7,22 +7,20 @@ completion marker is written last; a shard without a marker is incomplete and is
 """
 from __future__ import annotations
 
-import os
-import shutil
+import json
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from pipeline.errors import StoreError
-from pipeline.fileio import atomic_write_json
 from pipeline.registry import Registry
+from pipeline.store.fs import Claim, StoreFS, StoreRoot, store_fs
 from pipeline.store.integrity import ARRAY_CONFIG, INTEGRITY_VERSION, checksummed, file_table, marker_digest
-from pipeline.store.layout import Failure, marker_path, shards_dir
+from pipeline.store.layout import Failure, marker_key
 
 
 # --------------------------------------------------------------------------------------
@@ -121,15 +119,18 @@ class ShardWriter:
 
     def __init__(
         self,
-        root: Path,
+        root: StoreFS,
         name: str,
         group: zarr.Group,
         dtype: StorageDtype,
         feature_shape: tuple[int, int, int],
         frames_per_file: int,
         integrity: int = INTEGRITY_VERSION,
+        claim: Claim | None = None,
     ) -> None:
-        self.root, self.name, self.group = root, name, group
+        self.fs, self.name, self.group = root, name, group
+        self.root: Any = root.path()  # a Path for local stores, the URL otherwise
+        self.claim = claim
         self.dtype, self.feature_shape, self.block = dtype, feature_shape, frames_per_file
         self.integrity = integrity
         config = ARRAY_CONFIG if integrity >= 1 else {}
@@ -151,7 +152,7 @@ class ShardWriter:
     @classmethod
     def create(
         cls,
-        root: str | os.PathLike,
+        root: StoreRoot,
         name: str,
         *,
         feature_shape: tuple[int, int, int],
@@ -160,6 +161,7 @@ class ShardWriter:
         frames_per_file: int = 256,
         integrity: int = INTEGRITY_VERSION,
         pea_views: int = 0,
+        claim: Claim | None = None,
     ) -> "ShardWriter":
         """Start the shard from scratch (an incomplete previous attempt is deleted).
 
@@ -171,17 +173,18 @@ class ShardWriter:
         ``extract.pea``): ``pea_features`` (N, K, H, W, C) in the storage dtype (plus
         ``pea_scales`` (N, K, H, W) for int8) and ``pea_offsets`` (N, K, 2) int32, the window
         offsets ``(oy, ox)`` of each view.
+
+        ``claim``: the shard's claim (:func:`pipeline.store.shard_claim`), checked before the
+        marker is written, so a writer whose lease another took over never commits.
         """
-        root = Path(root)
-        if marker_path(root, name).exists():
-            raise StoreError(f"shard {name} of {root} is already complete")
-        shard_dir = shards_dir(root) / name
-        if shard_dir.exists():
-            shutil.rmtree(shard_dir)
+        fs = store_fs(root)
+        if fs.exists(marker_key(name)):
+            raise StoreError(f"shard {name} of {fs} is already complete")
+        fs.delete(f"shards/{name}", recursive=True)
         sd = STORAGE_DTYPES.get(dtype)
         compressors = CODECS.get(codec)()
         h, w, c = feature_shape
-        group = zarr.open_group(str(root), mode="a").require_group("shards").create_group(name)
+        group = zarr.open_group(fs.zarr_store(), mode="a").require_group("shards").create_group(name)
         spec = {"features": ((h, w, c), sd.feature_dtype), "timestamps": ((), "float64")}
         spec.update({k: ((h, w), dt) for k, dt in sd.extras.items()})
         names: dict[str, tuple[str, ...]] = {k: ("frame", "h", "w", "c")[: 1 + len(t)] for k, (t, _) in spec.items()}
@@ -205,7 +208,7 @@ class ShardWriter:
                 dimension_names=names[key],
                 config=ARRAY_CONFIG if integrity >= 1 else None,
             )
-        return cls(root, name, group, sd, feature_shape, frames_per_file, integrity)
+        return cls(fs, name, group, sd, feature_shape, frames_per_file, integrity, claim)
 
     def begin_video(self, entry: dict) -> None:
         """``entry``: video_id, split, label, label_name (offset/length are filled in)."""
@@ -294,9 +297,11 @@ class ShardWriter:
         }
         if self.integrity >= 1:
             marker["integrity"] = self.integrity
-            marker["files"] = file_table(shards_dir(self.root) / self.name)
+            marker["files"] = file_table(self.fs, f"shards/{self.name}")
             marker["digest"] = marker_digest(marker)
-        atomic_write_json(marker_path(self.root, self.name), marker, indent=1)
+        if self.claim is not None:
+            self.claim.check()  # LeaseLost: another writer took the shard over; it commits, not us
+        self.fs.write_atomic(marker_key(self.name), (json.dumps(marker, indent=1, default=str) + "\n").encode())
         return marker
 
 

@@ -11,11 +11,21 @@ cells are kept and soft-maxed, and the query's label distribution is the weighte
 those cells' label distributions (the first frame carries its ground truth, later frames
 their own propagated soft labels).
 
-Memory is bounded: affinities are computed for chunks of query cells so that one chunk's
-``(n, K, N)`` block never exceeds ``max_affinity_elements`` floats, and each distinct
-context frame is multiplied once per chunk (frame 0 repeats early in the video). Beyond the
-features themselves (``T x N x C`` floats, normalised row by row when used), the peak is
-the context keys (``K x N x C``) plus two affinity blocks.
+How it is computed (exact, bounded; profile and timings in ``docs/benchmarks.md``). The grid
+is cut into **bands** of whole rows along its longer side (the grid is transposed when it
+is wider than tall; the radius is symmetric, so nothing changes). For a band of ``m`` query
+cells, a radius-restricted context frame can only supply cells whose row is within
+``ceil(radius) - 1`` rows of the band: those rows are one contiguous slice of the frame's
+``N`` cells, so the band is multiplied with that slice only (``addmm`` with a 0 / -inf bias
+that applies the exact radius), never with the ~55 % of cells beyond the radius (DAVIS:
+30 x 55 grid, radius 20). Each distinct ``(frame, restricted)`` context slot is multiplied
+once and gives its own top-k; a frame repeated in the context (frame 0 early in the video)
+repeats its candidates instead of its affinities, and the top-k of those candidates is the
+top-k over all context cells (the global top-k is inside the union of the slots' top-k).
+Each frame is normalised once (to float32) and kept while it is in the context. Memory
+beyond the features (``T x N x C`` in their stored dtype) and labels: the normalised context (``(K + 1) x N x C``),
+one ``(m, N)`` affinity block (``m`` = one band, at most ``max(w, max_affinity_elements /
+N)`` cells) and ``(m, K x topk)`` candidates.
 
 Layouts: features ``(T, h, w, C)`` float (any scale; normalised here), labels on the grid
 ``(T, h, w, L)`` float distributions over ``L`` labels, label maps in pixels ``(H, W)``
@@ -25,6 +35,8 @@ int. The grid covers the full frame: cell ``(i, j)`` spans pixels
 """
 from __future__ import annotations
 
+import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator, Literal, Sequence
 
@@ -68,7 +80,10 @@ class PropagationConfig:
             the one-hot maps at cell centres (CRW's ``cv2.resize`` INTER_LINEAR), ``area``
             averages them over each cell.
         upsample: grid labels back to pixels: ``bilinear`` (CRW) or ``nearest``.
-        max_affinity_elements: bound on one affinity block's float count (memory knob).
+        max_affinity_elements: bound on one affinity block's float count (memory knob; a
+            block holds at least one grid row of queries).
+        band_cells: query cells per band, rounded up to whole grid rows (speed knob: smaller
+            bands skip more cells beyond the radius, larger ones make larger matrix products).
     """
 
     context: int = 20
@@ -79,10 +94,13 @@ class PropagationConfig:
     label_downsample: Literal["bilinear", "area"] = "bilinear"
     upsample: Upsample = "bilinear"
     max_affinity_elements: int = runtime(2**24)
+    band_cells: int = runtime(256)
 
     def __post_init__(self) -> None:
         if self.context < 0:
             raise ValueError(f"context must be >= 0, got {self.context}")
+        if self.band_cells < 1:
+            raise ValueError(f"band_cells must be >= 1, got {self.band_cells}")
         if self.topk < 1:
             raise ValueError(f"topk must be >= 1, got {self.topk}")
         if self.temperature <= 0:
@@ -105,6 +123,35 @@ def radius_mask(h: int, w: int, radius: float, device: torch.device | None = Non
     yy, xx = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
     pos = torch.stack([yy.reshape(-1), xx.reshape(-1)], dim=1).float()
     return torch.cdist(pos, pos) < radius
+
+
+@dataclass(frozen=True)
+class _Band:
+    """Query cells ``[q0, q1)`` (whole rows) and the key cells ``[k0, k1)`` a radius-restricted
+    frame can supply to them; ``bias`` ``(q1 - q0, k1 - k0)`` is 0 within the radius, -inf beyond."""
+
+    q0: int
+    q1: int
+    k0: int
+    k1: int
+    bias: Tensor
+
+
+def _bands(h: int, w: int, cfg: PropagationConfig, device: torch.device) -> list[_Band]:
+    """Row bands of an ``h x w`` grid (row-major cells) with their key windows (see the module doc)."""
+    n = h * w
+    rows = max(1, min(-(-cfg.band_cells // w), cfg.max_affinity_elements // (w * n)))
+    reach = math.ceil(cfg.radius) - 1  # |dy| < radius  <=>  |dy| <= ceil(radius) - 1
+    yy, xx = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    pos = torch.stack([yy.reshape(-1), xx.reshape(-1)], dim=1).float()
+    out = []
+    for r0 in range(0, h, rows):
+        r1 = min(h, r0 + rows)
+        k0, k1 = max(0, r0 - reach) * w, min(h, r1 + reach) * w
+        near = torch.cdist(pos[r0 * w : r1 * w], pos[k0:k1]) < cfg.radius
+        bias = torch.zeros(near.shape, device=device).masked_fill_(~near, float("-inf"))
+        out.append(_Band(r0 * w, r1 * w, k0, k1, bias))
+    return out
 
 
 @torch.no_grad()
@@ -136,44 +183,57 @@ def propagate(
         raise PropagationError(
             f"topk {cfg.topk} exceeds the {n} cells of one {h}x{w} frame; lower --topk or extract at a larger size"
         )
-    x = feats.to(dev, torch.float32).reshape(t_len, n, c)  # no copy when already float32 there
-    norms = x.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # (T, N, 1): L2 normalisation on the fly
+    wide = w > h  # bands run along the longer side: transpose a wide grid (the radius is symmetric)
+    if wide:
+        feats, first_labels, h, w = feats.transpose(1, 2), first_labels.transpose(0, 1), w, h
+    x = feats.to(dev).reshape(t_len, n, c)  # stored dtype (float16 stores): each frame becomes float32 when normalised
     labels = torch.zeros(t_len, n, first_labels.shape[-1], dtype=torch.float32, device=dev)
     labels[0] = first_labels.to(dev, torch.float32).reshape(n, -1)
-    far = ~radius_mask(h, w, cfg.radius, dev)  # (n, n) True = excluded
+    bands = _bands(h, w, cfg, dev)
+    keys: dict[int, Tensor] = {}  # frame -> (N, C) unit rows, while it is in the context
     for t in range(1, t_len):
         ctx = context_indices(t, cfg.context)
-        labels[t] = _propagate_frame(x, norms, labels, t, ctx, far, cfg)
-    return labels.reshape(t_len, h, w, -1).cpu()
+        for f in set(ctx) | {t}:
+            if f not in keys:
+                keys[f] = F.normalize(x[f].float(), dim=-1, eps=1e-12)
+        labels[t] = _propagate_frame(keys, labels, t, ctx, bands, cfg)
+        for f in [f for f in keys if f not in ctx]:  # frame t stays: it is in the next context
+            if f != t:
+                del keys[f]
+    out = labels.reshape(t_len, h, w, -1)
+    return (out.transpose(1, 2) if wide else out).contiguous().cpu()
 
 
 def _propagate_frame(
-    x: Tensor, norms: Tensor, labels: Tensor, t: int, ctx: Sequence[int], far: Tensor, cfg: PropagationConfig
+    keys: dict[int, Tensor], labels: Tensor, t: int, ctx: Sequence[int], bands: Sequence[_Band],
+    cfg: PropagationConfig,
 ) -> Tensor:
     """``(N, L)`` labels of frame ``t`` from context frames ``ctx`` (``ctx[0]`` is long-term).
 
-    ``x`` ``(T, N, C)`` raw features and ``norms`` ``(T, N, 1)`` their L2 norms: only the
-    context and query rows are normalised, so no normalised copy of the video is held."""
-    n = x.shape[1]
-    k_len = len(ctx)
-    uniq, inv = np.unique(np.asarray(ctx), return_inverse=True)
-    u = torch.as_tensor(uniq, device=x.device)
-    keys = (x[u] / norms[u]).reshape(len(uniq) * n, -1)  # (U*N, C) unit rows
-    inv_t = torch.as_tensor(inv, device=x.device)
-    ctx_labels = labels[torch.as_tensor(np.asarray(ctx), device=x.device)].reshape(k_len * n, -1)  # (K*N, L)
-    identity = bool(np.array_equal(inv, np.arange(k_len)))  # no repeated frame: skip the gather
-    first_slot = 0 if cfg.radius_on_first else 1  # slots from here on are radius-restricted
-    chunk = max(1, cfg.max_affinity_elements // max(1, k_len * n))
-    out = torch.empty(n, labels.shape[-1], dtype=torch.float32, device=x.device)
-    for q0 in range(0, n, chunk):
-        q = x[t, q0 : q0 + chunk] / norms[t, q0 : q0 + chunk]  # (m, C) unit rows
-        a = (q @ keys.T).view(q.shape[0], len(uniq), n)  # (m, U, N): one GEMM
-        if not identity:
-            a = a[:, inv_t]  # (m, K, N): repeated frames are distinct context slots
-        a[:, first_slot:].masked_fill_(far[q0 : q0 + chunk][:, None, :], float("-inf"))
-        top, idx = torch.topk(a.reshape(q.shape[0], k_len * n), cfg.topk, dim=1)  # (m, k)
+    ``keys[f]`` ``(N, C)`` are frame ``f``'s unit rows; ``labels`` ``(T, N, L)``. Each distinct
+    ``(frame, restricted)`` slot gives its top-k per query, repeated as often as the slot
+    occurs in ``ctx``; the top-k of those candidates is the top-k over all context cells."""
+    n = labels.shape[1]
+    slots = Counter((f, i > 0 or cfg.radius_on_first) for i, f in enumerate(ctx))
+    flat = labels.reshape(-1, labels.shape[-1])  # (T*N, L): row f*N + j is cell j of frame f
+    out = torch.empty(n, labels.shape[-1], dtype=torch.float32, device=labels.device)
+    for b in bands:
+        q = keys[t][b.q0 : b.q1]  # (m, C)
+        vals, rows = [], []
+        for (f, restricted), times in slots.items():
+            if restricted:
+                a = torch.addmm(b.bias, q, keys[f][b.k0 : b.k1].T)  # (m, k1 - k0), -inf beyond the radius
+                offset = f * n + b.k0
+            else:
+                a = q @ keys[f].T  # (m, N)
+                offset = f * n
+            top, idx = torch.topk(a, min(cfg.topk, a.shape[1]), dim=1)
+            vals += [top] * times
+            rows += [idx + offset] * times
+        top, pick = torch.topk(torch.cat(vals, dim=1), cfg.topk, dim=1)  # (m, k)
+        idx = torch.gather(torch.cat(rows, dim=1), 1, pick)
         wts = torch.softmax(top / cfg.temperature, dim=1)  # dividing after top-k selects the same cells
-        out[q0 : q0 + chunk] = torch.einsum("mk,mkl->ml", wts, ctx_labels[idx])
+        out[b.q0 : b.q1] = torch.einsum("mk,mkl->ml", wts, flat[idx])
     return out
 
 
@@ -205,7 +265,7 @@ def iter_grid_to_labels(
     ``label_values``) by upsampling each distribution to ``size`` then taking the argmax."""
     values = np.asarray(label_values)
     for frame in soft:
-        g = frame.permute(2, 0, 1)[None].float()  # (1, L, h, w)
+        g = frame.permute(2, 0, 1)[None].float().contiguous()  # (1, L, h, w); contiguous: 2x faster upsampling
         if mode == "nearest":
             up = F.interpolate(g, size=size, mode="nearest")
         else:

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from pipeline.store import FeatureStore
-from train.data import TestViewConfig, TestViewDataset
+from train.data import TestViewConfig, TestViewDataset, collate, to_model_dtype
 from train.evals.registry import register_evaluation
 from train.evals.base import Evaluation
 from train.metrics import EvalResult, evaluate_logits
@@ -43,14 +43,14 @@ class MultiViewTest(Evaluation):
         ds = TestViewDataset(store, cfg.data.test_split, opts)
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         mine = list(range(rank, len(ds), world))
-        loader = DataLoader(Subset(ds, mine), batch_size=8, num_workers=0,
+        loader = DataLoader(Subset(ds, mine), batch_size=8, num_workers=0, collate_fn=collate,
                             generator=torch.Generator())  # leaves the global RNG alone
         was_training = model.training
         model.eval()
         all_logits, all_targets = [], []
         for x, y in loader:  # x: (B, V, T, H, W, C)
             b, v = x.shape[:2]
-            logits = model(x.flatten(0, 1).to(device)).float().reshape(b, v, -1).mean(1)
+            logits = model(to_model_dtype(x.flatten(0, 1).to(device, non_blocking=True))).float().reshape(b, v, -1).mean(1)
             all_logits.append(logits.cpu())
             all_targets.append(y)
         model.train(was_training)

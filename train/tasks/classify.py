@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from pipeline.config import from_dict
 from pipeline.errors import ConfigMismatchError, FreezeframeError
-from train.data import ClipConfig, ClipDataset, check_label_preserving
+from train.data import ClipConfig, ClipDataset, check_label_preserving, check_relabel
 from train.losses import accuracy, cross_entropy
 from train.models import ModelConfig, arch_signature, build_model, check_arch_compatible
 from train.rundir import load_init
@@ -38,6 +38,8 @@ class ClassifyTask(Task):
                 raise ConfigMismatchError(
                     f"the store has labels up to {top} but model.num_classes={self.cfg.model.num_classes}; "
                     f"set model.num_classes={top + 1}")
+        if self.cfg.data.relabel:
+            check_relabel(self.cfg.data.relabel, self.cfg.model.num_classes, tuple(self.cfg.data.augment))
         if self.cfg.data.augment:
             names = {self.store.meta(v).label_name for v in self.store.video_ids}
             check_label_preserving(tuple(self.cfg.data.augment), sorted(str(n) for n in names if n is not None))
@@ -45,7 +47,8 @@ class ClassifyTask(Task):
             check_arch_compatible(load_init(self.cfg.init)["arch"], arch_signature(self.cfg.model), new_head=True)
 
     def train_dataset(self, seed: int) -> ClipDataset:
-        return ClipDataset(self.store, self.cfg.data.train_split, self.options, seed, self.cfg.data.augment)
+        return ClipDataset(self.store, self.cfg.data.train_split, self.options, seed, self.cfg.data.augment,
+                           self.cfg.data.relabel)
 
     def build(self) -> nn.Module:
         """A new model; with ``init``, its temporal module is loaded from that run (the head stays fresh)."""
