@@ -32,12 +32,8 @@ weights: $(VENV)/.installed ## Fetch + verify the offline ImageNet MobileNetV2 w
 demo: $(VENV)/.installed ## The main job end to end on the embedded synthetic benchmark
 	$(FF) demo --out $(OUT) $(ARGS)
 
-demo-longform: $(VENV)/.installed ## Long-form pre-training on the embedded long-form benchmark (report in demo_out/longform)
-	$(FF) weights
-	$(FF) synth-longform data/synth/longform
-	$(FF) extract --dataset synth-longform
-	$(FF) extract --dataset synth-longform-actions
-	$(FF) longform-experiment --config train/configs/experiments/longform-synth.toml $(ARGS)
+demo-longform: $(VENV)/.installed ## Only the demo's long-form section (= freezeframe demo --only longform)
+	$(FF) demo --only longform --out $(OUT) $(ARGS)
 
 test: $(VENV)/.installed ## Run the test suite (CPU, no network)
 	$(PY) -m pytest -q $(ARGS)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,10 @@ def test_experiment_runs_every_cell_and_reports(tmp_path: Path) -> None:
     out = tmp_path / "out"
     report = (out / "report.md").read_text()
     assert report.count("\n| ") == 1 + 7 and "Delta vs scratch" in report
+    # every row: top-1 with its Wilson interval over the 3 test clips; pre-trained rows: McNemar vs scratch
+    rows = [line for line in report.splitlines() if line.startswith("| ") and "Wilson" not in line]
+    assert len(rows) == 7 and all(" | 3 | " in line and "[" in line for line in rows)
+    assert all(re.search(r"\| \d / \d \| [0-9.e-]+ \|$", line) for line in rows[1:])
     assert (out / "top1.png").read_bytes()[:4] == b"\x89PNG"
     assert [r["top1"] for r in read_results(out)] == [r.top1 for r in runs]
     # a second call reads the finished runs back instead of training again
@@ -96,3 +101,13 @@ def test_shipped_experiment_configs_resolve() -> None:
         pre = resolve_train_config("moco", exp.pretrain_dataset, None, [])
         assert ft.model.tmm == pre.model.tmm  # fine-tuning can load the pre-trained temporal module
     assert load_toml(CONFIG_DIR / "experiments" / "longform-ava-ucf101.toml")["experiment"]["finetune_set"][0] == "optim.epochs=10"
+
+
+def test_arms_pick_task_order_cells() -> None:
+    exp = LongformExperiment(out="o", pretrain_dataset="a", finetune_dataset="b", strides=(4, 8),
+                             arms=("moco:sequential", "distill:random"))
+    assert [r.label for r in plan_runs(exp)] == ["scratch", "moco sequential s=4", "moco sequential s=8",
+                                                 "distill random s=4", "distill random s=8"]
+    for bad in ("moco", "moco:backwards", "nope:random"):
+        with pytest.raises(FreezeframeError, match="task:order"):
+            LongformExperiment(arms=(bad,))

@@ -130,3 +130,17 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     x = x.detach().clone()
     dist.all_reduce(x)
     return x / dist.get_world_size()
+
+
+@torch.no_grad()
+def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``x`` (B, ...) concatenated in rank order, (world * B, ...), no autograd.
+
+    Every rank must pass the same shape (the loop's DistributedSampler drops uneven last
+    batches); without a process group (or with one rank) ``x`` itself is returned.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)

@@ -20,20 +20,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 
 from pipeline.config import diff_dicts, from_dict, load_toml, merge, parse_overrides, to_dict
 from pipeline.errors import FreezeframeError
 from pipeline.fileio import atomic_write_json, atomic_write_text
 from train.config import content_of, load_train_config, resolve_train_config
 from train.loop import fit
+from train.metrics import EvalResult
 from train.plots import ComparisonRow, plot_comparison
 from train.rundir import RunDir
+from train.significance import paired_outcomes, wilson_interval
 from train.streams import CLIP_ORDERS
 from train.tasks import get_task
 
 __all__ = ["LongformExperiment", "ExperimentRun", "run_experiment", "plan_runs", "write_report", "load_experiment",
-           "read_results"]
+           "read_results", "results_table"]
 
 
 @dataclass
@@ -51,12 +52,19 @@ class LongformExperiment:
     pretrain_set: tuple[str, ...] = ()
     finetune_set: tuple[str, ...] = ()
     chance: float | None = None  # drawn as a dashed line (1 / classes)
+    #: "task:order" pairs to run (e.g. "moco:sequential"); empty = every task x order
+    arms: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for t in self.tasks:
             get_task(t)
         for o in self.orders:
             CLIP_ORDERS.get(o)
+        for arm in self.arms:
+            task, _, order = arm.partition(":")
+            if task not in self.tasks or order not in self.orders:
+                raise FreezeframeError(f"experiment.arms entry {arm!r} is not 'task:order' with a task of "
+                                       f"{list(self.tasks)} and an order of {list(self.orders)}")
 
 
 @dataclass
@@ -90,6 +98,8 @@ def plan_runs(exp: LongformExperiment) -> list[ExperimentRun]:
             for seed in exp.seeds if exp.baseline]
     for task in exp.tasks:
         for order in exp.orders:
+            if exp.arms and f"{task}:{order}" not in exp.arms:
+                continue
             for stride in exp.strides:
                 for seed in exp.seeds:
                     name = f"{task}-{order}-s{stride}-seed{seed}"
@@ -141,9 +151,38 @@ def run_experiment(exp: LongformExperiment, console: Any = None,
     return runs
 
 
-def _mean(values: list[float | None]) -> float | None:
-    v = [x for x in values if x is not None]
-    return float(np.mean(v)) if v else None
+def _eval_of(run: ExperimentRun) -> EvalResult | None:
+    path = run.finetune_dir / "eval.json"
+    return EvalResult.load(path) if path.exists() else None
+
+
+def results_table(runs: list[ExperimentRun]) -> list[str]:
+    """Markdown table, one row per fine-tuning run: top-1 with its Wilson 95 % interval and the
+    number of test clips, the difference to the from-scratch run of the same seed, and the exact
+    McNemar test against it on the same test clips (``train.significance``)."""
+    scratch = {r.seed: _eval_of(r) for r in runs if r.task is None}
+    lines = ["| pre-training | order | stride (frames) | seed | top-1 % [Wilson 95 %] | test clips | "
+             "Delta vs scratch (points) | only this right / only scratch right | McNemar p |",
+             "|---|---|---:|---:|---|---:|---:|---|---:|"]
+    for r in runs:
+        ev = _eval_of(r)
+        if ev is None:
+            lines.append(f"| {r.task or 'none (scratch)'} | {r.order or '-'} | {r.stride or '-'} | {r.seed} | "
+                         "not evaluated | | | | |")
+            continue
+        lo, hi = wilson_interval(round(ev.top1 * ev.num_videos), ev.num_videos)
+        cells = [r.task or "none (scratch)", r.order or "-", str(r.stride or "-"), str(r.seed),
+                 f"{100 * ev.top1:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]", str(ev.num_videos)]
+        base = scratch.get(r.seed)
+        if r.task is None or base is None:
+            cells += ["-", "-", "-"]
+        else:
+            if base.video_ids != ev.video_ids:
+                raise FreezeframeError(f"{r.finetune_dir} and the scratch run were not evaluated on the same clips")
+            m = paired_outcomes(ev.predictions, base.predictions, ev.targets)
+            cells += [f"{100 * (ev.top1 - base.top1):+.1f}", f"{m.only_a} / {m.only_b}", f"{m.p_value:.2g}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_report(exp: LongformExperiment, runs: list[ExperimentRun]) -> Path:
@@ -155,26 +194,21 @@ def write_report(exp: LongformExperiment, runs: list[ExperimentRun]) -> Path:
         "runs": [{"task": r.task, "order": r.order, "stride": r.stride, "seed": r.seed, "top1": r.top1,
                   "top5": r.top5, "pretrain_loss": r.pretrain_loss, "finetune_dir": str(r.finetune_dir),
                   "pretrain_dir": str(r.pretrain_dir) if r.pretrain_dir else None} for r in runs]})
-    scratch = _mean([r.top1 for r in runs if r.task is None])
-    groups: dict[str, list[ExperimentRun]] = {}
-    for r in runs:
-        groups.setdefault(r.label, []).append(r)
-    fmt = lambda x: "-" if x is None else f"{100 * x:.1f}"  # noqa: E731
     lines = [f"# Long-form pre-training: {exp.pretrain_dataset} -> {exp.finetune_dataset}", "",
-             f"Downstream top-1 (%) after fine-tuning on `{exp.finetune_dataset}`, mean over seeds "
-             f"{', '.join(map(str, exp.seeds))}; Delta = minus the from-scratch baseline.", "",
-             "| pre-training | order | stride (frames) | top-1 per seed | mean top-1 | Delta vs scratch |",
-             "|---|---|---|---|---|---|"]
-    for label, rs in groups.items():
-        m = _mean([r.top1 for r in rs])
-        delta = "-" if m is None or scratch is None or rs[0].task is None else f"{100 * (m - scratch):+.1f}"
-        lines.append(f"| {rs[0].task or 'none (scratch)'} | {rs[0].order or '-'} | {rs[0].stride or '-'} | "
-                     f"{' / '.join(fmt(r.top1) for r in rs)} | {fmt(m)} | {delta} |")
-    rows = [ComparisonRow("scratch" if r.task is None else f"{r.task}\ns={r.stride}",
-                          "scratch" if r.task is None else str(r.order), r.top1)
-            for r in runs if r.top1 is not None]
+             f"Downstream top-1 after fine-tuning on `{exp.finetune_dataset}` (seeds "
+             f"{', '.join(map(str, exp.seeds))}), each run against the from-scratch run of its seed.", "",
+             *results_table(runs)]
+    rows = []
+    for r in runs:
+        ev = _eval_of(r)
+        if r.top1 is None:
+            continue
+        interval = wilson_interval(round(ev.top1 * ev.num_videos), ev.num_videos) if ev is not None else None
+        rows.append(ComparisonRow("scratch" if r.task is None else f"{r.task}\ns={r.stride}",
+                                  "scratch" if r.task is None else str(r.order), r.top1, interval))
     if rows:
-        plot_comparison(rows, out / "top1.png", title=f"downstream top-1: {exp.finetune_dataset}", chance=exp.chance)
+        plot_comparison(rows, out / "top1.png", title=f"downstream top-1 (Wilson 95 %): {exp.finetune_dataset}",
+                        chance=exp.chance)
         lines += ["", "![downstream top-1](top1.png)"]
     return atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
 

@@ -196,11 +196,14 @@ class ComparisonRow:
         series: bar within the group, e.g. ``"scratch"`` or ``"PRP"`` (one colour per series).
         top1: accuracy, fraction in [0, 1]. Several rows with the same group and series (seeds)
             are drawn as their mean with the individual values as dots.
+        interval: optional (low, high) fractions, e.g. a Wilson 95 % interval
+            (``train.significance.wilson_interval``), drawn as an error bar on a one-row bar.
     """
 
     group: str
     series: str
     top1: float
+    interval: tuple[float, float] | None = None
 
 
 def plot_comparison(
@@ -212,8 +215,10 @@ def plot_comparison(
     groups = list(dict.fromkeys(r.group for r in rows))
     series = list(dict.fromkeys(r.series for r in rows))
     values: dict[tuple[str, str], list[float]] = {}
+    intervals: dict[tuple[str, str], list[tuple[float, float] | None]] = {}
     for r in rows:
         values.setdefault((r.group, r.series), []).append(100.0 * float(r.top1))
+        intervals.setdefault((r.group, r.series), []).append(r.interval)
 
     n_s = len(series)
     width = 0.8 / n_s
@@ -232,6 +237,11 @@ def plot_comparison(
             means.append(float(np.mean(v)))
             if len(v) > 1:
                 ax.scatter([x] * len(v), v, s=12, color="black", zorder=3, linewidths=0)
+            elif intervals[(g, s)][0] is not None:
+                lo, hi = (100.0 * b for b in intervals[(g, s)][0])  # type: ignore[union-attr]
+                ax.errorbar([x], v, yerr=[[max(0.0, v[0] - lo)], [max(0.0, hi - v[0])]], fmt="none", ecolor="black", elinewidth=1,
+                            capsize=3, zorder=3)
+                top = max(top, hi)
             top = max(top, max(v))
         bars = ax.bar(xs, means, width=width * 0.92, color=colour, label=s, edgecolor="black", linewidth=0.4)
         ax.bar_label(bars, labels=[f"{m:.1f}" for m in means], fontsize=8, padding=2)

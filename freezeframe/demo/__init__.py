@@ -19,6 +19,7 @@ from pipeline.fileio import atomic_write_text
 from freezeframe.demo import advise  # noqa: F401  (registers "advise")
 from freezeframe.demo import cosettle  # noqa: F401  (registers "cosettle")
 from freezeframe.demo import dense  # noqa: F401  (registers "dense"; uses cosettle's projection)
+from freezeframe.demo import longform  # noqa: F401  (registers "longform")
 from freezeframe.demo.section import SECTIONS, DemoContext, SectionResult, section_order
 
 

@@ -13,12 +13,19 @@ One update, in the order of the tamaki-lab streaming MoCo (``docs/longform.md``)
     loss = info_nce(q, k, queue, t, keep)   keep[i, j]: queue entry j is a negative of query i
     optimiser step on the query
     key <- m * key + (1 - m) * query        parameters only; the key's BN statistics are its own
-    enqueue (k, video ids)                  FIFO of ``queue_size`` entries
+    enqueue (k, video ids)                  FIFO of ``queue_size`` entries; under DDP the keys
+                                            and ids of all ranks, gathered in rank order
 
 ``keep`` comes from :data:`NEGATIVE_POLICIES`: ``all_past`` (every filled entry) or
 ``different_video`` (entries of the query's own video are dropped: consecutive clips of one
 video are near-duplicates, the main danger of sequential streams). Everything a resumed run
 needs (key encoder, queue, video ids, write pointer) is in :meth:`MoCoState.state_dict`.
+
+Under DDP (torchrun) every rank enqueues the keys and video ids of *all* ranks (all_gather, rank
+order), as MoCo does, so the queue is the same on every rank and ``different_video`` drops
+entries of the query's video whichever rank encoded them. The key encoder's BatchNorm stays
+per rank (its running statistics may differ between ranks; in training it uses batch
+statistics, and rank 0's copy is the one checkpointed).
 """
 from __future__ import annotations
 
@@ -33,6 +40,7 @@ from torch import Tensor, nn
 
 from pipeline.errors import FreezeframeError
 from pipeline.registry import Registry
+from train.distributed import all_gather_cat
 from train.losses import info_nce
 
 __all__ = [
@@ -219,10 +227,12 @@ class MoCoState:
         return {"loss": loss, "acc": acc, "negatives": keep.sum(1).float().mean()}
 
     def after_step(self, query: nn.Module, step: int) -> None:
-        """After the optimiser step: EMA of the key encoder, then enqueue this batch's keys."""
+        """After the optimiser step: EMA of the key encoder, then enqueue this batch's keys
+        (under DDP: every rank's keys and video ids, gathered in rank order)."""
         ema_update(self.key, query, momentum_at(self.cfg.momentum, step, self.total_steps, self.cfg.momentum_schedule))
         if self._pending is not None:
-            self.queue.enqueue(*self._pending)
+            keys, vids = self._pending
+            self.queue.enqueue(all_gather_cat(keys), all_gather_cat(vids))
             self._pending = None
 
     def state_dict(self) -> dict:

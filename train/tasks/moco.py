@@ -26,6 +26,7 @@ from train.clipdata import StreamClipDataset, view
 from train.models import build_model
 from train.models.moco import MoCoConfig, MoCoState
 from train.online import StreamClip
+from train.schema import per_rank_batch
 from train.streams import StreamConfig
 from train.tasks.base import Task
 from train.tasks.registry import register_task
@@ -58,12 +59,16 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
+def _world() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
 def planned_steps(cfg: Any, items: int) -> int:
     """Optimiser steps of the whole run (for momentum schedules): per-rank batches x epochs."""
     if items == 0:  # a stream (train.online_fit): no planned length but max_steps
         return cfg.max_steps or 1
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    per_epoch = max(1, items // max(1, cfg.optim.batch_size * world))
+    world = _world()
+    per_epoch = max(1, items // max(1, per_rank_batch(cfg.optim, world) * world))
     return per_epoch * cfg.optim.epochs
 
 
@@ -80,9 +85,11 @@ class MoCoTask(Task):
 
     def preflight(self) -> None:
         super().preflight()
-        if self.options.queue_size and self.options.queue_size < self.cfg.optim.batch_size:
-            raise ConfigMismatchError(f"moco.queue_size={self.options.queue_size} is smaller than a batch "
-                                      f"({self.cfg.optim.batch_size}); use a queue of several batches")
+        world = _world()
+        batch = per_rank_batch(self.cfg.optim, world) * world  # every rank's keys are enqueued (all_gather)
+        if self.options.queue_size and self.options.queue_size < batch:
+            raise ConfigMismatchError(f"moco.queue_size={self.options.queue_size} is smaller than a step's batch "
+                                      f"({batch} over {world} rank(s)); use a queue of several batches")
 
     def _item(self, ds: StreamClipDataset, k: int, rng: np.random.Generator) -> dict[str, Any]:
         a, b = POSITIVES.get(self.options.positive)(ds, k, rng, self.options)
