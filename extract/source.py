@@ -58,7 +58,9 @@ class OnlineFeatureSource:
         """The source of ``store``'s features: its extraction config from the header, its
         manifest (``rows``, default: the manifest the store was extracted from). Refuses a
         backbone whose weights or preprocessing differ from the store's."""
-        cfg = from_dict(ExtractConfig, store.header["config"])
+        # the header keeps only the names of the storage options (never credentials): not a config value
+        recorded = {k: v for k, v in store.header["config"].items() if k != "storage_options"}
+        cfg = from_dict(ExtractConfig, recorded)
         if rows is None:
             manifest = Path(store.header.get("manifest_path") or cfg.manifest)
             if not manifest.is_file():
