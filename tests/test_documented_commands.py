@@ -23,6 +23,10 @@ from pipeline.paths import DATA_ROOT_ENV, data_root, project_root
 from tests.stores import write_synthetic_store
 
 REPO = Path(__file__).resolve().parent.parent
+#: a top-level make as a user runs it, also when the suite itself runs under `make test`
+#: (a sub-make would print "make[1]: Entering directory" lines)
+MAKE = ["--no-print-directory"]
+MAKE_ENV = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
 
 #: every CLI command -> the test that runs it for real ("tests/FILE.py::FUNCTION", checked to
 #: exist and to name the command), or "elsewhere: ..." saying where
@@ -218,7 +222,7 @@ def test_make_targets_expand_to_commands_the_cli_accepts() -> None:
     for target in ("synth", "plan", "extract", "status", "verify", "pretrain", "finetune", "weights", "demo",
                    "demo-longform"):
         extra = ["STORE=data/stores/motion.zarr"] if target in ("status", "verify") else []
-        r = subprocess.run(["make", "-n", target, *extra], cwd=REPO, capture_output=True, text=True, timeout=60)
+        r = subprocess.run(["make", *MAKE, "-n", target, *extra], cwd=REPO, capture_output=True, text=True, timeout=60, env=MAKE_ENV)
         assert r.returncode == 0, r.stderr
         lines = [ln for ln in r.stdout.splitlines() if ln.startswith(".venv/bin/freezeframe ")]
         assert lines, (target, r.stdout)
@@ -232,12 +236,12 @@ def test_make_targets_expand_to_commands_the_cli_accepts() -> None:
                 raise AssertionError(f"make {target}: `{ln}` does not parse: {e}") from None
             seen += 1
     assert seen >= 8
-    r = subprocess.run(["make", "-n", "clean"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(["make", *MAKE, "-n", "clean"], cwd=REPO, capture_output=True, text=True, timeout=60, env=MAKE_ENV)
     assert r.stdout.split() == ["rm", "-rf", "demo_out", ".pytest_cache"]
 
 
 def test_make_help_lists_every_target() -> None:
-    r = subprocess.run(["make", "help"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(["make", *MAKE, "help"], cwd=REPO, capture_output=True, text=True, timeout=60, env=MAKE_ENV)
     assert r.returncode == 0, r.stderr
     listed = {ln.split()[0] for ln in re.sub(r"\x1b\[[0-9;]*m", "", r.stdout).splitlines() if ln.strip()}
     assert listed == set(MAKE_TARGETS), listed ^ set(MAKE_TARGETS)
