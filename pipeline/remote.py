@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from pipeline.errors import FreezeframeError
-from pipeline.store.fs import OPTIONAL_FS
+from pipeline.store.fs import OPTIONAL_FS, require_protocol
 
 __all__ = ["MissingLibraryError", "PACKAGES", "require_fs_library", "require_fs_libraries", "url_protocols"]
 
@@ -35,22 +35,10 @@ def url_protocols(url: str) -> list[str]:
 
 def require_fs_library(url: str) -> None:
     """Raise :class:`MissingLibraryError` if a protocol of ``url`` needs a library that is not
-    installed, or :class:`FreezeframeError` if fsspec does not know the protocol at all."""
-    import fsspec  # lazy: start-up time of the CLI
-
+    installed, or a :class:`~pipeline.errors.StoreError` if fsspec does not know the protocol."""
     for proto in url_protocols(url):
-        if proto == "file":
-            continue
-        try:
-            fsspec.get_filesystem_class(proto)
-        except ImportError as e:
-            pkg, pip = PACKAGES.get(proto, (None, None))
-            how = f"pip install {pip}" if pip else f"install the fsspec implementation of {proto}:// ({e})"
-            raise MissingLibraryError(f"{url}: reading {proto}:// URLs needs {pkg or 'a library'}, "
-                                      f"which is not installed; {how}") from None
-        except ValueError:
-            raise FreezeframeError(f"{url}: unknown protocol {proto}:// (fsspec knows: "
-                                   f"{', '.join(sorted(fsspec.available_protocols())[:20])}, ...)") from None
+        if proto != "file":
+            require_protocol(proto, url, what="URLs", packages=PACKAGES, missing=MissingLibraryError)
 
 
 def require_fs_libraries(urls: Iterable[str]) -> None:

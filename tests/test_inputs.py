@@ -199,7 +199,7 @@ def test_one_filesystem_instance_per_process() -> None:
 @pytest.mark.skipif(importlib.util.find_spec("gcsfs") is not None, reason="gcsfs is installed here")
 def test_missing_library_is_one_line_before_any_work(tmp_path: Path) -> None:
     assert url_protocols("tar://a.mp4::gs://b/x.tar") == ["tar", "gs"]
-    with pytest.raises(MissingLibraryError, match=r"gs:// URLs needs gcsfs, which is not installed; pip install gcsfs"):
+    with pytest.raises(MissingLibraryError, match=r"gs:// URLs need gcsfs, which is not installed; pip install gcsfs"):
         require_fs_library("tar://a.mp4::gs://b/x.tar")
     manifest = tmp_path / "m.jsonl"
     write_manifest([ManifestRow("a", "gs://bucket/a.mp4")], manifest)

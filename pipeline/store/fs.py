@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, TypeVar, Union
 
-from pipeline.errors import StoreError
+from pipeline.errors import FreezeframeError, StoreError
 from pipeline.fileio import atomic_write_bytes
 
 #: fsspec protocol -> (the package that implements it, the ``pip install`` argument)
@@ -73,18 +73,22 @@ def split_protocol(root: str | os.PathLike) -> tuple[str, str]:
     return ("", rest) if protocol == "file" else (protocol, rest.rstrip("/"))
 
 
-def require_protocol(protocol: str, url: str) -> type:
-    """The fsspec file-system class of ``protocol``; a :class:`StoreError` with the install
-    command when its package is missing (s3fs, gcsfs), or when the protocol is unknown."""
+def require_protocol(protocol: str, url: str, *, what: str = "stores",
+                     packages: Mapping[str, tuple[str, str]] | None = None,
+                     missing: type[FreezeframeError] = StoreError) -> type:
+    """The fsspec file-system class of ``protocol``; a ``missing`` error with the install
+    command when its package is missing (s3fs, gcsfs; ``packages`` maps protocol -> (package,
+    pip argument), default :data:`OPTIONAL_FS`), a :class:`StoreError` when the protocol is
+    unknown. ``what`` names the use in the message ("stores", "URLs")."""
     import fsspec  # lazy: local stores never need it at import time
 
     try:
         return fsspec.get_filesystem_class(protocol)
     except ImportError as e:
-        pkg, pip = OPTIONAL_FS.get(protocol, (None, None))
+        pkg, pip = (OPTIONAL_FS if packages is None else packages).get(protocol, (None, None))
         how = f"pip install {pip}" if pip else f"install the fsspec implementation of {protocol}:// ({e})"
-        raise StoreError(f"{url}: {protocol}:// stores need {pkg or 'an fsspec implementation'}, which is not "
-                         f"installed; {how}") from None
+        raise missing(f"{url}: {protocol}:// {what} need {pkg or 'an fsspec implementation'}, which is not "
+                      f"installed; {how}") from None
     except ValueError:
         raise StoreError(f"{url}: unknown protocol {protocol!r}; use a local path or an fsspec URL "
                          "(s3://, gs://, file://, ...)") from None
