@@ -681,6 +681,23 @@ class _Emitter:
             yield last
 
 
+#: what :func:`_place` says of a decoded frame
+TAKE, SKIP, STOP = 0, 1, 2
+
+
+def _place(t: float, last: float | None, start: float | None, end: float | None, eps: float) -> int:
+    """Where a decoded frame shown at ``t`` seconds falls, the same rule for every decoder:
+    SKIP a repeated or backwards timestamp (the first one shown is kept) or a frame before
+    ``start``; STOP at or after ``end``; else TAKE."""
+    if last is not None and t <= last:
+        return SKIP
+    if start is not None and t < start - eps:
+        return SKIP
+    if end is not None and t >= end - eps:
+        return STOP
+    return TAKE
+
+
 def _span_text(header_duration: float | None, start: float | None, end: float | None) -> str:
     """What the frame cap was computed from, for the ``too_long`` message."""
     span = "its unknown duration" if header_duration is None else f"its header duration of {header_duration:.3f} s"
@@ -767,11 +784,10 @@ def iter_frames(
                     raise DecodeError("decode", src, f"demux/decode failed{where} "
                                       f"({type(e).__name__}: {e})") from e
                 t = timeline.seconds(frame)
-                if timeline.last is not None and t <= timeline.last:
-                    continue  # duplicate / backwards timestamp: keep the first one shown
-                if start is not None and t < start - eps:
+                place = _place(t, timeline.last, start, end, eps)
+                if place == SKIP:
                     continue
-                if end is not None and t >= end - eps:
+                if place == STOP:
                     cut_by_end = True
                     break
                 timeline.last = t

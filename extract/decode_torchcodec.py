@@ -30,6 +30,9 @@ import numpy as np
 
 from extract.decode import (
     _DECODE_ERRORS,
+    SKIP,
+    STOP,
+    _place,
     GEOMETRIES,
     DecodeError,
     FrameChunk,
@@ -139,11 +142,10 @@ class TorchCodecDecoder:
                     where = f" after {last:.3f} s" if last is not None else ""
                     raise DecodeError("decode", src, f"torchcodec failed{where} ({type(e).__name__}: {e})") from e
                 for image, t in zip(data, times):
-                    if last is not None and t <= last:
-                        continue  # duplicate / backwards timestamp: keep the first one shown
-                    if start is not None and t < start - eps:
+                    place = _place(t, last, start, end, eps)
+                    if place == SKIP:
                         continue
-                    if end is not None and t >= end - eps:
+                    if place == STOP:
                         cut_by_end = True
                         break
                     last = t
