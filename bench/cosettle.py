@@ -14,8 +14,9 @@ One run, side by side, same machine state:
    synthetic videos) are extracted twice with the random-weight CLIP ViT-B/16 at 224 px,
    float16: without PEA views and with ``--pea-views`` views: the **cost of PEA views** in
    extraction time and bytes;
-2. **cached**: ``CosettleDataset`` (return view ``pea``) over the PEA store, DataLoader,
-   g + AdamW + ``cosettle_loss``;
+2. **cached**: ``CosettleDataset`` (return view ``pea``) over the PEA store, DataLoader (each
+   batch one gathered read of its A, B and A' rows, float16 as stored, cast to float32 in the
+   step as the training loop does), g + AdamW + ``cosettle_loss``;
 3. **released**: the same items (same ``(seed, epoch, index)`` draws: same t1, t2 and view
    offsets) from frames decoded once into RAM (decoding is not timed, which favours this
    regime); per step the frozen encoder runs on A, on A' with the PEA window and on B, then
@@ -56,7 +57,7 @@ class CosettleBenchConfig:
     pea_views: int = 1
     cached_steps: int = 30
     released_steps: int = 2
-    workers: int = 1
+    workers: int = 0  # DataLoader workers of the cached regime: 0, see run_cached
     seed: int = 0
 
 
@@ -131,19 +132,24 @@ def timed(step: Callable[[int], None], steps: int) -> tuple[int, float]:
 
 
 def run_cached(cfg: CosettleBenchConfig, store_path: str) -> dict:
+    """Cached steps/s. ``workers=0`` by default: with 8 videos a batch is a whole epoch, so a
+    worker cannot read ahead (each epoch's iterator waits for its first batch) and only adds
+    its process hand-over; reading a batch costs ~8 ms in this process (docs/benchmarks.md)."""
     from pipeline.store import open_store
     from train.cosettle_data import CosettleDataset
+    from train.data import collate, to_model_dtype
 
     store = open_store(store_path)
     ds = CosettleDataset(store, "train", "pea", seed=cfg.seed)
     g = GStep(store.feature_shape[2], cfg.seed)
     loader = DataLoader(ds, batch_size=cfg.batch, shuffle=True, drop_last=False, num_workers=cfg.workers,
-                        generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=cfg.workers > 0)
+                        collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed),
+                        persistent_workers=cfg.workers > 0)
     it = iter(())
     epoch = 0
     wait = 0.0
 
-    def step(_: int) -> None:
+    def step(k: int) -> None:
         nonlocal it, epoch, wait
         t = time.monotonic()
         try:
@@ -153,11 +159,12 @@ def run_cached(cfg: CosettleBenchConfig, store_path: str) -> dict:
             epoch += 1
             it = iter(loader)
             views = next(it)["views"]
-        wait += time.monotonic() - t
+        views = to_model_dtype(views)  # float16 as stored -> float32, as the training loop does
+        wait += (time.monotonic() - t) if k else 0.0  # the untimed warm-up step starts any worker
         g(views)
 
     n, secs = timed(step, cfg.cached_steps)
-    return {"steps": n, "seconds": secs, "steps_per_s": n / secs, "data_wait_s_per_step": wait / (n + 1)}
+    return {"steps": n, "seconds": secs, "steps_per_s": n / secs, "data_wait_s_per_step": wait / n}
 
 
 def decode_all(rows: Sequence[ManifestRow], store: Any) -> dict[str, np.ndarray]:
@@ -209,7 +216,7 @@ def run_released(cfg: CosettleBenchConfig, store_path: str, rows: Sequence[Manif
             b = bb(x2t)
         views = torch.stack([a, b, a_ret], dim=1).clone()  # (B, 3, H, W, C), out of inference mode
         if k == 0:
-            stored = torch.stack([ds[i]["views"] for i in idx])
+            stored = torch.stack([ds[i]["views"] for i in idx]).float()
             cos = torch.nn.functional.cosine_similarity(views.flatten(0, 3), stored.flatten(0, 3), dim=-1)
             check.update(min_cos=float(cos.min()), mean_cos=float(cos.mean()))
         g(views)
@@ -240,6 +247,9 @@ def count_flops(dim: int, grid: tuple[int, int]) -> dict:
 
 
 def run(cfg: CosettleBenchConfig, log: Callable[[str], None] = print) -> dict:
+    from pipeline.heap import retain_freed_memory
+
+    retain_freed_memory()  # as `freezeframe pretrain` does (train.loop.fit); both regimes run in this process
     torch.manual_seed(cfg.seed)
     tmp = Path(tempfile.mkdtemp(prefix="ff-bench-cosettle-"))
     try:

@@ -7,9 +7,14 @@ stored frames and ``gap = int(gap_fraction x n)`` (0.15: 3 frames of a 20-frame 
   (``t1 >= 1`` because the release also loads the unused "past" frame ``t1 - 1``);
 * otherwise ``t1`` and ``t2`` are two independent uniform frames.
 
-An item is a dict: ``views`` ``(3, H, W, C)`` float32, the stored tokens of ``[A = t1,
-B = t2, A']``, and ``frames`` ``(2,)`` int64 ``(t1, t2)``. Where A' comes from is a
-:data:`RETURN_VIEWS` entry:
+An item is a dict: ``views`` ``(3, H, W, C)``, the stored tokens of ``[A = t1, B = t2, A']``
+as stored (float16 or float32; the training loop casts float16 to float32 on the device, which
+is exact, as for ``train.data``; int8 stores and the online view give float32), and ``frames``
+``(2,)`` int64 ``(t1, t2)``. A DataLoader batch is read as one (``__getitems__``): the A, B and
+stored A' rows of all its videos in one gathered read per shard and array
+(:meth:`pipeline.store.FeatureStore.gather_stored`), straight into one batch tensor (in shared
+memory in a worker), handed over by :func:`train.data.collate` without a copy. Where A' comes
+from is a :data:`RETURN_VIEWS` entry:
 
 ``pea``     one of the K PEA views cached for frame t1 at extraction (``--pea-views K``), drawn
             uniformly per item; refused on a store without them.
@@ -35,6 +40,7 @@ from torch.utils.data import Dataset
 from pipeline.errors import FreezeframeError
 from pipeline.registry import Registry
 from pipeline.store import FeatureStore
+from train.data import ItemBatch, batch_tensor
 
 __all__ = [
     "RETURN_VIEWS",
@@ -74,19 +80,26 @@ class ReturnViewOptions:
 class ReturnView(Protocol):
     """Where A' comes from: ``choose`` draws what an item needs (which stored view, which window)
     from the item's rng; ``read`` returns ``{"a_ret": (H, W, C) float32}`` or the inputs the
-    step needs to compute it (``pixels``, ``offsets``)."""
+    step needs to compute it (``pixels``, ``offsets``). ``stored`` views also ``gather`` the A'
+    rows of a batch: frame ``t1s[i]`` of ``video_ids[i]`` (with its ``choices[i]``) into
+    ``out[dest[i]]``, not decoded (:meth:`~pipeline.store.FeatureStore.gather_stored`)."""
 
     name: str
+    stored: bool
 
     def choose(self, rng: np.random.Generator) -> Any: ...
 
     def read(self, video_id: str, t1: int, a: np.ndarray, choice: Any) -> dict[str, np.ndarray]: ...
+
+    def gather(self, video_ids: list[str], t1s: list[int], choices: list[Any], out: np.ndarray,
+               dest: np.ndarray) -> None: ...
 
 
 class PlainReturnView:
     """A' = A (no positional-embedding augmentation)."""
 
     name = "plain"
+    stored = True
 
     def __init__(self, store: FeatureStore, options: ReturnViewOptions) -> None:
         self.store = store
@@ -97,11 +110,16 @@ class PlainReturnView:
     def read(self, video_id: str, t1: int, a: np.ndarray, choice: Any) -> dict[str, np.ndarray]:
         return {"a_ret": a}
 
+    def gather(self, video_ids: list[str], t1s: list[int], choices: list[Any], out: np.ndarray,
+               dest: np.ndarray) -> None:
+        self.store.gather_stored(video_ids, t1s, out, dest)
+
 
 class StoredPEAReturnView:
     """One of the K PEA views stored for frame t1, chosen uniformly per item."""
 
     name = "pea"
+    stored = True
 
     def __init__(self, store: FeatureStore, options: ReturnViewOptions) -> None:
         views = store.pea_views_count
@@ -120,11 +138,16 @@ class StoredPEAReturnView:
     def read(self, video_id: str, t1: int, a: np.ndarray, choice: Any) -> dict[str, np.ndarray]:
         return {"a_ret": self.store.pea_features(video_id, [t1], [int(choice)])[0]}
 
+    def gather(self, video_ids: list[str], t1s: list[int], choices: list[Any], out: np.ndarray,
+               dest: np.ndarray) -> None:
+        self.store.gather_stored(video_ids, t1s, out, dest, views=[int(c) for c in choices])
+
 
 class OnlineReturnView:
     """Frame t1's pixels and a fresh PEA window offset; the step encodes them."""
 
     name = "online"
+    stored = False
 
     def __init__(self, store: FeatureStore, options: ReturnViewOptions) -> None:
         from extract.pea import upsampled_size  # lazy: only the online view needs extract/
@@ -144,6 +167,10 @@ class OnlineReturnView:
 
     def read(self, video_id: str, t1: int, a: np.ndarray, choice: Any) -> dict[str, np.ndarray]:
         return {"a_ret": np.zeros_like(a), "pixels": self.frames.frame(video_id, t1), "offsets": choice}
+
+    def gather(self, video_ids: list[str], t1s: list[int], choices: list[Any], out: np.ndarray,
+               dest: np.ndarray) -> None:
+        raise NotImplementedError("the online return view is computed by the step, not read")
 
 
 RETURN_VIEWS: Registry[Callable[[FeatureStore, ReturnViewOptions], ReturnView]] = Registry("return view")
@@ -198,7 +225,13 @@ class CosettleDataset(Dataset):
         t = sample_pair(self.lengths[index], self.gap_fraction, rng)
         return t, self.return_view.choose(rng)
 
+    def _batched(self) -> bool:
+        """Whole batches can be gathered: A' is stored (or A) and the features need no extras."""
+        return self.return_view.stored and not self.store.dtype.extras
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if self._batched():
+            return self.__getitems__([index])[0]
         vid = self.video_ids[index]
         (t1, t2), choice = self.draw(index)
         a, b = self.store.features(vid, [t1, t2])
@@ -208,3 +241,28 @@ class CosettleDataset(Dataset):
                 "frames": torch.tensor([t1, t2], dtype=torch.int64)}
         item.update({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in extra.items()})
         return item
+
+    def __getitems__(self, indices: list[int]) -> list:
+        """A whole batch (the DataLoader calls this instead of ``__getitem__`` per item): the
+        batch ``{"views": (B, 3, H, W, C) as stored, "frames": (B, 2)}`` read in one gathered
+        read per shard and array (A and B rows from ``features``, A' rows from ``pea_features``
+        or A again for ``plain``) straight into one tensor, in shared memory in a DataLoader
+        worker, as an :class:`~train.data.ItemBatch` (:func:`train.data.collate` hands it over
+        without the stacking copy). The online view and int8 stores: the items one by one."""
+        if not self._batched():
+            return [self[i] for i in indices]
+        n = len(indices)
+        vids = [self.video_ids[i] for i in indices]
+        draws = [self.draw(i) for i in indices]
+        t1s = [t[0] for t, _ in draws]
+        shape = self.store.feature_shape
+        dtype = torch.from_numpy(np.empty(0, dtype=self.store.dtype.feature_dtype)).dtype
+        views = batch_tensor((n, 3, *shape), dtype)
+        frames = torch.tensor([t for t, _ in draws], dtype=torch.int64).reshape(n, 2)
+        flat = views.numpy().reshape(n * 3, *shape)  # a view: row 3 b + v is view v of item b
+        base = 3 * np.arange(n)
+        self.store.gather_stored([v for v in vids for _ in (0, 1)], frames.reshape(-1).numpy(), flat,
+                                 np.stack([base, base + 1], axis=1).reshape(-1))
+        self.return_view.gather(vids, t1s, [c for _, c in draws], flat, base + 2)
+        batch = {"views": views, "frames": frames}
+        return ItemBatch([{k: v[b] for k, v in batch.items()} for b in range(n)], batch)

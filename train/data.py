@@ -143,20 +143,20 @@ def finite_rows(x: np.ndarray) -> np.ndarray:
 
 class ItemBatch(list):
     """The items of one batch, as a list (what ``default_collate`` expects, and stacks), whose
-    clips are views of one batch tensor ``clips`` (B, ...) with labels ``labels`` (B, ...):
-    :func:`collate` returns ``(clips, labels)`` as they are, without copying."""
+    tensors are views of a batch the dataset already built, ``batch`` (e.g. ``(clips (B, ...),
+    labels (B, ...))`` or a dict of ``(B, ...)`` tensors): :func:`collate` returns ``batch`` as
+    it is, without copying."""
 
-    def __init__(self, items: list, clips: torch.Tensor, labels: torch.Tensor) -> None:
+    def __init__(self, items: list, batch: Any) -> None:
         super().__init__(items)
-        self.clips = clips
-        self.labels = labels
+        self.batch = batch
 
 
 def collate(batch: list) -> Any:
-    """The DataLoader's ``collate_fn`` for these datasets: an :class:`ItemBatch` as it is, anything
-    else by ``default_collate``."""
+    """The DataLoader's ``collate_fn`` for these datasets: an :class:`ItemBatch`'s ``batch`` as
+    it is, anything else by ``default_collate``."""
     if isinstance(batch, ItemBatch):
-        return batch.clips, batch.labels
+        return batch.batch
     return default_collate(batch)
 
 
@@ -236,7 +236,7 @@ class _StoreVideos(Dataset):
             self.store.stored_features(vid, idx.reshape(-1), out=dest)
             self.checked(vid, idx.reshape(-1), dest)
         labels = default_collate([p[2] for p in plans])
-        return ItemBatch([(clips[b], labels[b]) for b in range(len(plans))], clips, labels)
+        return ItemBatch([(clips[b], labels[b]) for b in range(len(plans))], (clips, labels))
 
     def frames(self, video_id: str, indices: np.ndarray, augment: tuple[str, ...] = ()) -> np.ndarray:
         """Frames ``indices`` (n,) of a video, ``(n, H, W, C)``, checked finite: as stored (float16)

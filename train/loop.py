@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from pipeline.config import config_hash, to_dict
 from pipeline.errors import FreezeframeError
+from pipeline.heap import retain_freed_memory
 from pipeline.provenance import environment
 from train import distributed as D
 from train.config import TrainConfig, content_of
@@ -154,6 +155,7 @@ def _finished(run: RunDir, summary: dict[str, Any], con: Any) -> RunResult:
 def _fit(cfg: TrainConfig, console: Any, held: ExitStack) -> RunResult:
     con = console or Console(stderr=True)
     dinfo = D.setup(cfg.device)
+    retain_freed_memory()  # each step frees and reallocates the same large temporaries: reuse their pages
     run = RunDir(cfg.run_dir or f"runs/{cfg.name or cfg.task}")
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)

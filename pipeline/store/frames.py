@@ -71,22 +71,40 @@ class FrameReader:
         """Path of shard file ``number`` (rows ``number * per_file`` onwards)."""
         return self.folder / shard_file_key(self.array, number)
 
-    def read(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """``(len(rows), *frame_shape)`` frames, decompressed straight into ``out`` when given."""
+    def read(self, rows: np.ndarray, out: np.ndarray | None = None, dest: np.ndarray | None = None) -> np.ndarray:
+        """``(len(rows), *frame_shape)`` frames, decompressed straight into ``out`` when given.
+
+        ``dest``: row ``rows[j]`` goes to ``out[dest[j]]`` instead of ``out[j]`` (``out`` given,
+        C-contiguous, any length): a batch gathered from several videos of one shard file set
+        is then one call, written into its places in the batch tensor without a copy."""
         rows = np.asarray(rows, dtype=np.int64)
-        if out is None:
-            out = np.empty((len(rows), *self.frame_shape), dtype=self.dtype)
-        elif out.shape != (len(rows), *self.frame_shape) or out.dtype != self.dtype or not out.flags.c_contiguous:
-            raise ValueError(f"out must be C-contiguous {self.dtype} {(len(rows), *self.frame_shape)}, "
+        if dest is None:
+            if out is None:
+                out = np.empty((len(rows), *self.frame_shape), dtype=self.dtype)
+            elif out.shape != (len(rows), *self.frame_shape):
+                raise ValueError(f"out must be C-contiguous {self.dtype} {(len(rows), *self.frame_shape)}, "
+                                 f"got {out.dtype} {out.shape}")
+            dest = np.arange(len(rows))
+        else:
+            dest = np.asarray(dest, dtype=np.int64)
+            if out is None or dest.shape != rows.shape or out.shape[1:] != self.frame_shape or (
+                    len(dest) and (dest.min() < 0 or dest.max() >= len(out))):
+                raise ValueError(f"dest needs out (n, {', '.join(map(str, self.frame_shape))}) and one index in "
+                                 f"[0, n) per row, got dest {dest.shape} for {rows.shape} rows and out "
+                                 f"{None if out is None else out.shape}")
+        if out.dtype != self.dtype or not out.flags.c_contiguous:
+            raise ValueError(f"out must be C-contiguous {self.dtype} (n, {', '.join(map(str, self.frame_shape))}), "
                              f"got {out.dtype} {out.shape}")
         if len(rows) and (rows.min() < 0 or rows.max() >= self.array.shape[0]):
             raise IndexError(f"rows out of range [0, {self.array.shape[0]}) of {self.folder}")
         files = rows // self.per_file
         for number in np.unique(files):
-            self._read_file(int(number), rows, np.flatnonzero(files == number), out)
+            where = np.flatnonzero(files == number)
+            self._read_file(int(number), rows[where], dest[where], out)
         return out
 
-    def _read_file(self, number: int, rows: np.ndarray, where: np.ndarray, out: np.ndarray) -> None:
+    def _read_file(self, number: int, rows: np.ndarray, dest: np.ndarray, out: np.ndarray) -> None:
+        """Rows ``rows`` (all in shard file ``number``) into ``out[dest]``."""
         path = self.file(number)
         fd = os.open(path, os.O_RDONLY)  # a missing file: FileNotFoundError, turned into a StoreError upstream
         try:
@@ -94,8 +112,8 @@ class FrameReader:
             raw = os.pread(fd, self._index_bytes, size - self._index_bytes)
             index = np.frombuffer(_checked(raw, path, "index"), dtype="<u8").reshape(self.per_file, 2)
             done: dict[int, int] = {}
-            for j in where:
-                inner = int(rows[j]) % self.per_file
+            for row, j in zip(rows.tolist(), dest.tolist()):
+                inner = row % self.per_file
                 if inner in done:  # the same frame twice in one clip (wrap-around, rate < 1)
                     out[j] = out[done[inner]]
                     continue
@@ -105,7 +123,7 @@ class FrameReader:
                 else:
                     chunk = _checked(os.pread(fd, int(nbytes), int(offset)), path, f"chunk {inner}")
                     self._zstd.decode(chunk, out=out[j])  # decompressed straight into the result
-                done[inner] = int(j)
+                done[inner] = j
         finally:
             os.close(fd)
 

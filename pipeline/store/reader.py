@@ -267,17 +267,22 @@ class FeatureStore:
             res = {k: np.take(v, inverse, axis=0, out=out if k == "features" else None) for k, v in res.items()}
         return res
 
+    def _frame_reader(self, shard: str, key: str, array: Any) -> FrameReader | None:
+        """The :class:`~pipeline.store.frames.FrameReader` of an array when it has its layout
+        and the store is local, else None (read with zarr)."""
+        if isinstance(array, np.ndarray):
+            return None
+        if (shard, key) not in self._frame_readers:
+            local = isinstance(self.fs, LocalFS)  # a remote store: zarr's reads (ranged GETs)
+            self._frame_readers[shard, key] = (frame_reader(self.fs.path(f"shards/{shard}/{key}"), array)
+                                               if local else None)
+        return self._frame_readers[shard, key]
+
     def _rows(self, shard: str, key: str, array: Any, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Rows (sorted, unique) of an array (into ``out`` when given): by
         :class:`~pipeline.store.frames.FrameReader` when the array has its layout (one pread per
         frame, no zarr event loop), else zarr."""
-        reader = None
-        if not isinstance(array, np.ndarray):
-            if (shard, key) not in self._frame_readers:
-                local = isinstance(self.fs, LocalFS)  # a remote store: zarr's reads (ranged GETs)
-                self._frame_readers[shard, key] = (frame_reader(self.fs.path(f"shards/{shard}/{key}"), array)
-                                                   if local else None)
-            reader = self._frame_readers[shard, key]
+        reader = self._frame_reader(shard, key, array)
         if reader is not None:
             return reader.read(rows, out)
         res = _take(array, rows)
@@ -285,6 +290,71 @@ class FeatureStore:
             return res
         out[...] = res
         return out
+
+    def gather_stored(self, video_ids: Sequence[str], frames: Sequence[int] | np.ndarray, out: np.ndarray,
+                      dest: Sequence[int] | np.ndarray | None = None,
+                      views: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        """Frame ``frames[i]`` of video ``video_ids[i]`` into ``out[dest[i]]`` (default ``dest = i``),
+        not decoded: ``out`` is a C-contiguous ``(n, H, W, C)`` array of the storage dtype (e.g.
+        a batch tensor's ``(B x V, H, W, C)`` view). With ``views``: the PEA view ``views[i]``
+        of that frame instead (``pea_features``). Returns ``out``.
+
+        One gathered read per shard for a whole batch (one file open per shard file, one
+        ``pread`` + decompression per frame, straight into ``out``) instead of one call per
+        video. Reads the features array alone, so a store whose dtype has extras (int8 and its
+        scales) is refused: read it with :meth:`features` / :meth:`pea_features`.
+        """
+        if self.dtype.extras:
+            raise ValueError(f"gather_stored reads stored features without their {sorted(self.dtype.extras)}; "
+                             f"read a {self.dtype.name} store with features() / pea_features()")
+        n = len(video_ids)
+        idx = np.asarray(frames, dtype=np.int64)
+        dst = np.arange(n) if dest is None else np.asarray(dest, dtype=np.int64)
+        view = None if views is None else np.asarray(views, dtype=np.int64)
+        if idx.shape != (n,) or dst.shape != (n,) or (view is not None and view.shape != (n,)):
+            raise IndexError(f"{n} video ids need as many frames, destinations and views; got {idx.shape}, "
+                             f"{dst.shape} and {None if view is None else view.shape}")
+        if (out.shape[1:] != tuple(self.feature_shape) or out.dtype != np.dtype(self.dtype.feature_dtype)
+                or not out.flags.c_contiguous):
+            raise ValueError(f"out must be C-contiguous {self.dtype.feature_dtype} (n, "
+                             f"{', '.join(map(str, self.feature_shape))}), got {out.dtype} {out.shape}")
+        if view is not None:
+            self._require_pea()
+            if n and (view.min() < 0 or view.max() >= self.pea_views_count):
+                raise IndexError(f"PEA view index out of range [0, {self.pea_views_count})")
+        key = "features" if view is None else PEA_PREFIX + "features"
+        entries = [self.meta(v) for v in video_ids]
+        rows = np.empty(n, dtype=np.int64)
+        for i, e in enumerate(entries):
+            if not 0 <= idx[i] < e.length:
+                raise IndexError(f"frame index {int(idx[i])} out of range [0, {e.length}) for {e.video_id!r}")
+            rows[i] = e.offset + idx[i]
+        shards = np.array([e.shard for e in entries])
+        for shard in dict.fromkeys(shards.tolist()):
+            where = np.flatnonzero(shards == shard)
+            array = self._arrays(shard)[key]
+            self._read(shard, key, array, lambda: self._gather(shard, key, array, rows[where], dst[where],
+                                                               None if view is None else view[where], out), rows[where])
+        return out
+
+    def _gather(self, shard: str, key: str, array: Any, rows: np.ndarray, dest: np.ndarray,
+                view: np.ndarray | None, out: np.ndarray) -> None:
+        """:meth:`gather_stored` within one shard: rows (any order, repeats) into ``out[dest]``."""
+        reader = self._frame_reader(shard, key, array)
+        if view is None or int(array.shape[1]) == 1:  # the stored row is the destination's shape
+            target = out if view is None else out.reshape(len(out), 1, *out.shape[1:])  # (n, K = 1, H, W, C)
+            if reader is not None:
+                reader.read(rows, target, dest)
+            else:
+                uniq, inverse = np.unique(rows, return_inverse=True)
+                target[dest] = _take(array, uniq)[inverse]
+            return
+        if reader is not None:  # K > 1 views per row: every view of the row is in one chunk
+            block = reader.read(rows)
+        else:
+            uniq, inverse = np.unique(rows, return_inverse=True)
+            block = _take(array, uniq)[inverse]
+        out[dest] = block[np.arange(len(rows)), view]
 
     # ---- PEA return views (Co-Settle; ``extract --pea-views K``) -------------------------
     @property
@@ -313,7 +383,9 @@ class FeatureStore:
         arrays = self._arrays(e.shard)
         keys = [PEA_PREFIX + "features", *(PEA_PREFIX + k for k in self.dtype.extras)]
         uniq, inverse = np.unique(idx, return_inverse=True)
-        raw = {k: _take(arrays[k], uniq + e.offset)[inverse, view] for k in keys}
+        rows = uniq + e.offset
+        raw = {k: self._read(e.shard, k, arrays[k], lambda k=k: self._rows(e.shard, k, arrays[k], rows),
+                             rows)[inverse, view] for k in keys}
         return decode_pea(self.dtype, raw)
 
     def pea_offsets(self, video_id: str) -> np.ndarray:
