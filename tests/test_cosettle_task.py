@@ -20,6 +20,7 @@ from tests.stores import make_real_store, write_synthetic_store
 from tests.videos import make_lossless_video, pattern_frames
 from train.config import resolve_train_config
 from train.cosettle_data import CosettleDataError, CosettleDataset, sample_pair
+from train.data import collate
 from train.losses import cosettle_loss
 from train.loop import fit
 from train.rundir import RunDir
@@ -90,6 +91,29 @@ def test_pea_items_hold_stored_tokens(pea_store: Path) -> None:
         np.testing.assert_array_equal(item["views"][1].numpy(), store.features(vid, [t2])[0])
         np.testing.assert_array_equal(item["views"][2].numpy(), store.pea_features(vid, [t1], [view])[0])
         assert not np.allclose(item["views"][2].numpy(), item["views"][0].numpy())
+
+
+@pytest.mark.parametrize("view", ["pea", "plain"])
+def test_a_batch_is_read_as_one_and_equals_its_items(pea_store: Path, view: str) -> None:
+    """__getitems__ (one gathered read per shard and array, into one tensor) gives each item's
+    stored tokens, in the DataLoader's order, also from a worker (shared memory)."""
+    store = open_store(pea_store)
+    ds = CosettleDataset(store, "train", view, seed=2)
+    ds.set_epoch(1)
+    order = [3, 0, 2, 1, 0]  # videos of both shards, one twice
+    batch = collate(ds.__getitems__(order))
+    assert batch["views"].shape == (5, 3, *store.feature_shape) and batch["views"].dtype == torch.float32
+    for b, i in enumerate(order):
+        (t1, t2), choice = ds.draw(i)
+        vid = ds.video_ids[i]
+        a_ret = store.pea_features(vid, [t1], [choice])[0] if view == "pea" else store.features(vid, [t1])[0]
+        want = np.stack([*store.features(vid, [t1, t2]), a_ret])
+        np.testing.assert_array_equal(batch["views"][b].numpy(), want)
+        assert batch["frames"][b].tolist() == [t1, t2]
+        np.testing.assert_array_equal(ds[i]["views"].numpy(), want)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, sampler=order[:4], num_workers=1, collate_fn=collate)
+    (from_worker,) = list(loader)
+    assert torch.equal(from_worker["views"], batch["views"][:4]) and torch.equal(from_worker["frames"], batch["frames"][:4])
 
 
 def test_kill_and_exact_resume_on_a_pea_store(pea_store: Path, tmp_path: Path) -> None:

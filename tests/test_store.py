@@ -18,6 +18,7 @@ from pipeline.store import (
     FeatureStore,
     ShardWriter,
     check_store,
+    encode_pea,
     init_store,
     marker_path,
     open_store,
@@ -210,6 +211,60 @@ def test_features_with_repeated_and_unsorted_indices(tmp_path: Path, dtype: str,
             store.features("b", bad)
     with pytest.raises(KeyError, match="not in store"):
         store.features("zzz")
+
+
+def _pea_shard(root: Path, name: str, videos: dict[str, np.ndarray], views: int, codec: str) -> None:
+    """A float16 shard whose frame f of video i has PEA view k = features + 100 (k + 1)."""
+    w = ShardWriter.create(root, name, feature_shape=SHAPE, dtype="float16", codec=codec, frames_per_file=BLOCK,
+                           pea_views=views)
+    for i, (vid, x) in enumerate(videos.items()):
+        w.begin_video(entry(vid))
+        pea = np.stack([x + 100.0 * (k + 1) for k in range(views)], axis=1)
+        arrays = {**w.dtype.encode(x), **encode_pea(w.dtype, pea, np.zeros((len(x), views, 2)))}
+        w.append_encoded(arrays, times(len(x)))
+        w.end_video()
+    w.finish([], {"videos": len(videos)})
+
+
+@pytest.mark.parametrize("views", [1, 3])  # K = 1: decoded in place; K > 1: the asked view of each row
+@pytest.mark.parametrize("codec", ["zstd", "blosc"])  # zstd: FrameReader; blosc: zarr's reads
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_gather_stored_puts_frames_of_many_videos_in_their_places(tmp_path: Path, codec: str, views: int,
+                                                                  in_memory: bool) -> None:
+    root = tmp_path / "store"
+    init_store(root, {"content": {**header("float16", codec, num_shards=2, num_videos=4)["content"],
+                                  "pea": {"views": views, "ratio": 10.0, "seed": 0}}})
+    data = {"a": feats(3, 0), "b": feats(10, 1), "c": feats(6, 2), "d": feats(5, 3)}
+    _pea_shard(root, "00000", {k: data[k] for k in "ab"}, views, codec)
+    _pea_shard(root, "00001", {k: data[k] for k in "cd"}, views, codec)
+    store = FeatureStore(root, in_memory=in_memory)
+    vids = ["b", "c", "a", "b", "d", "b", "c"]  # both shards, repeats, unsorted, across shard files (BLOCK 4)
+    frames = [9, 0, 2, 1, 4, 9, 5]
+    dest = [6, 0, 3, 5, 1, 4, 2]
+    out = np.full((8, *SHAPE), np.nan, dtype=np.float16)
+    assert store.gather_stored(vids, frames, out, dest) is out
+    for v, f, d in zip(vids, frames, dest):
+        np.testing.assert_array_equal(out[d], store.stored_features(v, [f])["features"][0])
+    assert np.isnan(out[7]).all()  # untouched
+    pick = [(k * 2 + 1) % views for k in range(len(vids))]
+    pea = store.gather_stored(vids, frames, np.zeros((7, *SHAPE), np.float16), views=pick)
+    for i, (v, f) in enumerate(zip(vids, frames)):
+        np.testing.assert_array_equal(pea[i], store.pea_features(v, [f], [pick[i]])[0])
+        np.testing.assert_allclose(pea[i].astype(np.float32), data[v][f] + 100.0 * (pick[i] + 1), rtol=1e-3, atol=0.1)
+    with pytest.raises(IndexError, match="out of range"):
+        store.gather_stored(["a"], [3], out)
+    with pytest.raises(IndexError, match="view index out of range"):
+        store.gather_stored(["a"], [0], out, views=[views])
+    with pytest.raises(ValueError, match="C-contiguous float16"):
+        store.gather_stored(["a"], [0], np.zeros((1, *SHAPE), np.float32))
+
+
+def test_gather_stored_refuses_int8(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    init_store(root, header("int8"))
+    write_shard(root, "00000", {"a": feats(3, 0)}, "int8")
+    with pytest.raises(ValueError, match="scales"):
+        FeatureStore(root).gather_stored(["a"], [0], np.zeros((1, *SHAPE), np.int8))
 
 
 def test_video_stored_twice_is_refused(tmp_path: Path) -> None:
