@@ -113,7 +113,8 @@ def test_a_batch_is_read_as_one_and_equals_its_items(pea_store: Path, view: str)
         np.testing.assert_array_equal(ds[i]["views"].numpy(), want)
     loader = torch.utils.data.DataLoader(ds, batch_size=4, sampler=order[:4], num_workers=1, collate_fn=collate)
     (from_worker,) = list(loader)
-    assert torch.equal(from_worker["views"], batch["views"][:4]) and torch.equal(from_worker["frames"], batch["frames"][:4])
+    assert torch.equal(from_worker["views"], batch["views"][:4])
+    assert torch.equal(from_worker["frames"], batch["frames"][:4])
 
 
 def test_kill_and_exact_resume_on_a_pea_store(pea_store: Path, tmp_path: Path) -> None:
