@@ -113,8 +113,11 @@ def evaluate(
     for name, acc in zip(res.class_names, res.per_class):
         t.add_row(str(name), f"{100 * acc:.1f}%" if acc == acc else "-")
     out.print(t)
+    crops = (f": {res.views // res.spatial_crops} clips x {res.crops_note}" if res.crops_note else "")
+    centre = (f"; centre crop only ({res.views // res.spatial_crops} views): top-1 {100 * res.centre_top1:.2f}%"
+              if res.centre_top1 is not None else "")
     out.print(f"top-1 {100 * res.top1:.2f}%  top-5 {100 * res.top5:.2f}%  ({res.num_videos} videos, "
-              f"{res.views} views each); written to {ev.file}"
+              f"{res.views} views each{crops}){centre}; written to {ev.file}"
               + (f"; confusion matrix: {', '.join(map(str, ev.plots))}" if ev.plots else ""))
 
 
