@@ -480,8 +480,9 @@ def open_training_store(cfg: TrainConfig) -> FeatureStore:
 
 
 def _store_bytes(store: FeatureStore) -> int:
-    """Bytes of every feature of the store."""
+    """Bytes of every feature of the store, in RAM (the side-crop arrays of a store with test
+    crops hold 2 more rows per frame, zeros for the videos without crops)."""
     h, w, c = store.feature_shape
     item = {"float16": 2, "float32": 4, "int8": 1}[store.dtype.feature_dtype]
     frames = sum(int(m["num_frames"]) for m in store.markers.values())
-    return frames * h * w * c * item
+    return frames * h * w * c * item * store.test_crops_count
