@@ -255,3 +255,63 @@ def test_interrupted_extraction_with_crops_resumes_to_the_same_store(corpus: Pat
             idx = np.arange(ref.num_frames(vid))
             assert np.array_equal(got.stored_crops(vid, idx)["crop_features"], ref.stored_crops(vid, idx)["crop_features"])
     assert verify_store(path) == []
+
+
+def test_report_shows_the_30_view_and_the_centre_crop_top1_side_by_side(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from tests.test_report import _config, _write_run
+    from train.metrics import EvalResult
+    from train.report import compare_runs, render_markdown, render_table
+
+    with_crops = _write_run(tmp_path, _config("ft-30view"), top1=0.55)
+    plain = _write_run(tmp_path, _config("ft-10view", seed=1), top1=0.40)
+    res = EvalResult.load(with_crops / "eval.json")
+    res.views, res.spatial_crops, res.centre_top1 = 30, 3, 0.45
+    res.centre_predictions = [0] * res.num_videos
+    res.save(with_crops / "eval.json")
+    records = compare_runs([with_crops, plain])
+    md = render_markdown(records)
+    header = next(line for line in md.splitlines() if line.startswith("| run |"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    assert cols[cols.index("top-5 %") + 1: cols.index("top-5 %") + 3] == ["views", "top-1 centre crop %"]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")] for line in md.splitlines()
+            if line.startswith("| ft-")}
+    i = cols.index("top-1 %")
+    assert rows["ft-30view"][i:i + 4] == ["55.00", "95.00", "10x3", "45.00"]
+    assert rows["ft-10view"][i + 2:i + 4] == ["-", "-"]
+    console = Console(record=True, width=250)
+    console.print(render_table(records))
+    text = console.export_text()
+    assert "centre%" in text and "10x3" in text and "45.00" in text
+    # without any 30-view run the table is as before
+    assert "views" not in render_markdown(compare_runs([plain]))
+
+
+def test_cli_int8_store_with_test_crops(corpus: Path, tmp_path: Path) -> None:
+    """``freezeframe extract --test-crops 3`` on an int8 store (``crop_scales`` too); ``status``
+    counts the videos with crops; an int8 test item dequantises every crop like ``crop_views``."""
+    from typer.testing import CliRunner
+
+    from freezeframe.cli import app
+
+    store_path = tmp_path / "q.zarr"
+    args = ["--debug", "extract", "--manifest", str(corpus), "--store", str(store_path), "--random-weights",
+            "--image-size", str(SIZE), "--dtype", "int8", "--test-crops", "3", "--videos-per-shard", "3",
+            "--workers", "1", "--device", "cpu", "--no-progress"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["status", str(store_path)])
+    assert r.exit_code == 0 and "4 video(s) with 3 test crops" in " ".join(r.output.split()), r.output
+    g = zarr.open_group(str(store_path / "shards" / "00000"), mode="r")
+    assert {"crop_features", "crop_scales"} <= set(g.array_keys())
+    store = open_store(store_path)
+    ds = ViewDataset(store, "test", from_dict(ViewConfig, {"num_clips": 2, "num_frames": 3, "stride": 1}))
+    assert (ds.crops, ds.views) == (3, 6)
+    x, _ = ds[1]
+    assert x.dtype == torch.float32 and x.shape == (6, 3, 2, 2, 1280)
+    clips = test_clips(store.num_frames(ds.video_ids[1]), 2, 3, 1)
+    for k in range(2):
+        for c in range(3):
+            np.testing.assert_array_equal(x[k * 3 + c].numpy(), store.crop_views(ds.video_ids[1], clips[k])[:, c])
+    assert verify_store(store_path) == []
