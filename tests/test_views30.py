@@ -315,3 +315,26 @@ def test_cli_int8_store_with_test_crops(corpus: Path, tmp_path: Path) -> None:
         for c in range(3):
             np.testing.assert_array_equal(x[k * 3 + c].numpy(), store.crop_views(ds.video_ids[1], clips[k])[:, c])
     assert verify_store(store_path) == []
+
+
+@pytest.mark.parametrize("h,w", [(32, 48), (48, 32), (40, 40), (33, 50)])
+def test_centre_of_the_short_side_frame_is_the_short_side_crop_frame(h: int, w: int, tmp_path: Path) -> None:
+    """``short_side`` keeps the whole scaled frame; its centre box (``test_crop_boxes``) cuts
+    exactly the ``short_side_crop`` frame, and the side boxes sit at both ends of the long side."""
+    from extract.decode import Geometry, decode_all
+
+    path = make_lossless_video(tmp_path / "v.mp4", pattern_frames(3, h, w, seed=1), 10)
+    whole = decode_all(path, geometry=Geometry(size=24, mode="short_side")).frames
+    crop = decode_all(path, geometry=Geometry(size=24)).frames
+    sh, sw = whole.shape[1:3]
+    assert min(sh, sw) == 24 and max(sh, sw) == max(24, round(max(h, w) * 24 / min(h, w)))
+    boxes = test_crop_boxes(sw, sh, 24)
+    l0, t0, r0, b0 = boxes[1]
+    np.testing.assert_array_equal(whole[:, t0:b0, l0:r0], crop)
+    first, last = boxes[0], boxes[2]
+    if sw > sh:
+        assert (first[0], last[2], first[1], last[1]) == (0, sw, 0, 0)
+    elif sh > sw:
+        assert (first[1], last[3], first[0], last[0]) == (0, sh, 0, 0)
+    else:
+        assert boxes[0] == boxes[1] == boxes[2]
