@@ -53,6 +53,8 @@ def _train(task: str, dataset: Optional[str], config: Optional[Path], set_: list
     msg = f"run {res.run_dir}: {res.steps} steps, final loss {res.final_loss:.4f}"
     if res.top1 is not None:
         msg += f", test top-1 {100 * res.top1:.2f}% top-5 {100 * (res.top5 or 0):.2f}%"
+    if res.evals.get("top1_centre") is not None:  # the 30-view test: the centre crops alone too
+        msg += f" (every view); centre crop only: top-1 {100 * res.evals['top1_centre']:.2f}%"
     out.print(msg)
 
 
