@@ -237,10 +237,10 @@ class BatchingSink:
                 sides: list[tuple[int, np.ndarray | None]] | None = None) -> dict[str, np.ndarray]:
         """On a stream: (n, S, S, 3) uint8 -> the storage arrays of (n, H, W, C) features (and
         of the PEA views when the store has them). ``sides``: per group of frames (the ops'
-        order), its frame count n and its side crops ``(n, 2, S, S, 3)`` or None; the shard's ``crop_*`` arrays get
-        their features, zeros for the frames without crops. The side crops go through the
-        backbone in a forward of their own, so the main features are those of a store without
-        crops, bit for bit."""
+        order), its frame count n and its side crops ``(n, 2, S, S, 3)`` or None; the shard's
+        ``crop_*`` arrays get their features, zeros for the frames without crops. The side
+        crops go through the backbone in a forward of their own, so the main features are
+        those of a store without crops, bit for bit."""
         if not self.writer.pea_views:
             arrays = self.writer.dtype.encode(self.encoder(frames))
         else:
