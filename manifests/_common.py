@@ -7,6 +7,7 @@ adds the checks of :func:`pipeline.manifest.validate_manifest` and raises one
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections import Counter
@@ -71,6 +72,23 @@ class Problems:
 def fail(fmt: str, summary: str, problems: Sequence[str] = ()) -> ManifestError:
     """A ManifestError for a bad option (raised before any file is read)."""
     return ManifestError(f"{fmt}: {summary}", list(problems))
+
+
+def check_options(fmt: str, builder: Callable[..., Any], options: dict[str, Any]) -> None:
+    """Refuse keyword ``options`` that ``builder`` (of format ``fmt``) does not take, or that
+    leave out one it requires.
+
+    Raises:
+        ManifestError: naming the unknown options (and the accepted ones) or the missing ones.
+    """
+    params = inspect.signature(builder).parameters
+    unknown = sorted(set(options) - set(params))
+    if unknown:
+        raise ManifestError(f"{fmt}: unknown option(s) {unknown}; accepted: {', '.join(params)}")
+    required = [n for n, p in params.items() if p.default is inspect.Parameter.empty]
+    absent = [n for n in required if n not in options]
+    if absent:
+        raise ManifestError(f"{fmt}: missing required option(s) {absent}")
 
 
 def finish(
