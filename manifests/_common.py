@@ -132,6 +132,34 @@ def find_file(directory: Path, names: Sequence[str]) -> Path | None:
     return None
 
 
+def find_split_files(
+    fmt: str,
+    folder: Path,
+    names: dict[str, Sequence[str]],
+    splits: Sequence[str] | None,
+    problems: Problems,
+    noun: str,
+) -> dict[str, Path]:
+    """The annotation file of each split in ``folder``: ``names[split]`` lists the names it may
+    have (the first found wins). ``splits`` None: every split whose file exists; otherwise
+    exactly those, a missing one being a problem (``noun`` names the file, e.g. ``CSV``).
+
+    Raises:
+        ManifestError: a split that is not a key of ``names`` (before any file is read).
+    """
+    unknown = [s for s in (splits or ()) if s not in names]
+    if unknown:
+        raise fail(fmt, f"unknown split(s) {unknown}; choose from {list(names)}")
+    found: dict[str, Path] = {}
+    for split in (splits if splits is not None else names):
+        path = find_file(folder, names[split])
+        if path is not None:
+            found[split] = path
+        elif splits is not None:
+            problems.add(f"missing {split} {noun}: none of {list(names[split])} in {str(folder)!r}")
+    return found
+
+
 def read_lines(path: Path, problems: Problems, what: str) -> Iterator[tuple[int, str]]:
     """``(line_number, stripped_text)`` of the non-empty lines of a text annotation file.
 

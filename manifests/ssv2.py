@@ -24,8 +24,8 @@ from manifests._common import (
     BUILDERS,
     Problems,
     abs_dir,
-    fail,
     find_file,
+    find_split_files,
     finish,
     read_json,
     sort_rows,
@@ -83,20 +83,11 @@ def build_ssv2(
         ManifestError: listing every malformed entry, unknown template, duplicate id and
             missing video.
     """
-    unknown_splits = [s for s in (splits or ()) if s not in SPLIT_FILES]
-    if unknown_splits:
-        raise fail("ssv2", f"unknown split(s) {unknown_splits}; choose from {list(SPLIT_FILES)}")
     root_p, ann = abs_dir(root), abs_dir(annotations)
     problems = Problems()
     hint = "check that --annotations is the SSv2 labels/ folder and --root the video folder"
 
-    files = {}
-    for split in (splits if splits is not None else SPLIT_FILES):
-        found = find_file(ann, SPLIT_FILES[split])
-        if found is not None:
-            files[split] = found
-        elif splits is not None:
-            problems.add(f"missing {split} file: none of {list(SPLIT_FILES[split])} in {str(ann)!r}")
+    files = find_split_files("ssv2", ann, SPLIT_FILES, splits, problems, "file")
     if not files and splits is None:
         problems.add(f"no SSv2 split file (train.json, validation.json, test.json) in {str(ann)!r}")
 
