@@ -38,6 +38,7 @@ __all__ = [
     "frames_size",
     "image_size",
     "match_label_files",
+    "per_frame_labelled_video",
     "read_video_list",
     "with_video_files",
     "read_dense_manifest",
@@ -251,6 +252,40 @@ def frames_size(
         if s is not None and s != size:
             problems.add(f"{vid}: {word} {Path(lab).name} is {s[1]}x{s[0]}, its frame {size[1]}x{size[0]}")
     return size
+
+
+def per_frame_labelled_video(
+    video_id: str,
+    split: str,
+    frame_dir: Path,
+    label_dir: Path,
+    *,
+    label_kind: str,
+    word: str,
+    require_all: bool,
+    check_sizes: bool,
+    problems: Problems,
+) -> DenseVideo | None:
+    """A video of ``.jpg`` frames in ``frame_dir`` with one ``.png`` label per labelled frame in
+    ``label_dir`` (same file stem), as DAVIS and VIP ship them: :func:`frame_files`,
+    :func:`match_label_files` and, with ``check_sizes``, :func:`frames_size`. None (with
+    problems) when a folder is missing or holds no frames."""
+    frames = frame_files(frame_dir, (".jpg",), video_id, problems, ".jpg frames")
+    if frames is None:
+        return None
+    matched = match_label_files(frames, label_dir, video_id, problems, word, require_all)
+    if matched is None:
+        return None
+    label_frames, labels = matched
+    return DenseVideo(
+        video_id=video_id,
+        split=split,
+        frames=tuple(str(f) for f in frames),
+        labels=tuple(labels),
+        label_frames=tuple(label_frames),
+        label_kind=label_kind,
+        size=frames_size(frames, video_id, problems, labels, word) if check_sizes else (0, 0),
+    )
 
 
 #: video file suffixes :func:`with_video_files` looks for

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 from manifests._common import Problems, abs_dir, fail, finish
-from manifests._dense import DENSE_BUILDERS, DenseVideo, frame_files, frames_size, match_label_files, read_video_list
+from manifests._dense import DENSE_BUILDERS, DenseVideo, per_frame_labelled_video, read_video_list
 
 SPLITS = ("train", "val", "test-dev", "test-challenge")
 #: Splits whose every frame is annotated.
@@ -70,21 +70,7 @@ def _finish(videos: list[DenseVideo], problems: Problems, source: str, hint: str
 def _sequence(
     root: Path, seq: str, split: str, resolution: str, check_sizes: bool, problems: Problems
 ) -> DenseVideo | None:
-    frames = frame_files(root / "JPEGImages" / resolution / seq, (".jpg",), seq, problems, ".jpg frames")
-    if frames is None:
-        return None
-    matched = match_label_files(frames, root / "Annotations" / resolution / seq, seq, problems, "annotation",
-                                require_all=split in FULLY_ANNOTATED)
-    if matched is None:
-        return None
-    label_frames, labels = matched
-    size = frames_size(frames, seq, problems, labels, "annotation") if check_sizes else (0, 0)
-    return DenseVideo(
-        video_id=seq,
-        split=split,
-        frames=tuple(str(f) for f in frames),
-        labels=tuple(labels),
-        label_frames=tuple(label_frames),
-        label_kind="davis-objects",
-        size=size,
-    )
+    return per_frame_labelled_video(
+        seq, split, root / "JPEGImages" / resolution / seq, root / "Annotations" / resolution / seq,
+        label_kind="davis-objects", word="annotation", require_all=split in FULLY_ANNOTATED,
+        check_sizes=check_sizes, problems=problems)

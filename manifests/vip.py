@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from manifests._common import Problems, abs_dir, fail, finish
-from manifests._dense import DENSE_BUILDERS, DenseVideo, frame_files, frames_size, match_label_files, read_video_list
+from manifests._dense import DENSE_BUILDERS, DenseVideo, per_frame_labelled_video, read_video_list
 
 #: Part classes of VIP including background (ids 0..19).
 NUM_CLASSES = 20
@@ -65,21 +65,6 @@ def build_vip(
 def _video(
     root: Path, name: str, split: str, require_all: bool, check_sizes: bool, problems: Problems
 ) -> DenseVideo | None:
-    frames = frame_files(root / "Images" / name, (".jpg",), name, problems, ".jpg frames")
-    if frames is None:
-        return None
-    matched = match_label_files(frames, root / "Annotations" / "Category_ids" / name, name, problems, "label",
-                                require_all=require_all)
-    if matched is None:
-        return None
-    label_frames, labels = matched
-    size = frames_size(frames, name, problems, labels, "label") if check_sizes else (0, 0)
-    return DenseVideo(
-        video_id=name,
-        split=split,
-        frames=tuple(str(f) for f in frames),
-        labels=tuple(labels),
-        label_frames=tuple(label_frames),
-        label_kind="vip-parts",
-        size=size,
-    )
+    return per_frame_labelled_video(
+        name, split, root / "Images" / name, root / "Annotations" / "Category_ids" / name,
+        label_kind="vip-parts", word="label", require_all=require_all, check_sizes=check_sizes, problems=problems)
