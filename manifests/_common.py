@@ -189,6 +189,21 @@ def read_json(path: Path, problems: Problems, what: str) -> Any | None:
         return None
 
 
+def json_entries(path: Path, problems: Problems, what: str, shape: str) -> Iterator[tuple[str, Any]]:
+    """``(where, entry)`` for each entry of a JSON file that holds a list (``where`` is
+    ``"<file name> entry <i>"``, for problems about the entry). An unreadable file, or one that
+    is not a list (``shape`` describes the objects expected, e.g. ``{id, template, ...}``), is a
+    problem and yields nothing."""
+    data = read_json(path, problems, what)
+    if data is None:
+        return
+    if not isinstance(data, list):
+        problems.add(f"{path.name}: expected a list of {shape} objects")
+        return
+    for i, entry in enumerate(data):
+        yield f"{path.name} entry {i}", entry
+
+
 def walk_videos(
     root: Path, extensions: Sequence[str] = VIDEO_EXTENSIONS
 ) -> Iterator[Path]:

@@ -27,6 +27,7 @@ from manifests._common import (
     find_file,
     find_split_files,
     finish,
+    json_entries,
     read_json,
     sort_rows,
 )
@@ -107,14 +108,7 @@ def build_ssv2(
 
     rows: list[ManifestRow] = []
     for split, path in files.items():
-        data = read_json(path, problems, f"SSv2 {split} file")
-        if data is None:
-            continue
-        if not isinstance(data, list):
-            problems.add(f"{path.name}: expected a list of {{id, template, ...}} objects")
-            continue
-        for i, entry in enumerate(data):
-            where = f"{path.name} entry {i}"
+        for where, entry in json_entries(path, problems, f"SSv2 {split} file", "{id, template, ...}"):
             if not isinstance(entry, dict) or not isinstance(entry.get("id"), (str, int)):
                 problems.add(f"{where}: expected an object with an 'id', got {entry!r}")
                 continue
