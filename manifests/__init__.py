@@ -24,7 +24,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from manifests._common import BUILDERS, VIDEO_EXTENSIONS, ManifestBuilder, ManifestWarning, check_options
+from manifests._common import BUILDERS, VIDEO_EXTENSIONS, ManifestBuilder, ManifestWarning, run_builder
 from pipeline.errors import ManifestError
 from pipeline.manifest import ManifestRow
 
@@ -62,12 +62,7 @@ def build_manifest(fmt: str, **options: Any) -> list[ManifestRow]:
     Raises:
         ManifestError: unknown format or option, or every problem found in the data.
     """
-    try:
-        builder = BUILDERS.get(fmt)
-    except KeyError as e:
-        raise ManifestError(str(e.args[0])) from None
-    check_options(fmt, builder, options)
-    return builder(**options)
+    return run_builder(BUILDERS, fmt, options)
 
 
 def dataset_names() -> list[str]:

@@ -74,13 +74,19 @@ def fail(fmt: str, summary: str, problems: Sequence[str] = ()) -> ManifestError:
     return ManifestError(f"{fmt}: {summary}", list(problems))
 
 
-def check_options(fmt: str, builder: Callable[..., Any], options: dict[str, Any]) -> None:
-    """Refuse keyword ``options`` that ``builder`` (of format ``fmt``) does not take, or that
-    leave out one it requires.
+def run_builder(registry: Registry[Callable[..., Any]], fmt: str, options: dict[str, Any]) -> Any:
+    """Call the builder of format ``fmt`` in ``registry`` with the keyword ``options``, once
+    they are known to fit its signature.
 
     Raises:
-        ManifestError: naming the unknown options (and the accepted ones) or the missing ones.
+        ManifestError: an unknown format (naming the known ones), an option the builder does
+            not take (naming those it takes), a required option left out, or every problem
+            the builder found in the data.
     """
+    try:
+        builder = registry.get(fmt)
+    except KeyError as e:
+        raise ManifestError(str(e.args[0])) from None
     params = inspect.signature(builder).parameters
     unknown = sorted(set(options) - set(params))
     if unknown:
@@ -89,6 +95,7 @@ def check_options(fmt: str, builder: Callable[..., Any], options: dict[str, Any]
     absent = [n for n in required if n not in options]
     if absent:
         raise ManifestError(f"{fmt}: missing required option(s) {absent}")
+    return builder(**options)
 
 
 def finish(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from manifests._common import check_options
+from manifests._common import run_builder
 from manifests._dense import (
     DENSE_BUILDERS,
     LABEL_KINDS,
@@ -41,9 +41,7 @@ def build_dense(fmt: str, **options: Any) -> list[DenseVideo]:
     """Build the videos of dense format ``fmt`` with the builder's keyword ``options``.
 
     Raises:
-        ManifestError: unknown or missing option, or every problem found in the data.
-        RegistryError: unknown format.
+        ManifestError: unknown format or option, missing option, or every problem found in
+            the data.
     """
-    builder = DENSE_BUILDERS.get(fmt)
-    check_options(fmt, builder, options)
-    return builder(**options)
+    return run_builder(DENSE_BUILDERS, fmt, options)
