@@ -9,26 +9,14 @@ import pytest
 from rich.console import Console
 
 from pipeline.errors import FreezeframeError
-from tests.stores import SynthStore, write_synthetic_store
-from train.config import resolve_train_config
+from tests.stores import TINY_TRAIN, SynthStore, train_config
 from train.rundir import RunDir
 from train.runpool import ChainFailed, auto_workers, log_path, train_chains
 
-TINY = [
-    "model.tmm.in_channels=16", "model.tmm.hidden=8", "model.tmm.out_channels=16", "model.mlp_dim=16",
-    "clip.num_frames=4", "clip.stride=2", "test.num_clips=2", "test.num_frames=4", "test.stride=2",
-    "optim.batch_size=2", "optim.warmup_epochs=1", "data.workers=0", "model.num_classes=3", "optim.epochs=1",
-]
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> SynthStore:
-    return write_synthetic_store(tmp_path_factory.mktemp("store") / "s.zarr", num_classes=3)  # 8 train, 4 test
-
 
 def _cfg(store: SynthStore, run_dir: Path, *extra: str):
-    return resolve_train_config("finetune", None, None, [f'data.store="{store.path}"', f'run_dir="{run_dir}"',
-                                                         'init=""', *TINY, *extra])
+    return train_config("finetune", store, run_dir, *TINY_TRAIN, "model.num_classes=3", "test.num_clips=2",
+                        "optim.epochs=1", 'init=""', *extra)
 
 
 def test_a_failed_run_names_itself_and_its_log_and_the_others_finish(store: SynthStore, tmp_path: Path) -> None:
