@@ -187,9 +187,9 @@ def sweep(
                                         "default: the world size or the array size).", show_default=False),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the runs and their overrides, train nothing."),
     report_only: bool = typer.Option(False, "--report-only", help="Only (re)write the report of the runs so far."),
-    jobs: int = typer.Option(1, help="This job's points trained side by side, one process each (0 = as many as the "
+    parallel: int = typer.Option(1, help="This job's points trained side by side, one process each (0 = as many as the "
                              "cores hold at --threads each); on a GPU keep 1 per device."),
-    threads: int = typer.Option(0, help="Torch threads of each run (0: this process's count, or cores / --jobs)."),
+    threads: int = typer.Option(0, help="Torch threads of each run (0: this process's count, or cores / --parallel)."),
 ) -> None:
     """Train a grid of ablations over one store, one run directory each (reruns resume), then
     report them as the paper's ablation tables; under torchrun or a Slurm array each job trains its share."""
@@ -208,7 +208,7 @@ def sweep(
             for name, cfg in u.runs:
                 cfg.device = rank_device(cfg.device)  # this rank's GPU, not every rank on cuda:0
         with single_process():
-            train_chains([[cfg for _, cfg in u.runs] for u in mine], workers=jobs, threads=threads, console=console,
+            train_chains([[cfg for _, cfg in u.runs] for u in mine], workers=parallel, threads=threads, console=console,
                          description="sweep runs")
     unfinished = [n for n in every if not (Path(s.out) / n / "summary.json").is_file()]
     if unfinished:  # another job still trains: the last one to finish writes the report
