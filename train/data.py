@@ -178,8 +178,10 @@ def to_model_dtype(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 # datasets
 # --------------------------------------------------------------------------------------
-class _StoreVideos(Dataset):
-    """Base: the videos of one split, in store order."""
+class StoreSplit(Dataset):
+    """Base of the datasets over a feature store (here and ``train.cosettle_data``): the videos
+    of one split in store order, their ``lengths`` (frames), and each item's rng from
+    ``(seed, epoch, index)`` (see the module doc)."""
 
     def __init__(self, store: FeatureStore, split: str, seed: int = 0) -> None:
         self.store = store
@@ -202,6 +204,10 @@ class _StoreVideos(Dataset):
 
     def _rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng((self.seed, self.epoch, index))
+
+
+class _StoreVideos(StoreSplit):
+    """Base of the clip datasets: items read as (clip, label) batches, checked finite."""
 
     def _require_fitting_clip(self, desc: str, num_frames: int, stride: int, short_video: str, section: str) -> None:
         """Refuse a clip (``desc``, at rate 1) longer than every video when wrap-around is off."""

@@ -25,6 +25,7 @@ from train.report import report_main
 from train.represent import measure_store
 from train.stats import tmm_stats
 from train.ablation import write_sweep_report
+from train.runpool import train_chains
 from train.sweep import expand_sweep, load_sweep, rank_device, single_process, sweep_share, sweep_units
 
 app = new_app("Stage 2: stats, pretrain, finetune, evaluate, represent, project, report, sweep.")
@@ -191,6 +192,9 @@ def sweep(
                                         "default: the world size or the array size).", show_default=False),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the runs and their overrides, train nothing."),
     report_only: bool = typer.Option(False, "--report-only", help="Only (re)write the report of the runs so far."),
+    parallel: int = typer.Option(1, help="This job's points trained side by side, one process each (0 = as many as the "
+                             "cores hold at --threads each); on a GPU keep 1 per device."),
+    threads: int = typer.Option(0, help="Torch threads of each run (0: this process's count, or cores / --parallel)."),
 ) -> None:
     """Train a grid of ablations over one store, one run directory each (reruns resume), then
     report them as the paper's ablation tables; under torchrun or a Slurm array each job trains its share."""
@@ -209,10 +213,8 @@ def sweep(
             for name, cfg in u.runs:
                 cfg.device = rank_device(cfg.device)  # this rank's GPU, not every rank on cuda:0
         with single_process():
-            for u in mine:
-                for name, cfg in u.runs:
-                    console.log(f"sweep run {cfg.run_dir}")
-                    fit(cfg, console)
+            train_chains([[cfg for _, cfg in u.runs] for u in mine], workers=parallel, threads=threads, console=console,
+                         description="sweep runs")
     unfinished = [n for n in every if not (Path(s.out) / n / "summary.json").is_file()]
     if unfinished:  # another job still trains: the last one to finish writes the report
         out.print(f"{len(unfinished)} run(s) of the sweep not finished yet (e.g. {unfinished[0]}); the report is "
