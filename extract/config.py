@@ -8,7 +8,7 @@ manifest and store *paths*: the manifest is identified by its sha256) may change
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -57,6 +57,11 @@ class ExtractConfig:
     pea_views: int = 0  # open_clip and timm ViTs only
     pea_ratio: float = 10.0  # the PE grid is upsampled by 1 + pea_ratio before a window is cut
     pea_seed: int = 0  # window offsets of frame j of video v: seeded by (pea_seed, v, j)
+    # the 30-view test (AdViSe: 10 clips x 3 spatial crops): 3 also stores, for the videos of
+    # ``test_crop_splits``, the two side crops (left/right, or top/bottom for portrait) of the
+    # short-side-scaled frame next to the centre crop (the main features); 1 = the centre only
+    test_crops: int = 1  # 1 | 3; needs geometry short_side_crop
+    test_crop_splits: list[str] = field(default_factory=lambda: ["test"])  # manifest splits; ["all"]: every video
     videos_per_shard: int = 64  # videos per store shard (unit of work, one writer)
     frames_per_file: int = 256  # frames per zarr shard file
     # runtime
@@ -127,6 +132,19 @@ class ExtractConfig:
                 out.append(f"{key}: must be an integer >= {low}{hint}, got {value!r}")
         if isinstance(self.pea_ratio, bool) or not isinstance(self.pea_ratio, (int, float)) or not self.pea_ratio >= 0:
             out.append(f"pea_ratio: must be a number >= 0 (10 in Co-Settle's recipe), got {self.pea_ratio!r}")
+        if self.test_crops not in (1, 3) or isinstance(self.test_crops, bool):
+            out.append(f"test_crops: must be 1 (the centre crop only) or 3 (left/centre/right, top/centre/bottom "
+                       f"for portrait: the 30-view test), got {self.test_crops!r}")
+        elif self.test_crops == 3 and self.geometry != "short_side_crop":
+            out.append(f"test_crops=3 needs geometry=short_side_crop (the crops are cut from the short-side-scaled "
+                       f"frame), got geometry={self.geometry!r}; set geometry=short_side_crop or test_crops=1")
+        if (not isinstance(self.test_crop_splits, (list, tuple)) or not self.test_crop_splits
+                or not all(isinstance(x, str) and x for x in self.test_crop_splits)):
+            out.append(f"test_crop_splits: must be a non-empty list of manifest split names (or [\"all\"]), "
+                       f"got {self.test_crop_splits!r}")
+        if self.geometry == "short_side":
+            out.append("geometry: 'short_side' keeps whole frames and is how test crops are decoded; choose "
+                       "short_side_crop (with test_crops=3 for the 3 test crops) or squash")
         positive = [("fps", self.fps, " or unset (null: every native frame)"),
                     ("decode_timeout", self.decode_timeout, None), ("lease_seconds", self.lease_seconds, None),
                     ("max_gap", self.max_gap, " or unset (null: no limit)")]
@@ -160,3 +178,8 @@ def resolve_extract_config(dataset: str | None = None, config_file: str | Path |
         table = load_toml(config_file)
         layers.append(table.get("extract", table))
     return resolve(ExtractConfig, layers, overrides)
+
+
+def wants_test_crops(cfg: ExtractConfig, split: str) -> bool:
+    """Whether a manifest row of ``split`` gets the spatial test crops under ``cfg``."""
+    return cfg.test_crops > 1 and ("all" in cfg.test_crop_splits or split in cfg.test_crop_splits)

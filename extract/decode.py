@@ -88,6 +88,7 @@ __all__ = [
     "iter_frames",
     "opened_video",
     "probe",
+    "test_crop_boxes",
     "video_stream",
 ]
 
@@ -112,6 +113,37 @@ def short_side_crop(frame_w: int, frame_h: int, size: int) -> tuple[int, int, Cr
         sw, sh = max(size, round(frame_w * size / frame_h)), size
     left, top = (sw - size) // 2, (sh - size) // 2
     return sw, sh, (left, top, left + size, top + size)
+
+
+@GEOMETRIES.register("short_side")
+def short_side(frame_w: int, frame_h: int, size: int) -> tuple[int, int, CropBox]:
+    """Scale the short side to ``size`` (aspect kept, same size as ``short_side_crop``) and keep
+    the whole scaled frame: ``(size, L, 3)`` or ``(L, size, 3)``. The extraction decodes the
+    test videos of a store with spatial test crops this way and cuts them itself
+    (:func:`test_crop_boxes`); not a choice of ``ExtractConfig.geometry``."""
+    sw, sh, _ = short_side_crop(frame_w, frame_h, size)
+    return sw, sh, (0, 0, sw, sh)
+
+
+#: ``test_crop_boxes`` returns this many boxes (the only spatial test-crop count besides 1)
+TEST_CROPS = 3
+
+
+def test_crop_boxes(scaled_w: int, scaled_h: int, size: int) -> list[CropBox]:
+    """The 3 spatial test crops (``size x size``) of a frame already scaled by ``short_side``
+    (``scaled_w x scaled_h`` pixels): ``[first side, centre, second side]``, i.e. left, centre,
+    right for a landscape frame and top, centre, bottom for a portrait one (the three coincide
+    on a square frame). The centre box is exactly the crop of ``short_side_crop``, so the
+    centre crop of a ``short_side`` frame is the ``short_side_crop`` frame, pixel for pixel."""
+    left, top = (scaled_w - size) // 2, (scaled_h - size) // 2
+    if scaled_w >= scaled_h:
+        xs, ys = [0, left, scaled_w - size], [top] * 3
+    else:
+        xs, ys = [left] * 3, [0, top, scaled_h - size]
+    return [(x, y, x + size, y + size) for x, y in zip(xs, ys)]
+
+
+test_crop_boxes.__test__ = False  # type: ignore[attr-defined]  # pytest must not collect it on import
 
 
 @GEOMETRIES.register("squash")

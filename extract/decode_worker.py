@@ -31,6 +31,9 @@ class DecodeJob:
     path: str
     start: float | None = None  # seconds
     end: float | None = None  # seconds
+    # this video's ``extract.decode.Geometry`` instead of the pool's (test videos with spatial
+    # test crops are decoded as whole short-side-scaled frames: ``short_side``); None: the pool's
+    geometry: Any = None
 
 
 _POLL_S = 1.0  # how often a waiting worker checks that the main process is still alive
@@ -122,7 +125,8 @@ def _worker_main(jobs: Any, conn: Any, decoder: Any, decode_kwargs: dict, queue_
         n = 0
         take_retries()
         try:
-            for chunk in decoder.iter_frames(job.path, start=job.start, end=job.end, **decode_kwargs):
+            kwargs = decode_kwargs if job.geometry is None else {**decode_kwargs, "geometry": job.geometry}
+            for chunk in decoder.iter_frames(job.path, start=job.start, end=job.end, **kwargs):
                 out.put(("chunk", job.index, chunk.frames, chunk.timestamps, _frame_crcs(chunk.frames)))
                 n += len(chunk.frames)
             out.put(("done", job.index, n, take_retries()))

@@ -18,10 +18,11 @@ import torch
 
 from extract.backbones import Backbone, create_backbone
 from extract.config import ExtractConfig
+from extract.decode import test_crop_boxes
 from extract.pea import PEAError, frame_offsets, pea_forward, pea_supported, upsampled_size
 from pipeline.dist import local_cores
 from pipeline.pooling import compress
-from pipeline.store import ShardWriter, encode_pea
+from pipeline.store import ShardWriter, encode_crops, encode_pea
 
 
 # --------------------------------------------------------------------------------------
@@ -106,6 +107,27 @@ def pea_header(backbone: Backbone, cfg: ExtractConfig) -> dict | None:
             "max_offset": [up[0] - grid[0], up[1] - grid[1]]}
 
 
+def test_crops_header(cfg: ExtractConfig) -> dict | None:
+    """The store header's ``content.test_crops`` (None with ``test_crops=1``): crops per frame,
+    the manifest splits that get them and how they are cut (the markers say which videos have them)."""
+    if cfg.test_crops == 1:
+        return None
+    return {"crops": cfg.test_crops, "splits": sorted(cfg.test_crop_splits),
+            "layout": "short side scaled to the input size; centre crop = features, side crops (left/right, "
+                      "top/bottom for portrait) = crop_features"}
+
+
+def cut_test_crops(frames: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Whole short-side-scaled frames ``(n, h, w, 3)`` uint8 (``h`` or ``w`` = ``size``) ->
+    the centre crops ``(n, size, size, 3)`` (pixel for pixel the ``short_side_crop`` frames) and
+    the side crops ``(n, 2, size, size, 3)`` (left/right, or top/bottom for portrait), from
+    :func:`extract.decode.test_crop_boxes`."""
+    n, h, w = frames.shape[:3]
+    boxes = test_crop_boxes(w, h, size)
+    crops = [frames[:, t:b, l:r] for l, t, r, b in boxes]
+    return np.ascontiguousarray(crops[1]), np.ascontiguousarray(np.stack([crops[0], crops[2]], axis=1))
+
+
 class FeatureEncoder:
     """Runs the frozen backbone on uint8 frame batches; returns float32 numpy features.
 
@@ -168,20 +190,32 @@ class BatchingSink:
                  executor: Executor, max_in_flight: int = 2) -> None:
         self.encoder, self.writer, self.batch_size = encoder, writer, batch_size
         self.executor, self.max_in_flight = executor, max(1, max_in_flight)
-        self.ops: list[tuple] = []  # ("begin", entry) | ("frames", frames, ts, ids) | ("end",)
+        # ("begin", entry) | ("frames", frames, ts, ids, side crops (n, 2, S, S, 3) or None) | ("end",)
+        self.ops: list[tuple] = []
         self.in_flight: deque[tuple[list[tuple], Future | None]] = deque()
         self.pending = 0
         self.frames_encoded = 0
         self._video: tuple[str, int] = ("", 0)  # (video_id, frames added) of the open video
+        self._crops = False  # the open video gets its side crops (entry "crops")
 
     def begin(self, entry: dict) -> None:
+        """Open a video; ``entry["crops"]`` True: its frames come whole (``short_side``
+        geometry) and its 3 test crops are cut here (the writer must declare them)."""
+        self._crops = bool(entry.get("crops"))
+        if self._crops and self.writer.test_crops == 1:
+            raise ValueError(f"video {entry['video_id']!r} asks for test crops but the shard declares none")
         self.ops.append(("begin", entry))
         self._video = (str(entry["video_id"]), 0)
 
     def add(self, frames: np.ndarray, timestamps: np.ndarray) -> None:
+        """Frames ``(n, S, S, 3)`` uint8 of the open video (``(n, S, L, 3)`` / ``(n, L, S, 3)``
+        whole short-side-scaled frames for a video with test crops) and their timestamps (s)."""
         vid, start = self._video
         self._video = (vid, start + len(frames))
-        self.ops.append(("frames", frames, timestamps, [(vid, start + i) for i in range(len(frames))]))
+        sides = None
+        if self._crops:
+            frames, sides = cut_test_crops(frames, self.encoder.backbone.preprocess.size)
+        self.ops.append(("frames", frames, timestamps, [(vid, start + i) for i in range(len(frames))], sides))
         self.pending += len(frames)
         if self.pending >= self.batch_size:
             self.submit()
@@ -199,21 +233,41 @@ class BatchingSink:
             self.drain()
             self.writer.abort_video()
 
-    def _encode(self, frames: np.ndarray, ids: list[tuple[str, int]]) -> dict[str, np.ndarray]:
+    def _encode(self, frames: np.ndarray, ids: list[tuple[str, int]],
+                sides: list[tuple[int, np.ndarray | None]] | None = None) -> dict[str, np.ndarray]:
         """On a stream: (n, S, S, 3) uint8 -> the storage arrays of (n, H, W, C) features (and
-        of the PEA views when the store has them)."""
+        of the PEA views when the store has them). ``sides``: per group of frames (the ops'
+        order), its frame count n and its side crops ``(n, 2, S, S, 3)`` or None; the shard's
+        ``crop_*`` arrays get their features, zeros for the frames without crops. The side
+        crops go through the backbone in a forward of their own, so the main features are
+        those of a store without crops, bit for bit."""
         if not self.writer.pea_views:
-            return self.writer.dtype.encode(self.encoder(frames))
-        out = self.encoder.encode(frames, ids)
-        arrays = self.writer.dtype.encode(out["features"])
-        arrays.update(encode_pea(self.writer.dtype, out["pea_views"], out["pea_offsets"]))
+            arrays = self.writer.dtype.encode(self.encoder(frames))
+        else:
+            out = self.encoder.encode(frames, ids)
+            arrays = self.writer.dtype.encode(out["features"])
+            arrays.update(encode_pea(self.writer.dtype, out["pea_views"], out["pea_offsets"]))
+        if self.writer.test_crops > 1:
+            side_feats = np.zeros((len(frames), 2, *self.writer.feature_shape), dtype=np.float32)
+            rows, pos = [], 0
+            for n, group in sides or []:
+                if group is not None:
+                    rows.append(np.arange(pos, pos + n))
+                pos += n
+            have = [g for _, g in (sides or []) if g is not None]
+            if have:
+                cut = np.concatenate(have)  # (m, 2, S, S, 3)
+                feats = self.encoder(cut.reshape(-1, *cut.shape[2:]))
+                side_feats[np.concatenate(rows)] = feats.reshape(len(cut), 2, *feats.shape[1:])
+            arrays.update(encode_crops(self.writer.dtype, side_feats))
         return arrays
 
     def submit(self) -> None:
         """Send the pending frames to the streams as one batch (blocks while too many are in flight)."""
         frames = [op[1] for op in self.ops if op[0] == "frames"]
         ids = [i for op in self.ops if op[0] == "frames" for i in op[3]]
-        fut = self.executor.submit(self._encode, np.concatenate(frames), ids) if frames else None
+        sides = [(len(op[1]), op[4]) for op in self.ops if op[0] == "frames"]
+        fut = self.executor.submit(self._encode, np.concatenate(frames), ids, sides) if frames else None
         self.in_flight.append((self.ops, fut))
         self.ops, self.pending = [], 0
         while len(self.in_flight) > self.max_in_flight:

@@ -19,14 +19,14 @@ import time
 from collections import deque
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from extract.backbones import Backbone
-from extract.config import ExtractConfig
+from extract.config import ExtractConfig, wants_test_crops
 from extract.decode import Geometry
 from extract.decoders import make_decoder
 from extract.encode import (
@@ -36,6 +36,7 @@ from extract.encode import (
     check_pea,
     feature_shape,
     pea_header,
+    test_crops_header,
     thread_plan,
 )
 from extract.workers import ChunkEvent, DecodeJob, DecodePool, DoneEvent, FailedEvent
@@ -132,6 +133,9 @@ def store_header(cfg: ExtractConfig, backbone: Backbone, rows: Sequence[Manifest
     pea = pea_header(backbone, cfg)
     if pea is not None:  # absent without PEA views: stores made before this option keep their content
         content["pea"] = pea
+    crops = test_crops_header(cfg)
+    if crops is not None:  # absent with the centre crop only: stores made before this option keep their content
+        content["test_crops"] = {**crops, "num_videos": sum(wants_test_crops(cfg, r.split) for r in rows)}
     return {
         "content": content,
         "content_hash": config_hash(content),
@@ -314,10 +318,13 @@ def run_extract(cfg: ExtractConfig, console: object | None = None, *, job: str =
                         progress.update(task, total=progress.tasks[0].total + len(shard_rows))
                     sink = BatchingSink(encoder, ShardWriter.create(root, name, feature_shape=shape, dtype=cfg.dtype,
                                                                     codec=cfg.codec, frames_per_file=cfg.frames_per_file,
-                                                                    pea_views=cfg.pea_views, claim=claim),
+                                                                    pea_views=cfg.pea_views, test_crops=cfg.test_crops,
+                                                                    claim=claim),
                                         cfg.batch_size, streams, max_in_flight=plan.streams)
                     try:
-                        stats = _extract_shard(name, shard_rows, pool, sink, summary, progress, task)
+                        stats = _extract_shard(name, shard_rows, pool, sink, summary, progress, task,
+                                               crops=lambda r: wants_test_crops(cfg, r.split),
+                                               crop_geometry=replace(geometry, mode="short_side"))
                     except LeaseLost as e:  # our heartbeats came too late: the new holder's copy counts
                         sink.cancel()
                         summary.shards_busy.append(name)
@@ -338,10 +345,16 @@ def run_extract(cfg: ExtractConfig, console: object | None = None, *, job: str =
 
 
 def _extract_shard(name: str, rows: list[ManifestRow], pool: DecodePool, sink: BatchingSink,
-                   summary: ExtractSummary, progress: object, task: object) -> dict:
-    """Decode, encode and write one store shard; its marker is written last."""
+                   summary: ExtractSummary, progress: object, task: object, *,
+                   crops: Callable[[ManifestRow], bool] = lambda r: False,
+                   crop_geometry: Geometry | None = None) -> dict:
+    """Decode, encode and write one store shard; its marker is written last. ``crops(row)``:
+    the row gets the spatial test crops (decoded with ``crop_geometry``, the whole
+    short-side-scaled frame, and recorded in its marker entry)."""
     t0, started_at = time.monotonic(), time.time()
-    jobs = [DecodeJob(i, r.video_id, r.path, r.start, r.end) for i, r in enumerate(rows)]
+    with_crops = [crops(r) for r in rows]
+    jobs = [DecodeJob(i, r.video_id, r.path, r.start, r.end, crop_geometry if c else None)
+            for i, (r, c) in enumerate(zip(rows, with_crops))]
     failures: list[Failure] = []
     frames = videos = retries = 0
     started: set[int] = set()
@@ -354,8 +367,11 @@ def _extract_shard(name: str, rows: list[ManifestRow], pool: DecodePool, sink: B
                 summary.startup_seconds = time.monotonic() - summary._t0
             if ev.index not in started:
                 started.add(ev.index)
-                sink.begin({"video_id": row.video_id, "split": row.split, "label": row.label,
-                            "label_name": row.label_name})
+                entry = {"video_id": row.video_id, "split": row.split, "label": row.label,
+                         "label_name": row.label_name}
+                if sink.writer.test_crops > 1:  # absent without crops: markers as before
+                    entry["crops"] = with_crops[ev.index]
+                sink.begin(entry)
             sink.add(ev.frames, ev.timestamps)
             progress.update(task, frames=summary.frames_done + frames + sink.pending)  # type: ignore[attr-defined]
         elif isinstance(ev, DoneEvent):

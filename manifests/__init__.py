@@ -20,12 +20,11 @@ Formats: ``ucf101``, ``hmdb51``, ``diving48``, ``kinetics400``, ``ssv2``, ``ava`
 """
 from __future__ import annotations
 
-import inspect
 import tomllib
 from pathlib import Path
 from typing import Any
 
-from manifests._common import BUILDERS, VIDEO_EXTENSIONS, ManifestBuilder, ManifestWarning
+from manifests._common import BUILDERS, VIDEO_EXTENSIONS, ManifestBuilder, ManifestWarning, run_builder
 from pipeline.errors import ManifestError
 from pipeline.manifest import ManifestRow
 
@@ -63,21 +62,7 @@ def build_manifest(fmt: str, **options: Any) -> list[ManifestRow]:
     Raises:
         ManifestError: unknown format or option, or every problem found in the data.
     """
-    try:
-        builder = BUILDERS.get(fmt)
-    except KeyError as e:
-        raise ManifestError(str(e.args[0])) from None
-    params = inspect.signature(builder).parameters
-    unknown = sorted(set(options) - set(params))
-    if unknown:
-        raise ManifestError(
-            f"{fmt}: unknown option(s) {unknown}; accepted: {', '.join(params)}"
-        )
-    required = [n for n, p in params.items() if p.default is inspect.Parameter.empty]
-    absent = [n for n in required if n not in options]
-    if absent:
-        raise ManifestError(f"{fmt}: missing required option(s) {absent}")
-    return builder(**options)
+    return run_builder(BUILDERS, fmt, options)
 
 
 def dataset_names() -> list[str]:

@@ -7,6 +7,7 @@ adds the checks of :func:`pipeline.manifest.validate_manifest` and raises one
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections import Counter
@@ -73,6 +74,30 @@ def fail(fmt: str, summary: str, problems: Sequence[str] = ()) -> ManifestError:
     return ManifestError(f"{fmt}: {summary}", list(problems))
 
 
+def run_builder(registry: Registry[Callable[..., Any]], fmt: str, options: dict[str, Any]) -> Any:
+    """Call the builder of format ``fmt`` in ``registry`` with the keyword ``options``, once
+    they are known to fit its signature.
+
+    Raises:
+        ManifestError: an unknown format (naming the known ones), an option the builder does
+            not take (naming those it takes), a required option left out, or every problem
+            the builder found in the data.
+    """
+    try:
+        builder = registry.get(fmt)
+    except KeyError as e:
+        raise ManifestError(str(e.args[0])) from None
+    params = inspect.signature(builder).parameters
+    unknown = sorted(set(options) - set(params))
+    if unknown:
+        raise ManifestError(f"{fmt}: unknown option(s) {unknown}; accepted: {', '.join(params)}")
+    required = [n for n, p in params.items() if p.default is inspect.Parameter.empty]
+    absent = [n for n in required if n not in options]
+    if absent:
+        raise ManifestError(f"{fmt}: missing required option(s) {absent}")
+    return builder(**options)
+
+
 def finish(
     fmt: str,
     rows: list[ManifestRow],
@@ -114,6 +139,34 @@ def find_file(directory: Path, names: Sequence[str]) -> Path | None:
     return None
 
 
+def find_split_files(
+    fmt: str,
+    folder: Path,
+    names: dict[str, Sequence[str]],
+    splits: Sequence[str] | None,
+    problems: Problems,
+    noun: str,
+) -> dict[str, Path]:
+    """The annotation file of each split in ``folder``: ``names[split]`` lists the names it may
+    have (the first found wins). ``splits`` None: every split whose file exists; otherwise
+    exactly those, a missing one being a problem (``noun`` names the file, e.g. ``CSV``).
+
+    Raises:
+        ManifestError: a split that is not a key of ``names`` (before any file is read).
+    """
+    unknown = [s for s in (splits or ()) if s not in names]
+    if unknown:
+        raise fail(fmt, f"unknown split(s) {unknown}; choose from {list(names)}")
+    found: dict[str, Path] = {}
+    for split in (splits if splits is not None else names):
+        path = find_file(folder, names[split])
+        if path is not None:
+            found[split] = path
+        elif splits is not None:
+            problems.add(f"missing {split} {noun}: none of {list(names[split])} in {str(folder)!r}")
+    return found
+
+
 def read_lines(path: Path, problems: Problems, what: str) -> Iterator[tuple[int, str]]:
     """``(line_number, stripped_text)`` of the non-empty lines of a text annotation file.
 
@@ -141,6 +194,21 @@ def read_json(path: Path, problems: Problems, what: str) -> Any | None:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         problems.add(f"{what} {str(path)!r} is not valid JSON: {e}")
         return None
+
+
+def json_entries(path: Path, problems: Problems, what: str, shape: str) -> Iterator[tuple[str, Any]]:
+    """``(where, entry)`` for each entry of a JSON file that holds a list (``where`` is
+    ``"<file name> entry <i>"``, for problems about the entry). An unreadable file, or one that
+    is not a list (``shape`` describes the objects expected, e.g. ``{id, template, ...}``), is a
+    problem and yields nothing."""
+    data = read_json(path, problems, what)
+    if data is None:
+        return
+    if not isinstance(data, list):
+        problems.add(f"{path.name}: expected a list of {shape} objects")
+        return
+    for i, entry in enumerate(data):
+        yield f"{path.name} entry {i}", entry
 
 
 def walk_videos(

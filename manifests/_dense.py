@@ -16,13 +16,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 from PIL import Image
 
-from manifests._common import Problems
+from manifests._common import Problems, read_lines
 from pipeline.errors import ManifestError
 from pipeline.fileio import atomic_write_lines
 from pipeline.manifest import ManifestRow
@@ -33,7 +34,12 @@ __all__ = [
     "DenseBuilder",
     "DenseVideo",
     "LABEL_KINDS",
+    "frame_files",
+    "frames_size",
     "image_size",
+    "match_label_files",
+    "per_frame_labelled_video",
+    "read_video_list",
     "with_video_files",
     "read_dense_manifest",
     "write_dense_manifest",
@@ -169,6 +175,117 @@ def image_size(path: Path, problems: Problems, what: str) -> tuple[int, int] | N
     except OSError as e:
         problems.add(f"unreadable {what} {str(path)!r}: {e}")
     return None
+
+
+def read_video_list(listing: Path, problems: Problems, what: str, noun: str) -> list[str]:
+    """The names of a list file (one ``noun`` per line, e.g. DAVIS's ImageSets), in order and
+    without repeats; each repeated name is a problem."""
+    names = [t for _, t in read_lines(listing, problems, what)]
+    for n, k in sorted(Counter(names).items()):
+        if k > 1:
+            problems.add(f"{noun} {n!r} is listed {k} times in {listing.name}")
+    return list(dict.fromkeys(names))
+
+
+def frame_files(
+    folder: Path, extensions: Sequence[str], vid: str, problems: Problems, what: str = "frames"
+) -> list[Path] | None:
+    """The frame images of one video (suffix in ``extensions``, hidden files skipped), sorted
+    by name; None, with a problem naming ``what``, if the folder is missing or holds none."""
+    if not folder.is_dir():
+        problems.add(f"{vid}: missing frames folder {str(folder)!r}")
+        return None
+    frames = sorted(p for p in folder.iterdir() if p.suffix.lower() in extensions and not p.name.startswith("."))
+    if not frames:
+        problems.add(f"{vid}: no {what} in {str(folder)!r}")
+    return frames or None
+
+
+def match_label_files(
+    frames: Sequence[Path], folder: Path, vid: str, problems: Problems, word: str, require_all: bool
+) -> tuple[list[int], list[str]] | None:
+    """The ``.png`` label files of one video matched to its frames by file stem:
+    ``(label_frames, labels)``, each label's index in ``frames`` and its path (sorted by name).
+
+    Problems (``word`` names a label file, e.g. ``annotation``): the folder is missing (then
+    None), a label without a frame, a first frame without a label and, if ``require_all``,
+    frames without a label.
+    """
+    if not folder.is_dir():
+        problems.add(f"{vid}: missing {word} folder {str(folder)!r}")
+        return None
+    index = {p.stem: i for i, p in enumerate(frames)}
+    label_frames: list[int] = []
+    labels: list[str] = []
+    for a in sorted(p for p in folder.iterdir() if p.suffix.lower() == ".png" and not p.name.startswith(".")):
+        if a.stem not in index:
+            problems.add(f"{vid}: {word} {a.name} has no frame {a.stem}.jpg")
+            continue
+        label_frames.append(index[a.stem])
+        labels.append(str(a))
+    if 0 not in label_frames:
+        problems.add(f"{vid}: the first frame {frames[0].name} has no {word} {frames[0].stem}.png")
+    if require_all:
+        have = set(label_frames)
+        missing = [frames[i].name for i in range(len(frames)) if i not in have]
+        if missing:
+            shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+            problems.add(f"{vid}: {len(missing)} frame(s) without {word} ({shown})")
+    return label_frames, labels
+
+
+def frames_size(
+    frames: Sequence[Path], vid: str, problems: Problems, labels: Sequence[str] = (), word: str = "label"
+) -> tuple[int, int]:
+    """The ``(height, width)`` in pixels all ``frames`` share, read from their headers, and
+    that every label image in ``labels`` must have too (``word`` names one in problems);
+    ``(0, 0)`` if the frames differ in size (a problem) or none could be read."""
+    distinct = {s for s in (image_size(f, problems, f"{vid} frame") for f in frames) if s is not None}
+    if len(distinct) > 1:
+        problems.add(f"{vid}: frames differ in size: {sorted(distinct)}")
+        return (0, 0)
+    if not distinct:
+        return (0, 0)
+    size = distinct.pop()
+    for lab in labels:
+        s = image_size(Path(lab), problems, f"{vid} {word}")
+        if s is not None and s != size:
+            problems.add(f"{vid}: {word} {Path(lab).name} is {s[1]}x{s[0]}, its frame {size[1]}x{size[0]}")
+    return size
+
+
+def per_frame_labelled_video(
+    video_id: str,
+    split: str,
+    frame_dir: Path,
+    label_dir: Path,
+    *,
+    label_kind: str,
+    word: str,
+    require_all: bool,
+    check_sizes: bool,
+    problems: Problems,
+) -> DenseVideo | None:
+    """A video of ``.jpg`` frames in ``frame_dir`` with one ``.png`` label per labelled frame in
+    ``label_dir`` (same file stem), as DAVIS and VIP ship them: :func:`frame_files`,
+    :func:`match_label_files` and, with ``check_sizes``, :func:`frames_size`. None (with
+    problems) when a folder is missing or holds no frames."""
+    frames = frame_files(frame_dir, (".jpg",), video_id, problems, ".jpg frames")
+    if frames is None:
+        return None
+    matched = match_label_files(frames, label_dir, video_id, problems, word, require_all)
+    if matched is None:
+        return None
+    label_frames, labels = matched
+    return DenseVideo(
+        video_id=video_id,
+        split=split,
+        frames=tuple(str(f) for f in frames),
+        labels=tuple(labels),
+        label_frames=tuple(label_frames),
+        label_kind=label_kind,
+        size=frames_size(frames, video_id, problems, labels, word) if check_sizes else (0, 0),
+    )
 
 
 #: video file suffixes :func:`with_video_files` looks for

@@ -16,11 +16,10 @@ sizes that disagree) are reported together.
 from __future__ import annotations
 
 import os
-from collections import Counter
 from pathlib import Path
 
-from manifests._common import Problems, abs_dir, fail, finish, read_lines
-from manifests._dense import DENSE_BUILDERS, DenseVideo, image_size
+from manifests._common import Problems, abs_dir, fail, finish
+from manifests._dense import DENSE_BUILDERS, DenseVideo, per_frame_labelled_video, read_video_list
 
 SPLITS = ("train", "val", "test-dev", "test-challenge")
 #: Splits whose every frame is annotated.
@@ -55,12 +54,8 @@ def build_davis2017(
     problems = Problems()
     hint = "check that --davis is the DAVIS folder holding ImageSets/, JPEGImages/ and Annotations/"
     listing = root_p / "ImageSets" / "2017" / f"{split}.txt"
-    names = [t for _, t in read_lines(listing, problems, "DAVIS sequence list")]
-    for n, k in sorted(Counter(names).items()):
-        if k > 1:
-            problems.add(f"sequence {n!r} is listed {k} times in {listing.name}")
     videos: list[DenseVideo] = []
-    for seq in dict.fromkeys(names):
+    for seq in read_video_list(listing, problems, "DAVIS sequence list", "sequence"):
         v = _sequence(root_p, seq, split, resolution, check_sizes, problems)
         if v is not None:
             videos.append(v)
@@ -75,54 +70,7 @@ def _finish(videos: list[DenseVideo], problems: Problems, source: str, hint: str
 def _sequence(
     root: Path, seq: str, split: str, resolution: str, check_sizes: bool, problems: Problems
 ) -> DenseVideo | None:
-    img_dir = root / "JPEGImages" / resolution / seq
-    ann_dir = root / "Annotations" / resolution / seq
-    if not img_dir.is_dir():
-        problems.add(f"{seq}: missing frames folder {str(img_dir)!r}")
-        return None
-    frames = sorted(p for p in img_dir.iterdir() if p.suffix.lower() == ".jpg" and not p.name.startswith("."))
-    if not frames:
-        problems.add(f"{seq}: no .jpg frames in {str(img_dir)!r}")
-        return None
-    if not ann_dir.is_dir():
-        problems.add(f"{seq}: missing annotation folder {str(ann_dir)!r}")
-        return None
-    anns = sorted(p for p in ann_dir.iterdir() if p.suffix.lower() == ".png" and not p.name.startswith("."))
-    index = {p.stem: i for i, p in enumerate(frames)}
-    label_frames: list[int] = []
-    labels: list[str] = []
-    for a in anns:
-        if a.stem not in index:
-            problems.add(f"{seq}: annotation {a.name} has no frame {a.stem}.jpg")
-            continue
-        label_frames.append(index[a.stem])
-        labels.append(str(a))
-    if 0 not in label_frames:
-        problems.add(f"{seq}: the first frame {frames[0].name} has no annotation {frames[0].stem}.png")
-    if split in FULLY_ANNOTATED:
-        missing = [frames[i].name for i in range(len(frames)) if i not in set(label_frames)]
-        if missing:
-            shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
-            problems.add(f"{seq}: {len(missing)} frame(s) without annotation ({shown})")
-    size = (0, 0)
-    if check_sizes:
-        sizes = {f.name: image_size(f, problems, f"{seq} frame") for f in frames}
-        distinct = {s for s in sizes.values() if s is not None}
-        if len(distinct) > 1:
-            problems.add(f"{seq}: frames differ in size: {sorted(distinct)}")
-        elif distinct:
-            size = distinct.pop()
-            for i, lab in zip(label_frames, labels):
-                s = image_size(Path(lab), problems, f"{seq} annotation")
-                if s is not None and s != size:
-                    problems.add(f"{seq}: annotation {Path(lab).name} is {s[1]}x{s[0]}, its frame {size[1]}x{size[0]}")
-    return DenseVideo(
-        video_id=seq,
-        split=split,
-        frames=tuple(str(f) for f in frames),
-        labels=tuple(labels),
-        label_frames=tuple(label_frames),
-        label_kind="davis-objects",
-        size=size,
-    )
-
+    return per_frame_labelled_video(
+        seq, split, root / "JPEGImages" / resolution / seq, root / "Annotations" / resolution / seq,
+        label_kind="davis-objects", word="annotation", require_all=split in FULLY_ANNOTATED,
+        check_sizes=check_sizes, problems=problems)

@@ -11,9 +11,9 @@ Formats: ``davis2017`` (:mod:`manifests.davis`), ``jhmdb`` (:mod:`manifests.jhmd
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
+from manifests._common import run_builder
 from manifests._dense import (
     DENSE_BUILDERS,
     LABEL_KINDS,
@@ -22,7 +22,6 @@ from manifests._dense import (
     with_video_files,
     write_dense_manifest,
 )
-from pipeline.errors import ManifestError
 
 # Importing the format modules registers their builders.
 from manifests import davis, jhmdb, vip  # noqa: E402,F401  (imported for registration)
@@ -42,11 +41,7 @@ def build_dense(fmt: str, **options: Any) -> list[DenseVideo]:
     """Build the videos of dense format ``fmt`` with the builder's keyword ``options``.
 
     Raises:
-        ManifestError: unknown format or option, or every problem found in the data.
+        ManifestError: unknown format or option, missing option, or every problem found in
+            the data.
     """
-    builder = DENSE_BUILDERS.get(fmt)
-    params = inspect.signature(builder).parameters
-    unknown = sorted(set(options) - set(params))
-    if unknown:
-        raise ManifestError(f"{fmt}: unknown option(s) {unknown}; accepted: {', '.join(params)}")
-    return builder(**options)
+    return run_builder(DENSE_BUILDERS, fmt, options)

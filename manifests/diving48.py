@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from manifests._common import BUILDERS, Problems, abs_dir, fail, finish, read_json, sort_rows
+from manifests._common import BUILDERS, Problems, abs_dir, fail, finish, json_entries, read_json, sort_rows
 from pipeline.manifest import ManifestRow
 
 FILE_TEMPLATE = "Diving48_V2_{split}.json"
@@ -79,15 +79,8 @@ def build_diving48(
 
     rows: list[ManifestRow] = []
     for split in splits:
-        name = file_template.format(split=split)
-        data = read_json(ann / name, problems, f"Diving48 {split} file")
-        if data is None:
-            continue
-        if not isinstance(data, list):
-            problems.add(f"{name}: expected a list of {{vid_name, label, ...}} objects")
-            continue
-        for i, entry in enumerate(data):
-            where = f"{name} entry {i}"
+        path = ann / file_template.format(split=split)
+        for where, entry in json_entries(path, problems, f"Diving48 {split} file", "{vid_name, label, ...}"):
             if not isinstance(entry, dict) or not isinstance(entry.get("vid_name"), str):
                 problems.add(f"{where}: expected an object with a 'vid_name' string, got {entry!r}")
                 continue

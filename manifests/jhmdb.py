@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from manifests._common import Problems, abs_dir, fail, finish, read_lines
-from manifests._dense import DENSE_BUILDERS, DenseVideo, image_size
+from manifests._dense import DENSE_BUILDERS, DenseVideo, frame_files, frames_size
 from manifests.hmdb51 import CODES, SPLIT_FILE, SPLIT_NUMBERS
 from manifests.matfile import MatFileError, read_mat
 
@@ -93,14 +93,9 @@ def build_jhmdb(
 
 def _video(root: Path, cls: str, name: str, split: str, check_sizes: bool, problems: Problems) -> DenseVideo | None:
     vid = f"{cls}/{name}"
-    img_dir = root / "Rename_Images" / cls / name
     mat = root / "joint_positions" / cls / name / "joint_positions.mat"
-    if not img_dir.is_dir():
-        problems.add(f"{vid}: missing frames folder {str(img_dir)!r}")
-        return None
-    frames = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in FRAME_EXTENSIONS and not p.name.startswith("."))
-    if not frames:
-        problems.add(f"{vid}: no frames in {str(img_dir)!r}")
+    frames = frame_files(root / "Rename_Images" / cls / name, FRAME_EXTENSIONS, vid, problems)
+    if frames is None:
         return None
     try:
         joints = read_joints(mat)
@@ -111,13 +106,7 @@ def _video(root: Path, cls: str, name: str, split: str, check_sizes: bool, probl
         problems.add(f"{vid}: {mat.name} has joints for {joints.shape[0]} frames, the folder holds {len(frames)}")
     if joints.shape[1] != NUM_JOINTS:
         problems.add(f"{vid}: {mat.name} has {joints.shape[1]} joints, JHMDB has {NUM_JOINTS}")
-    size = (0, 0)
-    if check_sizes:
-        distinct = {s for s in (image_size(f, problems, f"{vid} frame") for f in frames) if s is not None}
-        if len(distinct) > 1:
-            problems.add(f"{vid}: frames differ in size: {sorted(distinct)}")
-        elif distinct:
-            size = distinct.pop()
+    size = frames_size(frames, vid, problems) if check_sizes else (0, 0)
     return DenseVideo(
         video_id=vid,
         split=split,

@@ -29,7 +29,7 @@ from manifests._common import (
     Problems,
     abs_dir,
     fail,
-    find_file,
+    find_split_files,
     finish,
     resolve_classes,
     sort_rows,
@@ -166,9 +166,6 @@ def build_kinetics400(
     """
     if layout not in LAYOUTS:
         raise fail("kinetics400", f"unknown layout {layout!r}; choose one of {LAYOUTS.names()}")
-    unknown_splits = [s for s in (splits or ()) if s not in SPLIT_FILES]
-    if unknown_splits:
-        raise fail("kinetics400", f"unknown split(s) {unknown_splits}; choose from {list(SPLIT_FILES)}")
     candidates = LAYOUTS.get(layout)
     root_p, ann = abs_dir(root), abs_dir(annotations)
     problems = Problems()
@@ -176,13 +173,7 @@ def build_kinetics400(
         "" if allow_missing else "; or pass allow_missing=True (--allow-missing) to drop missing videos"
     )
 
-    csv_paths: dict[str, Path] = {}
-    for split in (splits if splits is not None else SPLIT_FILES):
-        found = find_file(ann, SPLIT_FILES[split])
-        if found is not None:
-            csv_paths[split] = found
-        elif splits is not None:
-            problems.add(f"missing {split} CSV: none of {list(SPLIT_FILES[split])} in {str(ann)!r}")
+    csv_paths = find_split_files("kinetics400", ann, SPLIT_FILES, splits, problems, "CSV")
     if splits is None and not csv_paths:
         problems.add(f"no Kinetics CSV ({', '.join(n for v in SPLIT_FILES.values() for n in v)}) in {str(ann)!r}")
     entries = {split: _read_csv(p, problems) for split, p in csv_paths.items()}

@@ -24,9 +24,10 @@ from manifests._common import (
     BUILDERS,
     Problems,
     abs_dir,
-    fail,
     find_file,
+    find_split_files,
     finish,
+    json_entries,
     read_json,
     sort_rows,
 )
@@ -83,20 +84,11 @@ def build_ssv2(
         ManifestError: listing every malformed entry, unknown template, duplicate id and
             missing video.
     """
-    unknown_splits = [s for s in (splits or ()) if s not in SPLIT_FILES]
-    if unknown_splits:
-        raise fail("ssv2", f"unknown split(s) {unknown_splits}; choose from {list(SPLIT_FILES)}")
     root_p, ann = abs_dir(root), abs_dir(annotations)
     problems = Problems()
     hint = "check that --annotations is the SSv2 labels/ folder and --root the video folder"
 
-    files = {}
-    for split in (splits if splits is not None else SPLIT_FILES):
-        found = find_file(ann, SPLIT_FILES[split])
-        if found is not None:
-            files[split] = found
-        elif splits is not None:
-            problems.add(f"missing {split} file: none of {list(SPLIT_FILES[split])} in {str(ann)!r}")
+    files = find_split_files("ssv2", ann, SPLIT_FILES, splits, problems, "file")
     if not files and splits is None:
         problems.add(f"no SSv2 split file (train.json, validation.json, test.json) in {str(ann)!r}")
 
@@ -116,14 +108,7 @@ def build_ssv2(
 
     rows: list[ManifestRow] = []
     for split, path in files.items():
-        data = read_json(path, problems, f"SSv2 {split} file")
-        if data is None:
-            continue
-        if not isinstance(data, list):
-            problems.add(f"{path.name}: expected a list of {{id, template, ...}} objects")
-            continue
-        for i, entry in enumerate(data):
-            where = f"{path.name} entry {i}"
+        for where, entry in json_entries(path, problems, f"SSv2 {split} file", "{id, template, ...}"):
             if not isinstance(entry, dict) or not isinstance(entry.get("id"), (str, int)):
                 problems.add(f"{where}: expected an object with an 'id', got {entry!r}")
                 continue

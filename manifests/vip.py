@@ -14,11 +14,10 @@ that disagree) are reported together.
 from __future__ import annotations
 
 import os
-from collections import Counter
 from pathlib import Path
 
-from manifests._common import Problems, abs_dir, fail, finish, read_lines
-from manifests._dense import DENSE_BUILDERS, DenseVideo, image_size
+from manifests._common import Problems, abs_dir, fail, finish
+from manifests._dense import DENSE_BUILDERS, DenseVideo, per_frame_labelled_video, read_video_list
 
 #: Part classes of VIP including background (ids 0..19).
 NUM_CLASSES = 20
@@ -54,12 +53,8 @@ def build_vip(
     problems = Problems()
     hint = "check that --vip is the VIP_Fine folder holding lists/, Images/ and Annotations/Category_ids/"
     listing = root_p / "lists" / f"{split}_videos.txt"
-    names = [t for _, t in read_lines(listing, problems, "VIP video list")]
-    for n, k in sorted(Counter(names).items()):
-        if k > 1:
-            problems.add(f"video {n!r} is listed {k} times in {listing.name}")
     videos = []
-    for name in dict.fromkeys(names):
+    for name in read_video_list(listing, problems, "VIP video list", "video"):
         v = _video(root_p, name, split, require_all_labels, check_sizes, problems)
         if v is not None:
             videos.append(v)
@@ -70,51 +65,6 @@ def build_vip(
 def _video(
     root: Path, name: str, split: str, require_all: bool, check_sizes: bool, problems: Problems
 ) -> DenseVideo | None:
-    img_dir = root / "Images" / name
-    ann_dir = root / "Annotations" / "Category_ids" / name
-    if not img_dir.is_dir():
-        problems.add(f"{name}: missing frames folder {str(img_dir)!r}")
-        return None
-    frames = sorted(p for p in img_dir.iterdir() if p.suffix.lower() == ".jpg" and not p.name.startswith("."))
-    if not frames:
-        problems.add(f"{name}: no .jpg frames in {str(img_dir)!r}")
-        return None
-    if not ann_dir.is_dir():
-        problems.add(f"{name}: missing label folder {str(ann_dir)!r}")
-        return None
-    index = {p.stem: i for i, p in enumerate(frames)}
-    label_frames, labels = [], []
-    for a in sorted(p for p in ann_dir.iterdir() if p.suffix.lower() == ".png"):
-        if a.stem not in index:
-            problems.add(f"{name}: label {a.name} has no frame {a.stem}.jpg")
-            continue
-        label_frames.append(index[a.stem])
-        labels.append(str(a))
-    if 0 not in label_frames:
-        problems.add(f"{name}: the first frame {frames[0].name} has no label {frames[0].stem}.png")
-    if require_all:
-        have = set(label_frames)
-        missing = [frames[i].name for i in range(len(frames)) if i not in have]
-        if missing:
-            shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
-            problems.add(f"{name}: {len(missing)} frame(s) without label ({shown})")
-    size = (0, 0)
-    if check_sizes:
-        distinct = {s for s in (image_size(f, problems, f"{name} frame") for f in frames) if s is not None}
-        if len(distinct) > 1:
-            problems.add(f"{name}: frames differ in size: {sorted(distinct)}")
-        elif distinct:
-            size = distinct.pop()
-            for lab in labels:
-                s = image_size(Path(lab), problems, f"{name} label")
-                if s is not None and s != size:
-                    problems.add(f"{name}: label {Path(lab).name} is {s[1]}x{s[0]}, its frame {size[1]}x{size[0]}")
-    return DenseVideo(
-        video_id=name,
-        split=split,
-        frames=tuple(str(f) for f in frames),
-        labels=tuple(labels),
-        label_frames=tuple(label_frames),
-        label_kind="vip-parts",
-        size=size,
-    )
+    return per_frame_labelled_video(
+        name, split, root / "Images" / name, root / "Annotations" / "Category_ids" / name,
+        label_kind="vip-parts", word="label", require_all=require_all, check_sizes=check_sizes, problems=problems)

@@ -41,6 +41,15 @@ class Registry(Generic[T]):
 
         return deco
 
+    def register_named(self, name: str) -> Callable[[T], T]:
+        """Class decorator: register the class under ``name`` and set its ``name`` attribute to it."""
+
+        def deco(cls: T) -> T:
+            cls.name = name  # type: ignore[attr-defined]
+            return self.register(name)(cls)
+
+        return deco
+
     def add(self, name: str, obj: T) -> None:
         self.register(name)(obj)
 

@@ -1,8 +1,10 @@
-"""Shared pytest fixtures for tests that need videos (real files written with PyAV)."""
+"""Shared pytest fixtures: real videos (written with PyAV), the default tiny feature store,
+one torch thread, an S3 server."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import pytest
@@ -36,16 +38,42 @@ def lossless_clip(tmp_path: Path) -> Clip:
     return Clip(make_lossless_video(tmp_path / "lossless.mp4", frames, 30), frames, 30)
 
 
+@contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    import torch  # lazy: most test modules never import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 @pytest.fixture
 def one_torch_thread():
     """Run the test on one torch intra-op thread and restore the caller's count afterwards
     (training results depend on the thread count; see docs/demo.md, Reproducibility)."""
-    import torch
+    with _one_torch_thread():
+        yield
 
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+
+@pytest.fixture(scope="module")
+def one_torch_thread_per_module():
+    """:func:`one_torch_thread` for a whole module, its module-scoped fixtures included (on the
+    shared 2-core machine one thread also halves CPU time: no spin contention)."""
+    with _one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory):
+    """The default tiny synthetic store of the stage-2 tests (``tests.stores``): 3 classes,
+    8 train and 4 test videos of 20..40 frames, 2 x 2 x 16 float32 tokens; one per module.
+    A module that needs another store defines its own ``store`` fixture."""
+    from tests.stores import write_synthetic_store  # lazy: most test modules never read a store
+
+    return write_synthetic_store(tmp_path_factory.mktemp("store") / "s.zarr", num_classes=3)
 
 
 @pytest.fixture(scope="session")

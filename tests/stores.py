@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -82,6 +82,26 @@ def ramp_features(grid: tuple[int, int] = (2, 2), channels: int = 16, noise: flo
         return np.broadcast_to(x, (length, *grid, channels)).astype(np.float32)
 
     return make
+
+
+#: The tiny model and clips of the stage-2 tests, as config overrides (on the default store,
+#: 8 train videos at 2 per step: 4 steps per epoch); a module adds what it varies
+#: (``test.num_clips``, epochs, seeds, ...).
+TINY_TRAIN = (
+    "model.tmm.in_channels=16", "model.tmm.hidden=8", "model.tmm.out_channels=16", "model.mlp_dim=16",
+    "prp.num_frames=4", "prp.clips_per_video=2", "clip.num_frames=4", "clip.stride=2",
+    "test.num_frames=4", "test.stride=2",
+    "optim.batch_size=2", "optim.warmup_epochs=1", "data.workers=0", "log_every=1", "checkpoint_every=1",
+)
+
+
+def train_config(task: str, store: SynthStore | str | Path, run_dir: str | Path, *overrides: str) -> Any:
+    """The resolved stage-2 config of ``task`` (``train.config.resolve_train_config``, no file)
+    training on ``store`` into ``run_dir`` with the given ``key=value`` overrides."""
+    from train.config import resolve_train_config  # lazy: store-only tests do not import torch
+
+    path = store.path if isinstance(store, SynthStore) else store
+    return resolve_train_config(task, None, None, [f'data.store="{path}"', f'run_dir="{run_dir}"', *overrides])
 
 
 def write_synthetic_store(

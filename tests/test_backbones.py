@@ -45,13 +45,7 @@ EXPECTED = {
 _CACHE: dict[str, Backbone] = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on the shared 2-core machine this halves CPU time (no spin contention)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 
 def random_backbone(name: str) -> Backbone:

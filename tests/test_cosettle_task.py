@@ -16,7 +16,7 @@ from extract.runner import run_extract
 from pipeline.errors import ConfigMismatchError
 from pipeline.manifest import ManifestRow, write_manifest
 from pipeline.store import open_store
-from tests.stores import make_real_store, write_synthetic_store
+from tests.stores import make_real_store, train_config, write_synthetic_store
 from tests.videos import make_lossless_video, pattern_frames
 from train.config import resolve_train_config
 from train.cosettle_data import CosettleDataError, CosettleDataset, sample_pair
@@ -51,7 +51,7 @@ def pea_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _cfg(store: Path, run: Path, *extra: str):
-    return resolve_train_config("cosettle", None, None, [f'data.store="{store}"', f'run_dir="{run}"', *TINY, *extra])
+    return train_config("cosettle", store, run, *TINY, *extra)
 
 
 def _ckpt(path: Path) -> dict:

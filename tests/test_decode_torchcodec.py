@@ -38,6 +38,9 @@ CASES = [  # (clip, geometry, kwargs, native size: no scaling)
     ("h264", Geometry(size=48), dict(fps=12.0, start=0.9, end=2.6), True),  # 64x48: crop only
     ("h264", Geometry(size=48), dict(fps=45.0, min_frames=3), True),
     ("h264", Geometry(size=32), dict(fps=10.0), False),  # scaled to 43x32, then cropped
+    # the whole short-side-scaled frame (test videos with 3 test crops): the same rule in both decoders
+    ("h264", Geometry(size=48, mode="short_side"), dict(fps=12.0), True),  # 64x48 as it is
+    ("h264", Geometry(size=32, mode="short_side"), dict(fps=10.0), False),  # 43x32, not cropped
 ]
 
 

@@ -2,6 +2,7 @@
 its reproducibility: the same seed gives the same weights (docs/demo.md, "Reproducibility")."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,28 +14,44 @@ from extract.weights import mobilenet_checkpoint
 from tests.stores import write_synthetic_store
 
 
-def test_demo_training_gives_equal_weights_with_pinned_threads(tmp_path: Path) -> None:
-    """Two demo trainings of the same run (the synth-motion config, 4x4x1280 features) end with
-    ``torch.equal`` weights and equal test logits, and run on ``train_threads`` threads whatever
-    the caller's count (a different count gives different float reductions in the backward)."""
-    from freezeframe.demo.advise import DemoConfig, DemoRun, _train_run
+def test_demo_training_is_the_same_alone_or_side_by_side(tmp_path: Path) -> None:
+    """The demo's runs (the synth-motion config, 4x4x1280 features) end with ``torch.equal``
+    weights and equal test logits whether they train one after another in this process or side
+    by side in worker processes, and on ``train_threads`` threads whatever the caller's count (a
+    different count gives different float reductions in the backward). A run that starts from
+    another (``init``) is chained after it."""
+    from freezeframe.demo.advise import DemoConfig, DemoRun, _plan_training
+    from train.runpool import train_chains
 
     store = write_synthetic_store(tmp_path / "s.zarr", splits={"train": 16, "test": 4}, num_classes=4,
                                   lengths=(16, 24), grid=(4, 4), channels=1280)
-    cfg = DemoConfig(finetune_epochs=3, train_threads=2)
-    run = DemoRun("tmm-kt3-scratch", "finetune", "tmm", 3)
+    cfg = DemoConfig(pretrain_epochs=1, finetune_epochs=2, seeds=2, train_threads=1, runs=(
+        DemoRun("prp-kt3", "prp", "tmm", 3, seeded=False), DemoRun("tmm-kt3-scratch", "finetune", "tmm", 3),
+        DemoRun("tmm-kt3-prp", "finetune", "tmm", 3, init="prp-kt3", seeded=False)))
+    cfg = dataclasses.replace(cfg, synth=dataclasses.replace(cfg.synth, tasks=("motion",)))
+    dirs = {}
     before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the caller's count must not reach the training
+    torch.set_num_threads(2)  # the caller's count must not reach the training
     try:
-        dirs = [_train_run(run, "motion", store.path, tmp_path / f"runs{k}", cfg, Console(quiet=True)) for k in (0, 1)]
-        assert torch.get_num_threads() == 1  # restored afterwards
+        for workers in (1, 2):
+            chains, run_dirs = _plan_training(cfg, {"motion": store.path}, tmp_path / f"runs{workers}")
+            assert [[Path(c.run_dir).name for c in chain] for chain in chains] == [
+                ["prp-kt3", "tmm-kt3-prp"], ["tmm-kt3-scratch"], ["tmm-kt3-scratch-s1"]]
+            train_chains(chains, workers=workers, threads=cfg.train_threads, console=Console(quiet=True))
+            assert torch.get_num_threads() == 2  # restored afterwards
+            dirs[workers] = [d for ds in run_dirs["motion"].values() for d in ds]
+            assert _plan_training(cfg, {"motion": store.path}, tmp_path / f"runs{workers}")[0] == []  # all done
     finally:
         torch.set_num_threads(before)
-    a, b = (torch.load(d / "checkpoints" / "final.pt", map_location="cpu", weights_only=True)["model"] for d in dirs)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert [json.loads((d / "provenance.json").read_text())["torch_threads"] for d in dirs] == [2, 2]
-    ea, eb = (json.loads((d / "eval.json").read_text()) for d in dirs)
-    assert ea == eb
+    assert [d.name for d in dirs[1]] == ["tmm-kt3-scratch", "tmm-kt3-scratch-s1", "tmm-kt3-prp"]
+    assert (tmp_path / "runs2" / "motion" / "tmm-kt3-prp.log").stat().st_size > 0  # worker logs
+    for one, two in zip(dirs[1], dirs[2]):
+        a, b = (torch.load(d / "checkpoints" / "final.pt", map_location="cpu", weights_only=True)["model"]
+                for d in (one, two))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert [json.loads((d / "provenance.json").read_text())["torch_threads"] for d in (one, two)] == [1, 1]
+        assert json.loads((one / "eval.json").read_text()) == json.loads((two / "eval.json").read_text())
+    assert json.loads((dirs[1][0] / "eval.json").read_text()) != json.loads((dirs[1][1] / "eval.json").read_text())
 
 
 @pytest.mark.slow

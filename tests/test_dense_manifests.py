@@ -97,6 +97,10 @@ def test_davis_bad_options_and_missing_list(tmp_path):
         build_dense("davis2017", root=tmp_path, split="dev")
     with pytest.raises(ManifestError, match="unknown option"):
         build_dense("davis2017", root=tmp_path, year=2017)
+    with pytest.raises(ManifestError, match=r"davis2017: missing required option\(s\) \['root'\]"):
+        build_dense("davis2017", split="val")  # the same option check as build_manifest
+    with pytest.raises(ManifestError, match="unknown dense benchmark format 'davis'; choose one of: davis2017, jhmdb, vip"):
+        build_dense("davis", root=tmp_path)
     assert any("missing DAVIS sequence list" in p for p in problems_of("davis2017", root=tmp_path))
 
 

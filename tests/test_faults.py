@@ -115,13 +115,27 @@ def test_worker_killed_mid_message_is_retried_and_the_video_is_exact(videos: dic
 
 
 def test_a_worker_stuck_in_its_start_up_is_replaced(videos: dict[str, Path]) -> None:
-    """Start-up (imports) is not charged to the video, but is bounded by ``startup_s``."""
+    """Start-up (imports) is not charged to the video, but is bounded by ``startup_s``.
+
+    The test controls both sides, so machine load cannot decide the outcome: the first worker
+    is stopped (SIGSTOP) before it can say it is ready, and its start-up clock is set back by
+    ``startup_s`` (as if it had been starting for that long); the limit itself is generous, so
+    the fresh worker, which really imports torch, is never replaced however loaded the machine
+    is. ``timeout_s`` is far larger still: a replacement within ``startup_s`` can only come from
+    the start-up check, not from the decode timeout."""
     kwargs = dict(geometry=Geometry(size=32), fps=None, chunk_size=8, threads=1, min_frames=1)
-    with DecodePool(1, kwargs, timeout_s=30.0, startup_s=2.0) as pool:
-        stuck = pool.workers[0].pid
+    startup_s, timeout_s = 120.0, 600.0
+    with DecodePool(1, kwargs, timeout_s=timeout_s, startup_s=startup_s) as pool:
+        first = pool.workers[0]
+        stuck = first.pid
         os.kill(stuck, signal.SIGSTOP)
+        assert not first.inbox.conn.poll(0), "the worker said it was ready before it was stopped"
+        first.started -= startup_s  # its start-up has now taken startup_s, and it is stuck
+        t0 = time.monotonic()
         events = list(pool.run([DecodeJob(0, "short", str(videos["short"]))]))
-        assert pool.workers[0].pid != stuck
+        elapsed = time.monotonic() - t0
+        assert pool.workers[0].pid != stuck and pool.workers[0].ready
+    assert elapsed < startup_s < timeout_s  # replaced by the start-up check; the fresh worker was not
     assert isinstance(events[-1], DoneEvent)
     np.testing.assert_array_equal(collect(events, 0)[0], decode_all(videos["short"], **kwargs).frames)
 

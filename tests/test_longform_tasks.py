@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from pipeline.store import open_store
-from tests.stores import SynthStore, write_synthetic_store
-from train.config import resolve_train_config
+from tests.stores import SynthStore, train_config, write_synthetic_store
 from train.loop import fit
 from train.rundir import RunDir
 from train.streams import ClipSampler, ClipSet
@@ -35,7 +34,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> SynthStore:
 
 
 def _cfg(task: str, store: SynthStore, run: Path, *extra: str):
-    return resolve_train_config(task, None, None, [f'data.store="{store.path}"', f'run_dir="{run}"', *TINY, *extra])
+    return train_config(task, store, run, *TINY, *extra)
 
 
 def _ckpt(run: Path) -> dict:

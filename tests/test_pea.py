@@ -28,12 +28,7 @@ from extract.pea import (
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 
 def _clip(size: int = 48, patch: int = 16) -> OpenClipViTBackbone:

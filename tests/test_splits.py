@@ -15,8 +15,7 @@ from pipeline.errors import ConfigMismatchError, ManifestError, StoreError
 from pipeline.manifest import read_manifest
 from pipeline.splits import SplitEntry, read_split_table, write_split_table
 from pipeline.store import open_store
-from tests.stores import SynthStore, write_synthetic_store
-from train.config import resolve_train_config
+from tests.stores import SynthStore, train_config
 from train.data import open_training_store
 from train.loop import fit
 from train.tasks import get_task
@@ -31,14 +30,8 @@ TINY = [
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> SynthStore:
-    return write_synthetic_store(tmp_path_factory.mktemp("store") / "s.zarr", num_classes=3)  # 8 train, 4 test
-
-
-def _cfg(store: SynthStore, run_dir: Path, *extra: str):
-    return resolve_train_config("finetune", None, None, [f'data.store="{store.path}"', f'run_dir="{run_dir}"',
-                                                         *TINY, *extra])
+def _cfg(store: SynthStore | Path, run_dir: Path, *extra: str):
+    return train_config("finetune", store, run_dir, *TINY, *extra)  # the default store: 8 train, 4 test
 
 
 def _fold(store: SynthStore, path: Path) -> Path:

@@ -45,8 +45,11 @@ def test_sweep_names_runs_shares_them_and_reports(tmp_path: Path) -> None:
     ]
     share = [c.run_dir for c in sweep_configs(spec, resolve_train_config, 1, 2)]
     assert share == [str(tmp_path / "runs" / "temporal_kernel=3")]  # run 1 of 3 -> job 1 of 2
-    r = CliRunner().invoke(app, ["sweep", str(tmp_path / "sweep.toml")])
+    # two points side by side in worker processes (train.runpool), one thread each
+    r = CliRunner().invoke(app, ["sweep", str(tmp_path / "sweep.toml"), "--parallel", "2", "--threads", "1"])
     assert r.exit_code == 0, r.output
+    assert "3 chains (3 runs) on 2 worker processes x 1 thread(s)" in r.output, r.output
+    assert all((tmp_path / "runs" / f"{n}.log").stat().st_size > 0 for n in ("temporal_kernel=1", "arch=avgpool"))
     names = sorted(p.name for p in (tmp_path / "runs").iterdir() if p.is_dir())
     assert names == ["arch=avgpool", "temporal_kernel=1", "temporal_kernel=3"]
     report = (tmp_path / "runs" / "report.md").read_text()

@@ -22,7 +22,7 @@ import tests.dummy_task  # noqa: F401  (registers "dummy-anchor")
 from pipeline.config import to_dict
 from pipeline.errors import ConfigError, FreezeframeError
 from pipeline.registry import RegistryError
-from tests.stores import SynthStore, write_synthetic_store
+from tests.stores import SynthStore, train_config, write_synthetic_store
 from train.config import content_of, load_train_config, resolve_train_config
 from train.data import ClipConfig
 from train.data import TestViewConfig as ViewConfig
@@ -59,7 +59,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> SynthStore:
 
 
 def _cfg(task: str, store: SynthStore, run_dir: Path, *extra: str):
-    return resolve_train_config(task, None, None, [f'data.store="{store.path}"', f'run_dir="{run_dir}"', *TINY, *extra])
+    return train_config(task, store, run_dir, *TINY, *extra)
 
 
 def _ckpt(path: Path) -> dict:

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from pipeline.errors import ConfigMismatchError, FreezeframeError
-from tests.stores import SynthStore, ramp_features, write_synthetic_store
+from tests.stores import TINY_TRAIN, SynthStore, ramp_features, write_synthetic_store, train_config
 from train.config import resolve_train_config
 from train.data import DataError
 from train.loop import fit as train
@@ -31,12 +31,7 @@ FREEZEFRAME = str(BIN / "freezeframe")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "220", "NO_COLOR": "1"}
 
 #: a tiny model and tiny clips: 8 train videos, 2 per step -> 4 steps per epoch
-TINY = [
-    "model.tmm.in_channels=16", "model.tmm.hidden=8", "model.tmm.out_channels=16", "model.mlp_dim=16",
-    "prp.num_frames=4", "prp.clips_per_video=2", "clip.num_frames=4", "clip.stride=2",
-    "test.num_clips=3", "test.num_frames=4", "test.stride=2",
-    "optim.batch_size=2", "optim.warmup_epochs=1", "data.workers=0", "log_every=1", "checkpoint_every=1",
-]
+TINY = [*TINY_TRAIN, "test.num_clips=3"]
 STEPS_PER_EPOCH = 4
 
 
@@ -44,19 +39,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> SynthStore:
-    return write_synthetic_store(tmp_path_factory.mktemp("store") / "s.zarr", num_classes=3)
-
-
-@pytest.fixture(scope="module")
-def prp_run(store: SynthStore, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished tiny PRP pretraining run (2 epochs, seed 1)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return train(_cfg("prp", store, tmp_path_factory.mktemp("prp") / "run", "optim.epochs=2", "seed=1")).run_dir
-    finally:
-        torch.set_num_threads(old)
+def prp_run(store: SynthStore, tmp_path_factory: pytest.TempPathFactory, one_torch_thread_per_module: None) -> Path:
+    """A finished tiny PRP pretraining run (2 epochs, seed 1, one torch thread)."""
+    return train(_cfg("prp", store, tmp_path_factory.mktemp("prp") / "run", "optim.epochs=2", "seed=1")).run_dir
 
 
 def _cli(args: list[str], monkeypatch: pytest.MonkeyPatch):
@@ -69,9 +54,8 @@ def _cli(args: list[str], monkeypatch: pytest.MonkeyPatch):
     return CliRunner().invoke(cli.app, args)
 
 
-def _cfg(task: str, store: SynthStore, run_dir: Path, *extra: str):
-    return resolve_train_config(task, None, None, [f'data.store="{store.path}"', f'run_dir="{run_dir}"',
-                                                   *TINY, *extra])
+def _cfg(task: str, store: SynthStore | Path, run_dir: Path, *extra: str):
+    return train_config(task, store, run_dir, *TINY, *extra)
 
 
 def _state(path: Path) -> dict[str, torch.Tensor]:

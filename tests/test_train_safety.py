@@ -15,30 +15,19 @@ import torch
 from rich.console import Console
 
 from pipeline.errors import ConfigError, ConfigMismatchError, FreezeframeError
-from tests.stores import SynthStore, indexed_features, write_synthetic_store
-from train.config import resolve_train_config
+from tests.stores import TINY_TRAIN, SynthStore, indexed_features, write_synthetic_store, train_config
 from train.data import DataError, NonFiniteFeaturesError
 from train.loop import DivergedError, fit
 from train.rundir import RunDir, RunDirError
 
-TINY = [
-    "model.tmm.in_channels=16", "model.tmm.hidden=8", "model.tmm.out_channels=16", "model.mlp_dim=16",
-    "prp.num_frames=4", "prp.clips_per_video=2", "clip.num_frames=4", "clip.stride=2",
-    "test.num_clips=2", "test.num_frames=4", "test.stride=2",
-    "optim.batch_size=2", "optim.warmup_epochs=1", "data.workers=0", "log_every=1", "checkpoint_every=1",
-]
+TINY = [*TINY_TRAIN, "test.num_clips=2"]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> SynthStore:
-    return write_synthetic_store(tmp_path_factory.mktemp("store") / "s.zarr", num_classes=3)
-
-
-def _cfg(task: str, store: Path, run_dir: Path, *extra: str):
-    return resolve_train_config(task, None, None, [f'data.store="{store}"', f'run_dir="{run_dir}"', *TINY, *extra])
+def _cfg(task: str, store: Path | Path, run_dir: Path, *extra: str):
+    return train_config(task, store, run_dir, *TINY, *extra)
 
 
 def _quiet() -> tuple[Console, io.StringIO]:

@@ -35,12 +35,10 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from pipeline.errors import FreezeframeError
 from pipeline.registry import Registry
 from pipeline.store import FeatureStore
-from train.data import ItemBatch, batch_tensor
+from train.data import DataError, ItemBatch, StoreSplit, batch_tensor
 
 __all__ = [
     "RETURN_VIEWS",
@@ -53,7 +51,7 @@ __all__ = [
 ]
 
 
-class CosettleDataError(FreezeframeError):
+class CosettleDataError(DataError):
     """The store cannot feed Co-Settle training as configured."""
 
 
@@ -194,35 +192,20 @@ def resolve_return_view(name: str, store: FeatureStore) -> str:
     )
 
 
-class CosettleDataset(Dataset):
+class CosettleDataset(StoreSplit):
     """One ``[A, B, A']`` triplet per video of ``split`` per epoch (item: see the module doc)."""
 
     def __init__(self, store: FeatureStore, split: str, return_view: str, gap_fraction: float = 0.15,
                  seed: int = 0, options: ReturnViewOptions | None = None) -> None:
-        self.store = store
-        self.video_ids = store.split_ids(split)
-        if not self.video_ids:
-            raise CosettleDataError(
-                f"split {split!r} of store {store.path} has no videos (splits present: "
-                f"{store.splits() or 'none'}); pick another split"
-            )
-        self.lengths = [store.num_frames(v) for v in self.video_ids]
+        super().__init__(store, split, seed)
         self.return_view = RETURN_VIEWS.get(resolve_return_view(return_view, store))(
             store, options or ReturnViewOptions())
         self.gap_fraction = gap_fraction
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.video_ids)
 
     def draw(self, index: int) -> tuple[tuple[int, int], Any]:
         """The item's random choices: ``((t1, t2), return-view choice)``, from ``(seed, epoch, index)``."""
-        rng = np.random.default_rng((self.seed, self.epoch, index))
-        t = sample_pair(self.lengths[index], self.gap_fraction, rng)
+        rng = self._rng(index)
+        t = sample_pair(int(self.lengths[index]), self.gap_fraction, rng)
         return t, self.return_view.choose(rng)
 
     def _batched(self) -> bool:

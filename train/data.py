@@ -24,7 +24,7 @@ from torch.utils.data import Dataset, default_collate, get_worker_info
 from pipeline.errors import FreezeframeError
 from pipeline.registry import Registry
 from pipeline.splits import read_split_table
-from pipeline.store import FeatureStore, open_store, store_status
+from pipeline.store import CROP_PREFIX, FeatureStore, decode_crops, open_store, store_status
 from train.schema import TrainConfig, raise_problems, range_problems
 from train.sampling import PRPConfig, clip_fits, prp_clips, random_clip, test_clips
 
@@ -178,8 +178,10 @@ def to_model_dtype(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 # datasets
 # --------------------------------------------------------------------------------------
-class _StoreVideos(Dataset):
-    """Base: the videos of one split, in store order."""
+class StoreSplit(Dataset):
+    """Base of the datasets over a feature store (here and ``train.cosettle_data``): the videos
+    of one split in store order, their ``lengths`` (frames), and each item's rng from
+    ``(seed, epoch, index)`` (see the module doc)."""
 
     def __init__(self, store: FeatureStore, split: str, seed: int = 0) -> None:
         self.store = store
@@ -202,6 +204,10 @@ class _StoreVideos(Dataset):
 
     def _rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng((self.seed, self.epoch, index))
+
+
+class _StoreVideos(StoreSplit):
+    """Base of the clip datasets: items read as (clip, label) batches, checked finite."""
 
     def _require_fitting_clip(self, desc: str, num_frames: int, stride: int, short_video: str, section: str) -> None:
         """Refuse a clip (``desc``, at rate 1) longer than every video when wrap-around is off."""
@@ -351,37 +357,103 @@ class ClipDataset(_StoreVideos):
         return torch.from_numpy(np.ascontiguousarray(clip)), label
 
 
+#: ``test.spatial_crops`` values: 1 (the centre crop), 3 (+ the 2 stored side crops: the
+#: 30-view test), ``auto`` (3 when the store has crops for every test video, else 1)
+SPATIAL_CROPS = (1, 3, "auto")
+
+
 @dataclass(frozen=True)
 class TestViewConfig:
-    """Test views: ``num_clips`` clips spread evenly x the spatial views the store holds (1)."""
+    """Test views: ``num_clips`` clips spread evenly x ``spatial_crops`` spatial crops per clip
+    (AdViSe: 10 x 3 = 30 views; the crops are stored at extraction, ``extract test_crops=3``)."""
 
     num_clips: int = 10
     num_frames: int = 8
     stride: int = 8
     short_video: str = "wrap"
+    spatial_crops: int | str = "auto"  # 1 | 3 | auto
 
     def __post_init__(self) -> None:
-        raise_problems(range_problems(self, at_least=[("num_clips", 1), ("num_frames", 1), ("stride", 1)]))
+        problems = range_problems(self, at_least=[("num_clips", 1), ("num_frames", 1), ("stride", 1)])
+        if isinstance(self.spatial_crops, bool) or self.spatial_crops not in SPATIAL_CROPS:
+            problems.append(f"spatial_crops must be 1, 3 or 'auto' (3 when every test video has stored crops), "
+                            f"got {self.spatial_crops!r}")
+        raise_problems(problems)
+
+
+#: where the centre crop is among a clip's spatial crops (:meth:`FeatureStore.crop_views` order)
+CENTRE_CROP = {1: 0, 3: 1}
+
+
+def resolve_spatial_crops(store: FeatureStore, video_ids: Sequence[str], asked: int | str) -> tuple[int, str]:
+    """The spatial crops per clip to test ``video_ids`` with, and why (for the eval output).
+
+    ``auto``: 3 when the store has the side crops of every one of them, else 1. ``3`` with a
+    video that has none: one :class:`DataError` listing them (what to re-extract)."""
+    if asked == 1:
+        return 1, "centre crop (test.spatial_crops=1)"
+    missing = [v for v in video_ids if not store.has_crops(v)]
+    if asked == "auto":
+        if not missing:
+            return 3, "3 crops (auto: the store has them for every test video)"
+        why = ("the store was extracted without test crops" if store.test_crops_count == 1 else
+               f"{len(missing)} of {len(video_ids)} test videos have no stored crops")
+        return 1, f"centre crop (auto: {why})"
+    if missing:
+        more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
+        raise DataError(
+            f"test.spatial_crops=3 but {len(missing)} of {len(video_ids)} test videos have no stored side crops in "
+            f"{store.path}: {', '.join(missing[:20])}{more}. Re-extract them with `--set test_crops=3` and their split "
+            "in test_crop_splits (e.g. test_crop_splits=[\"all\"] when a split table picks the test videos), or "
+            "test with test.spatial_crops=1")
+    return 3, "3 crops (test.spatial_crops=3)"
 
 
 class TestViewDataset(_StoreVideos):
-    """All test views of a video. Item: ``((V, T, H, W, C), label)``; logits are averaged over V."""
+    """All test views of a video. Item: ``((V, T, H, W, C), label)`` with ``V = clips x crops``,
+    view ``v = k * crops + c`` for clip ``k`` and spatial crop ``c`` (first side, centre, second
+    side: :data:`CENTRE_CROP`); logits are averaged over V. ``crops`` / ``crops_note``: the
+    spatial crops used and why (``test.spatial_crops``, :func:`resolve_spatial_crops`)."""
 
     __test__ = False  # not a pytest class
 
     def __init__(self, store: FeatureStore, split: str, cfg: TestViewConfig) -> None:
         super().__init__(store, split, 0)
         self.cfg = cfg
+        self.crops, self.crops_note = resolve_spatial_crops(store, self.video_ids, cfg.spatial_crops)
+
+    @property
+    def views(self) -> int:
+        """V, the views per video: clips x spatial crops."""
+        return self.cfg.num_clips * self.crops
 
     def plan(self, index: int) -> tuple[str, np.ndarray, int, None]:
         idx = test_clips(int(self.lengths[index]), self.cfg.num_clips, self.cfg.num_frames, self.cfg.stride,
-                         self.cfg.short_video)  # (V, T)
+                         self.cfg.short_video)  # (clips, T)
         return self.video_ids[index], idx, self.label(index), None
+
+    def __getitems__(self, indices: list[int]) -> list:
+        if self.crops == 1:
+            return super().__getitems__(indices)
+        return [self[i] for i in indices]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         vid, idx, label, _ = self.plan(index)
-        feats = self.frames(vid, idx.reshape(-1)).reshape(*idx.shape, *self.store.feature_shape)
-        return torch.from_numpy(np.ascontiguousarray(feats)), label
+        shape = self.store.feature_shape
+        flat = idx.reshape(-1)
+        feats = self.frames(vid, flat).reshape(*idx.shape, *shape)  # (clips, T, H, W, C)
+        if self.crops == 1:
+            return torch.from_numpy(np.ascontiguousarray(feats)), label
+        sides = self.store.stored_crops(vid, flat)
+        if self.store.dtype.extras:
+            side = decode_crops(self.store.dtype, sides)
+            feats = feats.astype(np.float32, copy=False)
+        else:
+            side = sides[CROP_PREFIX + "features"]
+        self.checked(vid, flat, side)
+        side = side.reshape(*idx.shape, 2, *shape)  # (clips, T, 2, H, W, C)
+        views = np.stack([side[:, :, 0], feats, side[:, :, 1]], axis=1)  # (clips, 3, T, H, W, C)
+        return torch.from_numpy(np.ascontiguousarray(views.reshape(-1, *views.shape[2:]))), label
 
 
 def flatten_clips(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -414,8 +486,9 @@ def open_training_store(cfg: TrainConfig) -> FeatureStore:
 
 
 def _store_bytes(store: FeatureStore) -> int:
-    """Bytes of every feature of the store."""
+    """Bytes of every feature of the store, in RAM (the side-crop arrays of a store with test
+    crops hold 2 more rows per frame, zeros for the videos without crops)."""
     h, w, c = store.feature_shape
     item = {"float16": 2, "float32": 4, "int8": 1}[store.dtype.feature_dtype]
     frames = sum(int(m["num_frames"]) for m in store.markers.values())
-    return frames * h * w * c * item
+    return frames * h * w * c * item * store.test_crops_count

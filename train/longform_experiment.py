@@ -25,10 +25,10 @@ from pipeline.config import diff_dicts, from_dict, load_toml, merge, parse_overr
 from pipeline.errors import FreezeframeError
 from pipeline.fileio import atomic_write_json, atomic_write_text
 from train.config import content_of, load_train_config, resolve_train_config
-from train.loop import fit
 from train.metrics import EvalResult
 from train.plots import ComparisonRow, plot_comparison
 from train.rundir import RunDir
+from train.runpool import train_chains
 from train.significance import paired_outcomes, wilson_interval
 from train.streams import CLIP_ORDERS
 from train.tasks import get_task
@@ -107,8 +107,8 @@ def plan_runs(exp: LongformExperiment) -> list[ExperimentRun]:
     return runs
 
 
-def _fit_or_read(cfg: Any, console: Any) -> dict[str, Any]:
-    """The run's summary: read back when the run finished earlier, else trained (or resumed) now."""
+def _refuse_other_finished(cfg: Any) -> None:
+    """Refuse a finished run directory that holds a run of another config."""
     run = RunDir(cfg.run_dir)
     if run.complete:
         diffs = diff_dicts(content_of(load_train_config(run.read_config())), content_of(cfg),
@@ -116,36 +116,50 @@ def _fit_or_read(cfg: Any, console: Any) -> dict[str, Any]:
         if diffs:
             raise FreezeframeError(f"{run.path} holds a finished run with another config; use another "
                                    "experiment.out or delete it:\n" + "\n".join(f"  - {d}" for d in diffs))
-    else:
-        fit(cfg, console)
-    summary = run.read_summary()
+
+
+def _summary(cfg: Any) -> dict[str, Any]:
+    summary = RunDir(cfg.run_dir).read_summary()
     if summary is None:
-        raise FreezeframeError(f"{run.path} has no summary.json after training")
+        raise FreezeframeError(f"{cfg.run_dir} has no summary.json after training")
     return summary
 
 
 def run_experiment(exp: LongformExperiment, console: Any = None,
-                   progress: Callable[[str], None] = lambda msg: None) -> list[ExperimentRun]:
-    """Train every run of :func:`plan_runs` (resuming unfinished ones) and write the report."""
+                   progress: Callable[[str], None] = lambda msg: None, *, workers: int = 1,
+                   threads: int = 0) -> list[ExperimentRun]:
+    """Train every run of :func:`plan_runs` (resuming unfinished ones; finished ones are read
+    back) and write the report. Each arm (pre-training + its fine-tuning) is one chain of
+    :func:`train.runpool.train_chains`: ``workers`` arms side by side (0 = as many as the cores
+    hold), each on ``threads`` torch threads (0 = the caller's count, or cores / workers)."""
     if not exp.pretrain_dataset or not exp.finetune_dataset:
         raise FreezeframeError("set experiment.pretrain_dataset and experiment.finetune_dataset "
                                "(training config names in train/configs or TOML paths)")
     pre_ds, pre_file = _where(exp.pretrain_dataset)
     ft_ds, ft_file = _where(exp.finetune_dataset)
     runs = plan_runs(exp)
+    chains: list[list[Any]] = []
     for r in runs:
-        init = '""'
+        chain, init = [], '""'
         if r.task is not None:
-            progress(f"pre-training {r.pretrain_dir}")
-            pcfg = resolve_train_config(r.task, pre_ds, pre_file, [
+            chain.append(resolve_train_config(r.task, pre_ds, pre_file, [
                 f'run_dir="{r.pretrain_dir}"', f"seed={r.seed}", f'{r.task}.stream.order="{r.order}"',
-                f"{r.task}.stream.stride_frames={r.stride}", *exp.pretrain_set])
-            r.pretrain_loss = _fit_or_read(pcfg, console).get("final_loss")
+                f"{r.task}.stream.stride_frames={r.stride}", *exp.pretrain_set]))
             init = f'"{r.pretrain_dir}"'
-        progress(f"fine-tuning {r.finetune_dir}")
-        fcfg = resolve_train_config("finetune", ft_ds, ft_file, [
-            f'run_dir="{r.finetune_dir}"', f"seed={r.seed}", f"init={init}", *exp.finetune_set])
-        summary = _fit_or_read(fcfg, console)
+        chain.append(resolve_train_config("finetune", ft_ds, ft_file, [
+            f'run_dir="{r.finetune_dir}"', f"seed={r.seed}", f"init={init}", *exp.finetune_set]))
+        chains.append(chain)
+    for cfg in (c for chain in chains for c in chain):  # every config checked before any training
+        _refuse_other_finished(cfg)
+    todo = [[c for c in chain if not RunDir(c.run_dir).complete] for chain in chains]
+    todo = [chain for chain in todo if chain]
+    for chain in todo:
+        progress("to train: " + " -> ".join(str(c.run_dir) for c in chain))
+    train_chains(todo, workers=workers, threads=threads, console=console, description="long-form runs")
+    for r, chain in zip(runs, chains):
+        if r.task is not None:
+            r.pretrain_loss = _summary(chain[0]).get("final_loss")
+        summary = _summary(chain[-1])
         r.top1, r.top5 = summary.get("top1"), summary.get("top5")
     write_report(exp, runs)
     return runs

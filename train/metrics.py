@@ -130,6 +130,11 @@ class EvalResult:
         video_ids, predictions, targets: per video (same order), the id, the predicted and the
             true class, so two runs on the same test videos can be compared pairwise (McNemar,
             ``train.significance``); empty in results written before they were recorded.
+        spatial_crops: spatial crops per clip among the ``views`` (3: the 30-view test), and
+            ``crops_note`` why (``test.spatial_crops``, e.g. "auto: ...").
+        centre_top1, centre_predictions: with ``spatial_crops`` > 1, the top-1 and per-video
+            predictions of the centre crops alone (``views / spatial_crops`` views: the 10-view
+            test), from the same logits; None / empty otherwise.
     """
 
     top1: float
@@ -142,6 +147,10 @@ class EvalResult:
     video_ids: list[str] = field(default_factory=list)
     predictions: list[int] = field(default_factory=list)
     targets: list[int] = field(default_factory=list)
+    spatial_crops: int = 1
+    crops_note: str = ""
+    centre_top1: float | None = None
+    centre_predictions: list[int] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -178,11 +187,19 @@ class EvalResult:
             video_ids=[str(v) for v in data.get("video_ids", [])],
             predictions=[int(p) for p in data.get("predictions", [])],
             targets=[int(t) for t in data.get("targets", [])],
+            spatial_crops=int(data.get("spatial_crops", 1)),
+            crops_note=str(data.get("crops_note", "")),
+            centre_top1=None if data.get("centre_top1") is None else float(data["centre_top1"]),
+            centre_predictions=[int(p) for p in data.get("centre_predictions", [])],
         )
 
     def summary(self) -> dict[str, float]:
-        """Headline numbers (fractions in [0, 1]) for metric lines and ``summary.json``."""
-        return {"top1": self.top1, "top5": self.top5}
+        """Headline numbers (fractions in [0, 1]) for metric lines and ``summary.json``
+        (``top1_centre``: the centre-crop-only top-1, with several spatial crops)."""
+        out = {"top1": self.top1, "top5": self.top5}
+        if self.centre_top1 is not None:
+            out["top1_centre"] = self.centre_top1
+        return out
 
     def save(self, path: str | Path) -> Path:
         """Write ``to_json()`` to ``path`` atomically (readers never see half a file)."""

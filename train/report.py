@@ -122,6 +122,9 @@ class RunRecord:
         dataset: stem of ``data.store`` (the feature store the run trained on).
         num_classes: ``model.num_classes``.
         complete: True when ``summary.json`` exists (the loop writes it last).
+        views, centre_top1: with the 30-view test (``test.spatial_crops`` 3), its views (``10x3``)
+            and the top-1 of the centre crops alone (the 10-view test, from the same logits);
+            ``top1`` is then the 30-view top-1. None otherwise.
         other_evals: top-1 of evaluations on another split or store (``freezeframe evaluate --split``
             / ``--store``), by their tag (e.g. ``split=val``); never mixed into ``top1``.
         config: the full resolved config (used for pairing; not shown).
@@ -146,6 +149,8 @@ class RunRecord:
     num_classes: int | None = None
     complete: bool = True
     other_evals: dict[str, float | None] = field(default_factory=dict)
+    views: str | None = None
+    centre_top1: float | None = None
     config: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -183,13 +188,16 @@ def load_run(run_dir: str | Path) -> RunRecord:
     train_lines = [m for m in metrics if m.get("kind") == "train"]
     eval_lines = [m for m in metrics if m.get("kind") == "eval"]
 
-    top1 = top5 = None
+    top1 = top5 = centre_top1 = None
+    views = None
     if eval_json is not None:
         try:
             res = EvalResult.from_json(eval_json)
         except (ValueError, TypeError, KeyError) as e:
             raise RunDirError(f"{run_dir / 'eval.json'} is invalid ({e}); re-run `freezeframe evaluate` on this run") from e
         top1, top5 = res.top1, res.top5
+        if res.centre_top1 is not None:
+            centre_top1, views = res.centre_top1, f"{res.views // res.spatial_crops}x{res.spatial_crops}"
     if top1 is None:
         top1, top5 = _as_float(summary.get("top1")), _as_float(summary.get("top5"))
     if top1 is None and eval_lines:
@@ -230,6 +238,8 @@ def load_run(run_dir: str | Path) -> RunRecord:
         num_classes=_as_int(_get(cfg, "model", "num_classes")),
         complete=run.complete,
         other_evals=other,
+        views=views,
+        centre_top1=centre_top1,
         config=cfg,
     )
 
@@ -340,21 +350,33 @@ DELTA_COLUMNS = ("dataset", "model", "seed", "scratch run", "PRP run", "PRP init
 OTHER_EVALS_COLUMN = "other evaluations (top-1 %)"
 
 
+#: shown only when a run has the 30-view test: its views and the centre-crop-only (10-view) top-1
+CROP_COLUMNS = ("views", "top-1 centre crop %")
+
+
 def _run_columns(records: Sequence[RunRecord]) -> tuple[str, ...]:
-    return RUN_COLUMNS + ((OTHER_EVALS_COLUMN,) if any(r.other_evals for r in records) else ())
+    crops = CROP_COLUMNS if _has_crops(records) else ()
+    i = RUN_COLUMNS.index("top-5 %") + 1
+    return (RUN_COLUMNS[:i] + crops + RUN_COLUMNS[i:]
+            + ((OTHER_EVALS_COLUMN,) if any(r.other_evals for r in records) else ()))
+
+
+def _has_crops(records: Sequence[RunRecord]) -> bool:
+    return any(r.centre_top1 is not None for r in records)
 
 
 def _other_evals_cell(r: RunRecord) -> str:
     return ", ".join(f"{tag}: {_pct(v)}" for tag, v in r.other_evals.items()) or "-"
 
 
-def _run_cells(r: RunRecord, deltas: Sequence[DeltaRow], other: bool = False) -> list[str]:
+def _run_cells(r: RunRecord, deltas: Sequence[DeltaRow], other: bool = False, crops: bool = False) -> list[str]:
     mine = [d for d in deltas if d.pretrained is r]
     delta = ", ".join(_pp(d.delta_acc) for d in mine) if mine else "-"
     name = r.name if r.complete else f"{r.name} (running)"
     return [
         name, r.task, r.dataset or "-", r.model_label, _int(r.blocks), r.init_label, _int(r.seed), _int(r.epochs),
-        _pct(r.top1), _pct(r.top5), delta, _loss(r.final_loss), _duration(r.seconds),
+        _pct(r.top1), _pct(r.top5), *([r.views or "-", _pct(r.centre_top1)] if crops else []),
+        delta, _loss(r.final_loss), _duration(r.seconds),
     ] + ([_other_evals_cell(r)] if other else [])
 
 
@@ -367,7 +389,8 @@ def _delta_cells(d: DeltaRow) -> list[str]:
 
 #: Run-table columns that move into the terminal table's title when every run has the same value.
 _FOLDABLE = {"dataset": "on {}", "blocks": "{} blocks", "epochs": "{} epochs"}
-_SHORT = {"top-1 %": "top-1%", "top-5 %": "top-5%", "Δ-Acc (pp)": "Δ pp", "final loss": "loss", "epochs": "ep",
+_SHORT = {"top-1 %": "top-1%", "top-5 %": "top-5%", "top-1 centre crop %": "centre%",
+          "Δ-Acc (pp)": "Δ pp", "final loss": "loss", "epochs": "ep",
           "scratch run": "scratch", "top-1 scratch %": "scratch%", "top-1 PRP %": "PRP%", "PRP init": "init"}
 
 
@@ -401,7 +424,7 @@ def render_table(records: Sequence[RunRecord], deltas: Sequence[DeltaRow] = ()) 
     runs share them.
     """
     columns = _run_columns(records)
-    rows = [_run_cells(r, deltas, len(columns) > len(RUN_COLUMNS)) for r in records]
+    rows = [_run_cells(r, deltas, OTHER_EVALS_COLUMN in columns, _has_crops(records)) for r in records]
     return _terminal_table("freezeframe runs", columns, rows, [None if r.complete else "dim" for r in records])
 
 
@@ -430,8 +453,11 @@ def _md_table(columns: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
 def render_markdown(records: Sequence[RunRecord], deltas: Sequence[DeltaRow] = ()) -> str:
     """Markdown: the run table and the Delta-Acc table (accuracies in %, Delta-Acc in percentage points)."""
     columns = _run_columns(records)
-    other = len(columns) > len(RUN_COLUMNS)
-    parts = ["## Runs", "", _md_table(columns, (_run_cells(r, deltas, other) for r in records)), ""]
+    other, crops = OTHER_EVALS_COLUMN in columns, _has_crops(records)
+    parts = ["## Runs", "", _md_table(columns, (_run_cells(r, deltas, other, crops) for r in records)), ""]
+    if crops:
+        parts += ["`top-1 %` is the test with every view (`views` = clips x spatial crops); `top-1 centre crop %` "
+                  "averages the same logits over the centre crops alone (the 10-view test).", ""]
     parts += [
         "## Δ-Acc (pretraining gain)",
         "",

@@ -127,6 +127,25 @@ class MetricsLog:
             self._tb.close()
 
 
+class _RunFile:
+    """A read-only attribute of :class:`RunDir`: the path of one of its files (or folders),
+    ``parts`` below the run directory."""
+
+    def __init__(self, *parts: str) -> None:
+        self.parts = parts
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, run: "RunDir | None", owner: type | None = None) -> Path:
+        if run is None:
+            return self  # type: ignore[return-value]  # class attribute access (introspection)
+        return run.path.joinpath(*self.parts)
+
+    def __set__(self, run: "RunDir", value: object) -> None:
+        raise AttributeError(f"RunDir.{self.name} is a fixed file name")
+
+
 class RunDir:
     """A run directory ``path`` (need not exist yet)."""
 
@@ -137,64 +156,23 @@ class RunDir:
         return f"RunDir({str(self.path)!r})"
 
     # ---- file names ---------------------------------------------------------------------
-    @property
-    def config_file(self) -> Path:
-        return self.path / "config.json"
-
-    @property
-    def provenance_file(self) -> Path:
-        return self.path / "provenance.json"
-
-    @property
-    def metrics_file(self) -> Path:
-        return self.path / "metrics.jsonl"
-
-    @property
-    def summary_file(self) -> Path:
-        return self.path / "summary.json"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.path / "checkpoints"
-
-    @property
-    def last(self) -> Path:
-        return self.checkpoints / "last.pt"
-
-    @property
-    def prev(self) -> Path:
-        return self.checkpoints / "prev.pt"
-
-    @property
-    def final(self) -> Path:
-        return self.checkpoints / "final.pt"
-
-    @property
-    def best(self) -> Path:
-        return self.checkpoints / "best.pt"
-
-    @property
-    def metrics_csv(self) -> Path:
-        return self.path / "metrics.csv"
-
-    @property
-    def safetensors_file(self) -> Path:
-        return self.path / "model.safetensors"
+    config_file = _RunFile("config.json")
+    provenance_file = _RunFile("provenance.json")
+    metrics_file = _RunFile("metrics.jsonl")
+    summary_file = _RunFile("summary.json")
+    metrics_csv = _RunFile("metrics.csv")
+    safetensors_file = _RunFile("model.safetensors")
+    lock_file = _RunFile("run.lock")
+    curves_png = _RunFile("curves.png")
+    confusion_png = _RunFile("confusion.png")
+    checkpoints = _RunFile("checkpoints")
+    last = _RunFile("checkpoints", "last.pt")
+    prev = _RunFile("checkpoints", "prev.pt")
+    final = _RunFile("checkpoints", "final.pt")
+    best = _RunFile("checkpoints", "best.pt")
 
     def snapshot(self, epoch: int) -> Path:
         return self.checkpoints / f"epoch-{epoch:04d}.pt"
-
-    @property
-    def lock_file(self) -> Path:
-        return self.path / "run.lock"
-
-    @property
-    def curves_png(self) -> Path:
-        return self.path / "curves.png"
-
-    @property
-    def confusion_png(self) -> Path:
-        return self.path / "confusion.png"
 
     def eval_file(self, name: str, tag: str | None = None) -> Path:
         """``eval-<name>.json`` (``eval.json`` for the multi-view test); with ``tag`` (an evaluation

@@ -146,6 +146,9 @@ def extract(
     videos_per_shard: Optional[int] = _opt("videos_per_shard", "Videos per store shard."),
     pea_views: Optional[int] = _opt("pea_views", "Co-Settle return views (PEA) stored per frame (open_clip and "
                                     "timm ViTs; each costs one more encoder forward)."),
+    test_crops: Optional[int] = _opt("test_crops", "Spatial test crops: 1 (centre) or 3 (left/centre/right or "
+                                     "top/centre/bottom, the 30-view test; 2 more forwards per frame of the "
+                                     "test_crop_splits videos, default split test)."),
     batch_size: Optional[int] = _opt("batch_size", "Frames per backbone forward."),
     workers: Optional[int] = _opt("workers", "Decode worker processes (0 = auto: cores - 1)."),
     threads: Optional[int] = _opt("threads", "CPU threads of the backbone (0 = this rank's cores)."),
@@ -168,7 +171,7 @@ def extract(
         manifest=manifest, store=store, backbone=backbone, weights=weights,
         random_weights=random_weights, image_size=image_size, fps=fps, geometry=geometry, dtype=dtype, codec=codec,
         spatial_pool=spatial_pool, channel_pool=channel_pool, videos_per_shard=videos_per_shard,
-        pea_views=pea_views, batch_size=batch_size, workers=workers, threads=threads, streams=streams, decode_timeout=decode_timeout,
+        pea_views=pea_views, test_crops=test_crops, batch_size=batch_size, workers=workers, threads=threads, streams=streams, decode_timeout=decode_timeout,
         device=device, shard_index=shard_index, num_shards=num_shards, retry_failed=retry_failed,
         progress=False if no_progress else None, verbose=True if verbose else None)
         + [f"storage_options.{o}" for o in storage_option] + list(set_))

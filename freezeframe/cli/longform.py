@@ -108,10 +108,13 @@ def longform_experiment(
                                 help="Experiment file ([experiment] table); default: the shipped one."),
     set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", show_default=False,
                                    help="Experiment override (e.g. 'strides=[8,16]', 'seeds=[0,1,2]')."),
+    parallel: int = typer.Option(1, help="Arms (pre-training + its fine-tuning) trained side by side, one process each "
+                             "(0 = as many as the cores hold at --threads each)."),
+    threads: int = typer.Option(0, help="Torch threads of each run (0: this process's count, or cores / --parallel)."),
 ) -> None:
     """{sequential, random} x {moco, mfm, distill} pre-training, fine-tuning, table + plot (resumable)."""
     exp = load_experiment(config, tuple(set_))
-    runs = run_experiment(exp, console, progress=lambda msg: console.log(msg))
+    runs = run_experiment(exp, console, progress=lambda msg: console.log(msg), workers=parallel, threads=threads)
     for r in runs:
         out.print(f"{r.label:32s} top-1 {'-' if r.top1 is None else f'{100 * r.top1:.1f}%'}")
     out.print(f"report: {Path(exp.out) / 'report.md'}")

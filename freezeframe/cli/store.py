@@ -57,7 +57,8 @@ def status(
         out.print(f"{escape(str(store))}: shards {st.complete_shards}/{st.planned_shards} complete ({pct:.0f}%), "
                   f"{len(st.in_progress_shards)} in progress{writing}, videos {st.videos_stored}/{st.planned_videos}, "
                   f"frames {st.frames_stored:,}, failed {st.failures}"
-                  + (f", {st.pea_views} PEA view(s) per frame" if st.pea_views else ""))
+                  + (f", {st.pea_views} PEA view(s) per frame" if st.pea_views else "")
+                  + (f", {st.videos_with_crops} video(s) with {st.test_crops} test crops" if st.test_crops > 1 else ""))
         if st.failures:
             out.print(escape(_failure_line(st.failures, st.videos_stored + st.failures, st.failure_reasons)))
         if st.damaged_markers:

@@ -25,6 +25,7 @@ from train.report import report_main
 from train.represent import measure_store
 from train.stats import tmm_stats
 from train.ablation import write_sweep_report
+from train.runpool import train_chains
 from train.sweep import expand_sweep, load_sweep, rank_device, single_process, sweep_share, sweep_units
 
 app = new_app("Stage 2: stats, pretrain, finetune, evaluate, represent, project, report, sweep.")
@@ -53,6 +54,8 @@ def _train(task: str, dataset: Optional[str], config: Optional[Path], set_: list
     msg = f"run {res.run_dir}: {res.steps} steps, final loss {res.final_loss:.4f}"
     if res.top1 is not None:
         msg += f", test top-1 {100 * res.top1:.2f}% top-5 {100 * (res.top5 or 0):.2f}%"
+    if res.evals.get("top1_centre") is not None:  # the 30-view test: the centre crops alone too
+        msg += f" (every view); centre crop only: top-1 {100 * res.evals['top1_centre']:.2f}%"
     out.print(msg)
 
 
@@ -113,8 +116,11 @@ def evaluate(
     for name, acc in zip(res.class_names, res.per_class):
         t.add_row(str(name), f"{100 * acc:.1f}%" if acc == acc else "-")
     out.print(t)
+    crops = (f": {res.views // res.spatial_crops} clips x {res.crops_note}" if res.crops_note else "")
+    centre = (f"; centre crop only ({res.views // res.spatial_crops} views): top-1 {100 * res.centre_top1:.2f}%"
+              if res.centre_top1 is not None else "")
     out.print(f"top-1 {100 * res.top1:.2f}%  top-5 {100 * res.top5:.2f}%  ({res.num_videos} videos, "
-              f"{res.views} views each); written to {ev.file}"
+              f"{res.views} views each{crops}){centre}; written to {ev.file}"
               + (f"; confusion matrix: {', '.join(map(str, ev.plots))}" if ev.plots else ""))
 
 
@@ -186,6 +192,9 @@ def sweep(
                                         "default: the world size or the array size).", show_default=False),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the runs and their overrides, train nothing."),
     report_only: bool = typer.Option(False, "--report-only", help="Only (re)write the report of the runs so far."),
+    parallel: int = typer.Option(1, help="This job's points trained side by side, one process each (0 = as many as the "
+                             "cores hold at --threads each); on a GPU keep 1 per device."),
+    threads: int = typer.Option(0, help="Torch threads of each run (0: this process's count, or cores / --parallel)."),
 ) -> None:
     """Train a grid of ablations over one store, one run directory each (reruns resume), then
     report them as the paper's ablation tables; under torchrun or a Slurm array each job trains its share."""
@@ -204,10 +213,8 @@ def sweep(
             for name, cfg in u.runs:
                 cfg.device = rank_device(cfg.device)  # this rank's GPU, not every rank on cuda:0
         with single_process():
-            for u in mine:
-                for name, cfg in u.runs:
-                    console.log(f"sweep run {cfg.run_dir}")
-                    fit(cfg, console)
+            train_chains([[cfg for _, cfg in u.runs] for u in mine], workers=parallel, threads=threads, console=console,
+                         description="sweep runs")
     unfinished = [n for n in every if not (Path(s.out) / n / "summary.json").is_file()]
     if unfinished:  # another job still trains: the last one to finish writes the report
         out.print(f"{len(unfinished)} run(s) of the sweep not finished yet (e.g. {unfinished[0]}); the report is "

@@ -24,12 +24,10 @@ import dataclasses
 import json
 import statistics
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -39,10 +37,11 @@ from extract.weights import fetch_mobilenet
 from pipeline.store import verify_store
 from synth.benchmark import SynthConfig, write_synthetic
 from train.config import resolve_train_config
-from train.loop import fit
 from train.metrics import EvalResult
 from train.plots import plot_comparison
 from train.report import compare_runs, comparison_rows
+from train.runpool import train_chains
+from train.schema import TrainConfig
 from train.significance import paired_outcomes, wilson_interval
 
 from freezeframe.demo.section import SECTIONS, DemoContext, SectionResult
@@ -83,10 +82,12 @@ class DemoConfig:
     control_epochs: int | None = 30
     seed: int = 0  # the benchmark's seed and the first training seed
     seeds: int = 3  # training seeds per seeded run: seed, seed + 1, ...
-    #: torch intra-op threads while training and evaluating: CPU float reductions (conv
-    #: backward) depend on the thread count, so a fixed count makes the table reproducible
-    #: whatever the machine's core count (docs/demo.md, "Reproducibility")
-    train_threads: int = 2
+    #: torch intra-op threads of each training run: CPU float reductions (conv backward)
+    #: depend on the thread count, so a fixed count makes the table reproducible whatever the
+    #: machine's core count (docs/demo.md, "Reproducibility")
+    train_threads: int = 1
+    #: runs trained side by side, one process each (train.runpool); 0 = cores / train_threads
+    workers: int = 0
     overrides: tuple[str, ...] = ()
     runs: tuple[DemoRun, ...] = field(default_factory=lambda: (
         # budget (issue 11: the whole demo in about 10 min on 2 cores): the claim's two arms get
@@ -166,29 +167,46 @@ def advise_section(ctx: DemoContext, cfg: DemoConfig | None = None) -> SectionRe
 
     con.rule("advise 4/4: stage 2, PRP pretraining, fine-tuning, 10-view evaluation")
     t0 = time.monotonic()
-    run_dirs: dict[str, dict[str, list[Path]]] = {}  # task -> run name -> one dir per seed
-    for task, store in stores.items():
-        run_dirs[task] = {}
-        for run in cfg.runs:
-            if task not in run.tasks:
-                continue
-            for seed in _seeds(cfg, run):
-                rd = _train_run(run, task, store, out / "runs" / task, cfg, con, seed=seed)
-                if run.task == "finetune":
-                    run_dirs[task].setdefault(run.name, []).append(rd)
+    chains, run_dirs = _plan_training(cfg, stores, out / "runs")
+    for run_dir in [d for dirs in run_dirs.values() for ds in dirs.values() for d in ds if (d / "summary.json").exists()]:
+        con.log(f"{run_dir.parent.name}/{run_dir.name}: already done")
+    train_chains(chains, workers=cfg.workers, threads=cfg.train_threads, console=con, description="advise: training runs")
     timings["train + evaluate"] = time.monotonic() - t0
     markdown, claim = _report(ctx.out, out, run_dirs, cfg)
     return SectionResult("AdViSe: TMM vs average pooling on cached MobileNetV2 features", markdown,
                          seconds=timings, claim=claim)
 
 
-def _train_run(run: DemoRun, task: str, store: Path, runs_root: Path, cfg: DemoConfig, con: Console,
-               seed: int | None = None) -> Path:
-    seed = cfg.seed if seed is None else seed
+def _plan_training(cfg: DemoConfig, stores: dict[str, Path], runs_root: Path
+                   ) -> tuple[list[list[TrainConfig]], dict[str, dict[str, list[Path]]]]:
+    """The section's unfinished runs as independent chains (a run with ``init`` follows the run
+    it starts from, in one chain), and every fine-tuning run dir by task, run name and seed."""
+    chains: list[list[TrainConfig]] = []
+    run_dirs: dict[str, dict[str, list[Path]]] = {}
+    for task, store in stores.items():
+        run_dirs[task] = {}
+        chain_of: dict[str, list[TrainConfig]] = {}  # run dir name -> the chain that trains it
+        for run in cfg.runs:
+            if task not in run.tasks:
+                continue
+            for seed in _seeds(cfg, run):
+                tcfg = _run_config(run, task, store, runs_root / task, cfg, seed)
+                if run.task == "finetune":
+                    run_dirs[task].setdefault(run.name, []).append(Path(tcfg.run_dir))
+                if (Path(tcfg.run_dir) / "summary.json").exists():
+                    continue
+                parent = chain_of.get(_run_name(run.init, seed, cfg)) if run.init else None
+                chain = parent if parent is not None else []
+                if parent is None:
+                    chains.append(chain)
+                chain.append(tcfg)
+                chain_of[Path(tcfg.run_dir).name] = chain
+    return chains, run_dirs
+
+
+def _run_config(run: DemoRun, task: str, store: Path, runs_root: Path, cfg: DemoConfig, seed: int) -> TrainConfig:
+    """The resolved training config of ``run`` on ``task`` for ``seed`` (run dir under ``runs_root``)."""
     run_dir = runs_root / _run_name(run.name, seed, cfg)
-    if (run_dir / "summary.json").exists():
-        con.log(f"{task}/{run_dir.name}: already done")
-        return run_dir
     overrides = [
         f'data.store="{store}"', f'run_dir="{run_dir}"', f'name="{task}/{run_dir.name}"', f"seed={seed}",
         f'model.arch="{run.arch}"', f"model.tmm.temporal_kernel={run.temporal_kernel}",
@@ -196,26 +214,7 @@ def _train_run(run: DemoRun, task: str, store: Path, runs_root: Path, cfg: DemoC
     ]
     init = runs_root / _run_name(run.init, seed, cfg) if run.init else None
     overrides.append(f'init="{init}"' if init else 'init=""')  # "" = from scratch
-    dataset = f"synth-{task}"
-    tcfg = resolve_train_config(run.task, dataset, None, overrides + list(cfg.overrides))
-    con.log(f"{task}/{run_dir.name}: {run.task} {run.arch} kt={run.temporal_kernel} init={run.init} seed={seed}")
-    with torch_threads(cfg.train_threads):
-        res = fit(tcfg, con)
-    if res.top1 is not None:
-        con.log(f"{task}/{run_dir.name}: top-1 {100 * res.top1:.1f}%")
-    return run_dir
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run the block with ``n`` torch intra-op threads (0: leave the count alone), then restore it."""
-    before = torch.get_num_threads()
-    if n > 0:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return resolve_train_config(run.task, f"synth-{task}", None, overrides + list(cfg.overrides))
 
 
 @dataclass(frozen=True)

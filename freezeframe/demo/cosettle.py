@@ -37,7 +37,8 @@ from train.represent import RepresentationAccumulator, measure_store
 from train.represent_bootstrap import bootstrap_metrics, split_half_ranks
 
 from freezeframe.demo.advise import QUICK as ADVISE_QUICK
-from freezeframe.demo.advise import DemoConfig, _task_synth, torch_threads
+from freezeframe.demo.advise import DemoConfig, _task_synth
+from train.runpool import torch_threads
 from freezeframe.demo.section import SECTIONS, DemoContext, SectionResult
 
 __all__ = ["CosettleDemoConfig", "QUICK", "RUN_NAME", "cosettle_section", "motion_store", "projection_run"]

@@ -44,7 +44,7 @@ from train.dense.results import read_ground_truth, result_path, write_copy_first
 from train.project import load_projection
 from train.significance import bootstrap_interval, paired_difference
 
-from freezeframe.demo.advise import torch_threads
+from train.runpool import torch_threads
 from freezeframe.demo.cosettle import projection_run
 from freezeframe.demo.section import SECTIONS, DemoContext, SectionResult
 

@@ -39,7 +39,6 @@ from train.longform_experiment import LongformExperiment, results_table, run_exp
 from train.metrics import EvalResult
 from train.significance import paired_outcomes, wilson_interval
 
-from freezeframe.demo.advise import torch_threads
 from freezeframe.demo.section import SECTIONS, DemoContext, SectionResult
 
 
@@ -55,7 +54,8 @@ class DemoLongformConfig:
     pretrain_epochs: int = 4
     finetune_epochs: int = 30
     seed: int = 0
-    train_threads: int = 2
+    train_threads: int = 1  # torch threads of each run (fixed: the table does not depend on the machine)
+    workers: int = 0  # arms trained side by side, one process each (train.runpool); 0 = cores / train_threads
     #: extra key=value overrides of every pre-training / fine-tuning run
     pretrain_set: tuple[str, ...] = ()
     finetune_set: tuple[str, ...] = ()
@@ -111,8 +111,7 @@ def longform_section(ctx: DemoContext, cfg: DemoLongformConfig | None = None) ->
     con.rule("longform 3/3: pre-training arms, fine-tuning, scratch baseline")
     t0 = time.monotonic()
     exp = experiment_for(cfg, out, pre_store, ft_store)
-    with torch_threads(cfg.train_threads):
-        runs = run_experiment(exp, None, lambda msg: con.log(msg))
+    runs = run_experiment(exp, con, lambda msg: con.log(msg), workers=cfg.workers, threads=cfg.train_threads)
     timings["pre-train + fine-tune"] = time.monotonic() - t0
     markdown, claim = _report(ctx.out, out, exp, runs, cfg)
     return SectionResult("Long-form pre-training on the embedded long-form benchmark", markdown,

@@ -58,18 +58,21 @@ from pipeline.store.reader import FeatureStore, open_store
 from pipeline.store.totals import JobTotals, job_totals, wait_for_shards
 from pipeline.store.writer import (
     CODECS,
+    CROP_PREFIX,
     PEA_OFFSETS,
     PEA_PREFIX,
     STORAGE_DTYPES,
     ShardWriter,
     StorageDtype,
+    decode_crops,
     decode_pea,
+    encode_crops,
     encode_pea,
 )
 
 __all__ = [
     "Claim", "DEFAULT_LEASE_S", "LeaseLost", "StoreFS", "marker_key", "shard_claim", "store_fs",
-    "ATTR_KEY", "CODECS", "FORMAT_VERSION", "HEADER_FILE", "INTEGRITY_VERSION", "PEA_OFFSETS", "PEA_PREFIX",
+    "ATTR_KEY", "CODECS", "CROP_PREFIX", "decode_crops", "encode_crops", "FORMAT_VERSION", "HEADER_FILE", "INTEGRITY_VERSION", "PEA_OFFSETS", "PEA_PREFIX",
     "STORAGE_DTYPES", "Failure", "FeatureStore", "Problem", "ShardWriter", "StorageDtype", "StoreStatus",
     "VerifyReport", "VideoEntry", "check_store", "content_mismatch", "create_once", "decode_pea", "encode_pea",
     "JobTotals", "failure_reason", "failure_reasons", "failure_verdict", "file_lock", "file_locked", "job_totals", "init_store", "lock_path", "marker_path", "open_store", "read_header",

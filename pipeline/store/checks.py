@@ -73,6 +73,10 @@ class StoreStatus:
     damaged_markers: list[str] = field(default_factory=list)
     #: PEA return views stored per frame (Co-Settle, ``extract --pea-views K``; 0: none)
     pea_views: int = 0
+    #: spatial test crops per frame of the videos that have them (``extract test_crops=3``; 1: none)
+    test_crops: int = 1
+    #: stored videos with their side crops
+    videos_with_crops: int = 0
     #: why the failed videos failed: ("stage: ErrorType", count), most common first
     failure_reasons: list[tuple[str, int]] = field(default_factory=list)
 
@@ -109,6 +113,8 @@ def store_status(path: StoreRoot) -> StoreStatus:
         writing_shards=[s for s in in_progress if shard_locked(root, s)],
         damaged_markers=sorted(bad),
         pea_views=_int((header["content"].get("pea") or {}).get("views")),
+        test_crops=_int((header["content"].get("test_crops") or {}).get("crops")) or 1,
+        videos_with_crops=sum(1 for m in markers.values() for v in m["videos"] if isinstance(v, dict) and v.get("crops")),
         failure_reasons=failure_reasons(failed.values()),
     )
 
@@ -287,7 +293,8 @@ def check_store(path: StoreRoot, *, scan_values: bool = True) -> VerifyReport:
         if s not in present:
             continue
         try:
-            _check_shard(root, s, m, dtype.extras, rep, seen, legacy, scan_values, content.get("pea") or {})
+            _check_shard(root, s, m, dtype.extras, rep, seen, legacy, scan_values, content.get("pea") or {},
+                         content.get("test_crops") or {})
         except Exception as e:  # a marker with values of the wrong type, ...: damage, not a crash
             rep.problems.append(Problem(f"cannot be checked ({type(e).__name__}: {e})", s, repair="shard",
                                         videos=_videos(m)))
@@ -354,9 +361,10 @@ def _check_store_metadata(root: StoreFS, rep: VerifyReport) -> dict | None:
 
 
 def _check_shard(root: StoreFS, s: str, m: dict, extras: dict[str, str], rep: VerifyReport,
-                 seen: dict[str, str], legacy: list[str], scan: bool, pea: dict) -> None:
+                 seen: dict[str, str], legacy: list[str], scan: bool, pea: dict, crops: dict | None = None) -> None:
     """Everything about one completed shard (module docstring). ``pea``: the header's
-    ``content.pea`` (Co-Settle return views; empty when the store has none)."""
+    ``content.pea`` (Co-Settle return views; empty when the store has none); ``crops``: its
+    ``content.test_crops`` (spatial test crops; empty when the store has none)."""
     sdir = f"shards/{s}"
     n = int(m["num_frames"])
     everyone = _videos(m)
@@ -393,6 +401,7 @@ def _check_shard(root: StoreFS, s: str, m: dict, extras: dict[str, str], rep: Ve
             rep.problems.append(Problem(f"shard {s}: array {k} has {a.shape[0]} frames, marker says {n}",
                                         repair="shard"))
     _check_pea(s, arrays, extras, pea, damaged, scan)
+    _check_crops(s, m, arrays, extras, crops or {}, damaged)
 
     def file_videos(rel: str) -> tuple[str, ...]:
         parts = rel.split("/")
@@ -483,6 +492,26 @@ def _check_pea(s: str, arrays: dict[str, Any], extras: dict[str, str], pea: dict
         o = _read_quiet(arrays["pea_offsets"])
         if o is not None and o.size and (o.min() < 0 or np.any(o > np.asarray(pea["max_offset"]))):
             damaged(f"pea_offsets outside [0, {pea['max_offset']}]")
+
+
+def _check_crops(s: str, m: dict, arrays: dict[str, Any], extras: dict[str, str], crops: dict,
+                 damaged: Callable[..., None]) -> None:
+    """Spatial test crops (header ``content.test_crops``): every shard has exactly the declared
+    side-crop arrays with 2 crops, and every video says whether it has crops (a video without
+    says so: its rows are zeros). Values: the shard-wide decode and NaN scan."""
+    want = ({"crop_features"} | {f"crop_{e}" for e in extras}) if crops else set()
+    have = {k for k in arrays if k.startswith("crop_")}
+    if have != want:
+        damaged(f"test-crop arrays {sorted(have)} but the header declares {sorted(want)}")
+        return
+    if not crops:
+        return
+    if arrays["crop_features"].shape[1] != int(crops["crops"]) - 1:
+        damaged(f"{arrays['crop_features'].shape[1]} side crops per frame, the header declares "
+                f"{int(crops['crops']) - 1} (+ the centre)")
+    unsaid = [v.get("video_id") for v in m.get("videos", []) if not isinstance(v.get("crops"), bool)]
+    if unsaid:
+        damaged(f"{len(unsaid)} video(s) do not say whether they have test crops: {unsaid[:5]}")
 
 
 def _value_repair(array: Any) -> str:

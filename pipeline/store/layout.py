@@ -7,6 +7,8 @@ Layout (see docs/architecture.md)::
     STORE/shards/<name>/features     (N, H, W, C) float16 | float32 | int8, chunks (1, H, W, C), sharded
     STORE/shards/<name>/scales       (N, H, W) float32 (int8 stores only; x = q * scale)
     STORE/shards/<name>/timestamps   (N,) float64, seconds
+    STORE/shards/<name>/crop_features (N, 2, H, W, C) side crops (``test_crops=3`` stores only; zeros for
+                                     videos without crops, marker ``crops`` false)
     STORE/markers/<name>.json        completion marker, written last
     STORE/locks/<name>.lock          flock held by the process writing shard <name> (local stores)
     STORE/locks/<name>.lock/<g>.json lease generation g of shard <name> (remote stores, docs/storage.md)
@@ -47,6 +49,7 @@ class VideoEntry:
     split: str
     label: int | None = None
     label_name: str | None = None
+    crops: bool = False  # the 2 side crops of every frame are stored (``extract test_crops=3``)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from pipeline.store.fs import LocalFS, StoreRoot, store_fs
 from pipeline.store.header import read_header
 from pipeline.store.integrity import expected_files, frames_per_file, marker_digest, shard_file_key
 from pipeline.store.layout import Failure, VideoEntry, read_markers
-from pipeline.store.writer import PEA_OFFSETS, PEA_PREFIX, STORAGE_DTYPES, decode_pea
+from pipeline.store.writer import CROP_PREFIX, PEA_OFFSETS, PEA_PREFIX, STORAGE_DTYPES, decode_crops, decode_pea
 
 
 class FeatureStore:
@@ -57,7 +57,7 @@ class FeatureStore:
                 e = VideoEntry(
                     video_id=v["video_id"], shard=shard, offset=int(v["offset"]),
                     length=int(v["length"]), split=v.get("split", "train"),
-                    label=v.get("label"), label_name=v.get("label_name"),
+                    label=v.get("label"), label_name=v.get("label_name"), crops=bool(v.get("crops", False)),
                 )
                 if e.video_id in self._index:
                     raise StoreError(f"{self.path}: video {e.video_id!r} stored twice")
@@ -393,6 +393,44 @@ class FeatureStore:
         self._require_pea()
         e = self.meta(video_id)
         return np.asarray(self._arrays(e.shard)[PEA_OFFSETS][e.offset : e.offset + e.length], dtype=np.int64)
+
+    # ---- spatial test crops (the 30-view test; ``extract test_crops=3``) -------------------
+    @property
+    def test_crops_count(self) -> int:
+        """Spatial crops stored per frame of a video with crops: 3 (``extract test_crops=3``) or 1."""
+        return int((self.content.get("test_crops") or {}).get("crops", 1))
+
+    def has_crops(self, video_id: str) -> bool:
+        """Whether the 2 side crops of every frame of ``video_id`` are stored (its split was one of
+        the extraction's ``test_crop_splits``)."""
+        return self.meta(video_id).crops
+
+    def stored_crops(self, video_id: str, indices: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
+        """The stored side crops of frames ``indices`` (n,) of a video, not decoded: ``crop_features``
+        ``(n, 2, H, W, C)`` in the storage dtype (axis 1: left, right; top, bottom for portrait)
+        and the dtype's extras (int8: ``crop_scales`` (n, 2, H, W)); :class:`StoreError` when the
+        video has none."""
+        e = self.meta(video_id)
+        if not e.crops:
+            raise StoreError(
+                f"video {video_id!r} of {self.path} has no stored test crops (split {e.split!r} at extraction); "
+                "re-extract with `--set test_crops=3` and its split in test_crop_splits, or test with "
+                "test.spatial_crops=1")
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= e.length):
+            raise IndexError(f"frame index out of range [0, {e.length}) for {video_id!r}")
+        arrays = self._arrays(e.shard)
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        rows = uniq + e.offset
+        keys = [CROP_PREFIX + "features", *(CROP_PREFIX + k for k in self.dtype.extras)]
+        return {k: self._read(e.shard, k, arrays[k], lambda k=k: _take(arrays[k], rows), rows)[inverse] for k in keys}
+
+    def crop_views(self, video_id: str, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The 3 spatial crops of frames ``indices`` (n,): ``(n, 3, H, W, C)`` float32, crops in
+        the order first side, centre (the main features), second side."""
+        sides = decode_crops(self.dtype, self.stored_crops(video_id, indices))
+        centre = self.features(video_id, indices)
+        return np.stack([sides[:, 0], centre, sides[:, 1]], axis=1)
 
     def timestamps(self, video_id: str) -> np.ndarray:
         """Presentation time of each stored frame, seconds, shape (T,)."""

@@ -83,6 +83,25 @@ def decode_pea(dtype: StorageDtype, arrays: dict[str, np.ndarray]) -> np.ndarray
     return dtype.decode({k[len(PEA_PREFIX):]: v for k, v in arrays.items() if k != PEA_OFFSETS})
 
 
+#: arrays of the spatial test crops (``ShardWriter.create(test_crops=3)``): ``crop_features``
+#: and ``crop_<extra>`` hold the 2 side crops of every frame (axis 1: first side, second side:
+#: left/right, or top/bottom for portrait video); the centre crop is the main ``features``. Rows
+#: of videos stored without crops are zeros (``VideoEntry.crops`` / the marker's ``crops``).
+CROP_PREFIX = "crop_"
+#: side crops stored per frame (the centre crop is the main array)
+SIDE_CROPS = 2
+
+
+def encode_crops(dtype: StorageDtype, sides: np.ndarray) -> dict[str, np.ndarray]:
+    """Side crops ``(n, 2, H, W, C)`` float32 -> their stored arrays."""
+    return {CROP_PREFIX + k: v for k, v in dtype.encode(sides).items()}
+
+
+def decode_crops(dtype: StorageDtype, arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """The inverse of :func:`encode_crops`: stored arrays -> float32 ``(n, 2, H, W, C)``."""
+    return dtype.decode({k[len(CROP_PREFIX):]: v for k, v in arrays.items()})
+
+
 STORAGE_DTYPES: Registry[StorageDtype] = Registry("storage dtype")
 STORAGE_DTYPES.add("float16", StorageDtype("float16", "float16"))
 STORAGE_DTYPES.add("float32", StorageDtype("float32", "float32"))
@@ -149,6 +168,12 @@ class ShardWriter:
         a = self.arrays.get(PEA_PREFIX + "features")
         return int(a.shape[1]) if a is not None else 0
 
+    @property
+    def test_crops(self) -> int:
+        """Spatial test crops a frame of a video with crops has: 3 when the shard declares the
+        side-crop arrays, else 1."""
+        return 1 + SIDE_CROPS if CROP_PREFIX + "features" in self.arrays else 1
+
     @classmethod
     def create(
         cls,
@@ -161,6 +186,7 @@ class ShardWriter:
         frames_per_file: int = 256,
         integrity: int = INTEGRITY_VERSION,
         pea_views: int = 0,
+        test_crops: int = 1,
         claim: Claim | None = None,
     ) -> "ShardWriter":
         """Start the shard from scratch (an incomplete previous attempt is deleted).
@@ -173,6 +199,10 @@ class ShardWriter:
         ``extract.pea``): ``pea_features`` (N, K, H, W, C) in the storage dtype (plus
         ``pea_scales`` (N, K, H, W) for int8) and ``pea_offsets`` (N, K, 2) int32, the window
         offsets ``(oy, ox)`` of each view.
+
+        ``test_crops`` = 3 also declares the 2 side crops of every frame (:data:`CROP_PREFIX`):
+        ``crop_features`` (N, 2, H, W, C) in the storage dtype (plus ``crop_scales`` (N, 2, H, W)
+        for int8); rows of videos without crops are zeros.
 
         ``claim``: the shard's claim (:func:`pipeline.store.shard_claim`), checked before the
         marker is written, so a writer whose lease another took over never commits.
@@ -195,6 +225,13 @@ class ShardWriter:
             names.update({PEA_PREFIX + "features": ("frame", "view", "h", "w", "c"),
                           PEA_OFFSETS: ("frame", "view", "yx")},
                          **{PEA_PREFIX + e: ("frame", "view", "h", "w") for e in sd.extras})
+        if test_crops not in (1, 1 + SIDE_CROPS):
+            raise StoreError(f"test_crops must be 1 or {1 + SIDE_CROPS}, got {test_crops!r}")
+        if test_crops > 1:
+            spec.update({CROP_PREFIX + "features": ((SIDE_CROPS, h, w, c), sd.feature_dtype)})
+            spec.update({CROP_PREFIX + e: ((SIDE_CROPS, h, w), dt) for e, dt in sd.extras.items()})
+            names.update({CROP_PREFIX + "features": ("frame", "crop", "h", "w", "c")},
+                         **{CROP_PREFIX + e: ("frame", "crop", "h", "w") for e in sd.extras})
         for key, (tail, dt) in spec.items():
             codecs = compressors if key.endswith("features") else CODECS.get("zstd")()
             group.create_array(

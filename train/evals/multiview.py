@@ -1,8 +1,11 @@
 """``multiview``: the multi-view classification test (AdViSe's protocol).
 
-Every test video gives ``test.num_clips`` clips spread evenly over it (x the spatial views the
-store holds); the model's logits are averaged over the views of a video, then top-1, top-5,
-per-class accuracy and the confusion matrix are computed (``train.metrics.EvalResult``).
+Every test video gives ``test.num_clips`` clips spread evenly over it x ``test.spatial_crops``
+spatial crops (3: left/centre/right or top/centre/bottom, stored at extraction with
+``test_crops=3``: the 30-view test); the model's logits are averaged over the views of a video,
+then top-1, top-5, per-class accuracy and the confusion matrix are computed
+(``train.metrics.EvalResult``). With 3 crops the result also holds the centre-crop-only
+(10-view) top-1 and predictions, averaged from the same logits (no second pass).
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from pipeline.store import FeatureStore
-from train.data import TestViewConfig, TestViewDataset, collate, to_model_dtype
+from train.data import CENTRE_CROP, TestViewConfig, TestViewDataset, collate, to_model_dtype
 from train.evals.registry import register_evaluation
 from train.evals.base import Evaluation
 from train.metrics import EvalResult, evaluate_logits
@@ -30,7 +33,8 @@ class MultiViewTest(Evaluation):
     distributed = True  # under torchrun each rank scores every world-th video; logits are gathered
 
     def preflight(self, store: FeatureStore, cfg: TrainConfig) -> None:
-        TestViewDataset(store, cfg.data.test_split, self.options(cfg))  # refuses an empty test split now
+        # refuses an empty test split, and test.spatial_crops=3 with test videos without stored crops, now
+        TestViewDataset(store, cfg.data.test_split, self.options(cfg))
 
     @torch.no_grad()
     def run(self, model: nn.Module, store: FeatureStore, cfg: TrainConfig, device: torch.device) -> EvalResult:
@@ -47,26 +51,42 @@ class MultiViewTest(Evaluation):
                             generator=torch.Generator())  # leaves the global RNG alone
         was_training = model.training
         model.eval()
-        all_logits, all_targets = [], []
-        for x, y in loader:  # x: (B, V, T, H, W, C)
+        all_logits, all_centre, all_targets = [], [], []
+        for x, y in loader:  # x: (B, V, T, H, W, C), V = clips x crops
             b, v = x.shape[:2]
-            logits = model(to_model_dtype(x.flatten(0, 1).to(device, non_blocking=True))).float().reshape(b, v, -1).mean(1)
-            all_logits.append(logits.cpu())
+            views = model(to_model_dtype(x.flatten(0, 1).to(device, non_blocking=True))).float().reshape(b, v, -1)
+            all_logits.append(views.mean(1).cpu())
+            all_centre.append(centre_mean(views, ds.crops).cpu())
             all_targets.append(y)
         model.train(was_training)
-        logits = torch.cat(all_logits) if all_logits else torch.zeros(0, cfg.model.num_classes)
+        empty = torch.zeros(0, cfg.model.num_classes)
+        logits = torch.cat(all_logits) if all_logits else empty
+        centre = torch.cat(all_centre) if all_centre else empty
         targets = torch.cat(all_targets) if all_targets else torch.zeros(0, dtype=torch.long)
         if world > 1:
             parts: list = [None] * world
-            dist.all_gather_object(parts, (mine, logits, targets))
+            dist.all_gather_object(parts, (mine, logits, centre, targets))
             order = torch.tensor([i for p in parts for i in p[0]]).argsort()
             logits = torch.cat([p[1] for p in parts])[order]
-            targets = torch.cat([p[2] for p in parts])[order]
-        return evaluate_logits(logits, targets, class_names(store, cfg.model.num_classes), views=opts.num_clips,
-                               video_ids=ds.video_ids)
+            centre = torch.cat([p[2] for p in parts])[order]
+            targets = torch.cat([p[3] for p in parts])[order]
+        names = class_names(store, cfg.model.num_classes)
+        res = evaluate_logits(logits, targets, names, views=ds.views, video_ids=ds.video_ids)
+        res.spatial_crops, res.crops_note = ds.crops, ds.crops_note
+        if ds.crops > 1:
+            one = evaluate_logits(centre, targets, names, views=opts.num_clips, video_ids=ds.video_ids)
+            res.centre_top1, res.centre_predictions = one.top1, one.predictions
+        return res
 
     def plot(self, out: EvalResult, run: RunDir, title: str | None = None) -> list[Path]:  # type: ignore[override]
         return [plot_confusion(out, run.confusion_png, title=title)]
+
+
+def centre_mean(view_logits: torch.Tensor, crops: int) -> torch.Tensor:
+    """Logits ``(B, clips x crops, K)`` (view ``k * crops + c``) -> the mean over the clips of
+    the centre crop alone ``(B, K)`` (:data:`train.data.CENTRE_CROP`)."""
+    b, v, k = view_logits.shape
+    return view_logits.reshape(b, v // crops, crops, k)[:, :, CENTRE_CROP[crops]].mean(1)
 
 
 def class_names(store: FeatureStore, num_classes: int) -> list[str]:

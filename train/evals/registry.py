@@ -11,13 +11,7 @@ EVALUATIONS: Registry[type[Evaluation]] = Registry("evaluation")
 
 def register_evaluation(name: str) -> Callable[[type[Evaluation]], type[Evaluation]]:
     """Class decorator: register an :class:`Evaluation` subclass under ``name`` (sets ``cls.name``)."""
-
-    def deco(cls: type[Evaluation]) -> type[Evaluation]:
-        cls.name = name
-        EVALUATIONS.add(name, cls)
-        return cls
-
-    return deco
+    return EVALUATIONS.register_named(name)
 
 
 def get_evaluation(name: str) -> Evaluation:

@@ -11,13 +11,7 @@ TASKS: Registry[type[Task]] = Registry("training task")
 
 def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
     """Class decorator: register a :class:`Task` subclass under ``name`` (sets ``cls.name``)."""
-
-    def deco(cls: type[Task]) -> type[Task]:
-        cls.name = name
-        TASKS.add(name, cls)
-        return cls
-
-    return deco
+    return TASKS.register_named(name)
 
 
 def get_task(name: str) -> type[Task]:
