@@ -612,7 +612,7 @@ def render_markdown(records: Sequence[RunRecord], deltas: Sequence[DeltaRow] = (
                f"**n = {n}**; " if n is not None else "`n`: test videos of the run; ")
               + "`top-1 %` is followed by its Wilson 95 % interval [low, high] (%)"
               + ("; `McNemar p`: exact paired test of the run against its scratch twin on the same test "
-                 "videos (`-`: an `eval.json` without per-video predictions)" if deltas else "")
+                 "videos (`-`: not the PRP side of a pair, or an `eval.json` written before per-video predictions were recorded)" if deltas else "")
               + ("" if "top-5 %" in cols else "; no top-5: 5 classes or fewer, where it is 100 % by construction")
               + ".", ""]
     if crops:
