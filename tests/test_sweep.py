@@ -2,6 +2,7 @@
 named from its overrides, reruns resume/skip, jobs share the runs, a report at the end."""
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -17,9 +18,10 @@ from pipeline.paths import project_root
 from tests.stores import write_synthetic_store
 from train.config import resolve_train_config
 from train.metrics import EvalResult
-from train.significance import paired_outcomes, wilson_interval
+from train.ablation import AblationRow, render_ablation
+from train.significance import mcnemar_exact, paired_outcomes, wilson_interval
 from train.stats import tmm_stats
-from train.sweep import expand_sweep, load_sweep, rank_device, run_names, sweep_configs, sweep_share
+from train.sweep import SweepTable, expand_sweep, load_sweep, rank_device, run_names, sweep_configs, sweep_share
 
 TINY = ["model.tmm.in_channels=16", "model.tmm.hidden=8", "model.tmm.out_channels=16", "model.mlp_dim=16",
         "clip.num_frames=4", "clip.stride=2", "test.num_clips=2", "test.num_frames=4", "test.stride=2",
@@ -188,3 +190,32 @@ def test_the_shipped_ablation_sweeps_resolve(name: str) -> None:
     tasks = [c.task for c in cfgs]
     assert tasks == ["prp", "finetune", "finetune"] * len(expand_sweep(spec))
     assert all(c.init == "" or c.init is None or c.init.endswith("@prp") for c in cfgs)
+
+
+def test_render_ablation_states_n_once_or_as_a_column() -> None:
+    """Hand-built rows: top-1 cells with their Wilson interval, ΔAcc with the McNemar p (``-`` without
+    per-video predictions), ``n`` under the table when shared, a column when the rows differ."""
+    table = SweepTable("Width", ["model.tmm.hidden"])
+    p = mcnemar_exact(2, 9).p_value  # PRP right alone on 2 videos, scratch alone on 9
+    base = AblationRow("base", ("128",), 16, 256, 1000, 2 * 10**9, 15 / 32, 8 / 32,
+                       wilson_interval(15, 32), wilson_interval(8, 32), 32, 32, p)
+    old = AblationRow("hidden=64", ("64",), 16, 256, 500, 10**9, 12 / 32, 10 / 32,
+                      wilson_interval(12, 32), wilson_interval(10, 32), 32, 32, None)
+    md = render_ablation(table, [base, old], delta=True)
+    rows = [line.strip("| ").split(" | ") for line in md.splitlines() if line.startswith("| ") and "hidden" not in line]
+    lo, hi = wilson_interval(15, 32)
+    assert rows[0][5] == f"46.9 [{100 * lo:.0f}, {100 * hi:.0f}]" == "46.9 [31, 64]"
+    assert rows[0][7:] == ["-21.9", f"{p:.3f}"] and p == pytest.approx(sum(math.comb(11, i) for i in range(3)) / 2 ** 10)
+    assert rows[1][8] == "-"  # an eval.json without per-video predictions
+    assert "n = 32 test videos per run" in md and " n |" not in md
+    other = AblationRow("hidden=64", ("64",), 16, 256, 500, 10**9, 12 / 30, None, wilson_interval(12, 30), None, 30)
+    md = render_ablation(table, [base, other], delta=True)
+    header = md.splitlines()[0].strip("| ").split(" | ")
+    rows = [line.strip("| ").split(" | ") for line in md.splitlines()[2:]]
+    assert header[5] == "n" and [r[5] for r in rows] == ["32", "30"] and "test videos per run" not in md
+    assert rows[1][6] == f"40.0 {_ci_cell(12, 30)}" and rows[1][7:] == ["-", "-", "-"]
+
+
+def _ci_cell(correct: int, n: int) -> str:
+    lo, hi = wilson_interval(correct, n)
+    return f"[{100 * lo:.0f}, {100 * hi:.0f}]"
