@@ -476,7 +476,8 @@ CROP_COLUMNS = ("views", "top-1 centre crop %")
 def _run_columns(records: Sequence[RunRecord], deltas: Sequence[DeltaRow] = ()) -> tuple[str, ...]:
     crops = CROP_COLUMNS if _has_crops(records) else ()
     i = RUN_COLUMNS.index("top-5 %") + 1
-    cols = RUN_COLUMNS[:i] + crops + RUN_COLUMNS[i:] + ((OTHER_EVALS_COLUMN,) if any(r.other_evals for r in records) else ())
+    other = (OTHER_EVALS_COLUMN,) if any(r.other_evals for r in records) else ()
+    cols = RUN_COLUMNS[:i] + crops + RUN_COLUMNS[i:] + other
     drop = set()
     if not any(r.top5_meaningful for r in records):
         drop.add("top-5 %")  # <= 5 classes everywhere: top-5 is 100 % by construction
@@ -518,7 +519,8 @@ def _delta_cells(d: DeltaRow) -> list[str]:
     ]
 
 
-def _fold_shared(columns: Sequence[str], rows: Sequence[list[str]], col: str) -> tuple[list[str], list[list[str]], str | None]:
+def _fold_shared(columns: Sequence[str], rows: Sequence[list[str]],
+                 col: str) -> tuple[list[str], list[list[str]], str | None]:
     """Drop column ``col`` when every row that has a value (not ``-``) has the same one; returns the
     columns, the rows and that value (None: the column stays, or no row had a value)."""
     if col not in columns:
@@ -612,7 +614,8 @@ def render_markdown(records: Sequence[RunRecord], deltas: Sequence[DeltaRow] = (
                f"**n = {n}**; " if n is not None else "`n`: test videos of the run; ")
               + "`top-1 %` is followed by its Wilson 95 % interval [low, high] (%)"
               + ("; `McNemar p`: exact paired test of the run against its scratch twin on the same test "
-                 "videos (`-`: not the PRP side of a pair, or an `eval.json` written before per-video predictions were recorded)" if deltas else "")
+                 "videos (`-`: not the PRP side of a pair, or an `eval.json` written before per-video "
+                 "predictions were recorded)" if deltas else "")
               + ("" if "top-5 %" in cols else "; no top-5: 5 classes or fewer, where it is 100 % by construction")
               + ".", ""]
     if crops:
@@ -657,7 +660,8 @@ def comparison_rows(records: Sequence[RunRecord]) -> list[ComparisonRow]:
             series = f"PRP ({r.init_label})"
         else:
             series = "PRP"
-        rows.append(ComparisonRow(group=g, series=series, top1=float(r.top1), interval=r.top1_interval))  # type: ignore[arg-type]
+        rows.append(ComparisonRow(group=g, series=series, top1=float(r.top1),  # type: ignore[arg-type]
+                                  interval=r.top1_interval))
     group_order = list(dict.fromkeys(group_of[id(r)] for r in runs))
     rows.sort(key=lambda row: group_order.index(row.group))
     return rows
