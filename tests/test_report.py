@@ -17,22 +17,33 @@ import torch
 from rich.console import Console
 
 from train.metrics import EvalResult, confusion_matrix, evaluate_logits, per_class_accuracy, topk_correct
-from train.plots import ComparisonRow, plot_comparison, plot_confusion, plot_curves
+from train.significance import mcnemar_exact, paired_outcomes, wilson_interval
+from train.plots import AblationPoint, ComparisonRow, plot_ablation, plot_comparison, plot_confusion, plot_curves
 from train.report import (
     RunDirError,
     compare_runs,
+    comparison_rows,
     delta_acc,
     find_runs,
     load_run,
+    mcnemar_p,
     read_metrics,
     render_delta_table,
     render_markdown,
     render_table,
     report_main,
+    resolvable_difference,
+    sample_size_note,
     write_report,
 )
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _ci(correct: int, n: int) -> str:
+    """The report's interval cell, computed here from ``wilson_interval``: ``[34, 74]``."""
+    lo, hi = wilson_interval(correct, n)
+    return f"[{100 * lo:.0f}, {100 * hi:.0f}]"
 
 # ---------------------------------------------------------------------------------------------
 # metrics, checked against numbers worked out by hand
@@ -241,7 +252,8 @@ def test_tables_and_markdown(runs: dict[str, Path]) -> None:
     row = next(line for line in table_rows if line.startswith("| ft-kt3-prp |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[:4] == ["ft-kt3-prp", "finetune", "ucf101", "TMM kt=3"]
-    assert "55.00" in cells and "+15.00" in cells and "prp-kt3" in cells
+    # 0.55 of 20 test videos: top-1 with its Wilson 95 % interval (the fixture has 5 classes: no top-5)
+    assert f"55.00 {_ci(11, 20)}" in cells and "+15.00" in cells and "prp-kt3" in cells
     assert "| ucf101 | TMM kt=3 | 0 | ft-kt3-scratch | ft-kt3-prp | prp-kt3 | 40.00 | 55.00 | +15.00 |" in md
     assert "Mean Δ-Acc over 2 pair(s): **+5.00 pp**" in md
 
@@ -280,7 +292,10 @@ def test_write_report_links_images(runs: dict[str, Path], tmp_path: Path, capsys
                         extra_sections=["## Notes\n\nhello"])
     md = path.read_text()
     assert md.startswith("# UCF101 study")
-    assert "| ft-kt3-prp | finetune | ucf101 | TMM kt=3 | 2 | prp-kt3 | 0 | 3 | 55.00 | 95.00 | +15.00 |" in md
+    # top-1 with its Wilson interval; n = 20 stated once; no top-5 (5 classes); McNemar p "-": the
+    # fixture's eval.json has no per-video predictions (written before they were recorded)
+    assert f"| ft-kt3-prp | finetune | ucf101 | TMM kt=3 | 2 | prp-kt3 | 0 | 3 | 55.00 {_ci(11, 20)} | +15.00 | - |" in md
+    assert "**n = 20**" in md and "top-5" not in md.split("## Runs")[1].split("## Δ-Acc")[0].split("\n")[2]
     chart = out.with_name("report_top1.png")
     _assert_png(chart)
     assert "](report_top1.png)" in md
@@ -294,3 +309,141 @@ def test_write_report_links_images(runs: dict[str, Path], tmp_path: Path, capsys
     assert "ft-kt3-scratch" in printed and "+15.00" in printed and (tmp_path / "r2.md").is_file()
     with pytest.raises(RunDirError):
         find_runs([tmp_path / "nope"])
+
+
+# ---------------------------------------------------------------------------------------------
+# sample sizes, intervals, McNemar p, top-5 only where meaningful
+
+
+def _write_predicted_run(root: Path, name: str, preds: list[int], targets: list[int], *, num_classes: int,
+                         init: str | None = None, ids: list[str] | None = None, top5: float = 0.9) -> Path:
+    """A fine-tuning run whose ``eval.json`` holds per-video predictions (as ``evaluate`` writes them)."""
+    cfg = _config(name, init=init, num_classes=num_classes)
+    run = _write_run(root, cfg, num_classes=num_classes)
+    conf = confusion_matrix(np.array(preds), np.array(targets), num_classes)
+    correct = sum(p == t for p, t in zip(preds, targets))
+    EvalResult(top1=correct / len(preds), top5=top5, per_class=list(per_class_accuracy(conf)),
+               confusion=conf.tolist(), class_names=[f"c{i}" for i in range(num_classes)],
+               num_videos=len(preds), video_ids=ids or [f"v{i:02d}" for i in range(len(preds))],
+               predictions=preds, targets=targets).save(run / "eval.json")
+    return run
+
+
+def _md_rows(md: str, header_start: str) -> tuple[list[str], dict[str, list[str]]]:
+    """Columns and rows (by first cell) of the Markdown table whose header starts with ``header_start``."""
+    lines = md.splitlines()
+    i = next(j for j, line in enumerate(lines) if line.startswith(header_start))
+    cols = [c.strip() for c in lines[i].strip("|").split("|")]
+    rows = {}
+    for line in lines[i + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = cells
+    return cols, rows
+
+
+def test_top1_interval_and_mcnemar_p_on_hand_built_predictions(tmp_path: Path) -> None:
+    """12 videos, 3 classes. Scratch right on v00-v04 (5), PRP right on v03-v10 (8): only PRP
+    right on v05-v10 (6 videos), only scratch on v00-v02 (3) -> McNemar on (6, 3)."""
+    targets = [i % 3 for i in range(12)]
+    wrong = [(t + 1) % 3 for t in targets]
+    scratch = [targets[i] if i < 5 else wrong[i] for i in range(12)]
+    prp = [targets[i] if 3 <= i <= 10 else wrong[i] for i in range(12)]
+    a = _write_predicted_run(tmp_path, "s", scratch, targets, num_classes=3)
+    b = _write_predicted_run(tmp_path, "p", prp, targets, num_classes=3, init="/runs/prp")
+    records = compare_runs([a, b])
+    rec_s, rec_p = sorted(records, key=lambda r: r.name != "s")
+    assert (rec_s.num_videos, rec_s.correct, rec_p.correct) == (12, 5, 8)
+    assert rec_s.top1_interval == wilson_interval(5, 12)
+    want_p = mcnemar_exact(6, 3).p_value  # only PRP right 6, only scratch right 3
+    assert want_p == pytest.approx(paired_outcomes(prp, scratch, targets).p_value)
+    assert want_p == pytest.approx(2 * sum(math.comb(9, i) for i in range(4)) / 2 ** 9)  # = 0.5078125
+    [d] = delta_acc(records)
+    assert d.p_value == pytest.approx(want_p)
+    md = render_markdown(records, [d])
+    cols, rows = _md_rows(md, "| run |")
+    assert "n" not in cols and "**n = 12**" in md  # one test-set size: stated once
+    assert "top-5 %" not in cols  # 3 classes
+    assert rows["p"][cols.index("top-1 %")] == f"66.67 {_ci(8, 12)}"
+    assert rows["s"][cols.index("top-1 %")] == f"41.67 {_ci(5, 12)}"
+    assert rows["p"][cols.index("McNemar p")] == f"{want_p:.3f}" == "0.508"
+    assert rows["s"][cols.index("McNemar p")] == "-"  # scratch is not a pair's PRP side
+    dcols, drows = _md_rows(md, "| dataset |")
+    assert drows["ucf101"][dcols.index("McNemar p")] == "0.508"
+    assert drows["ucf101"][dcols.index("Δ-Acc (pp)")] == "+25.00"
+    console = Console(record=True, width=250)
+    console.print(render_table(records, [d]))
+    text = console.export_text()
+    assert "n = 12 test videos" in text and f"66.67 {_ci(8, 12)}" in text and "0.508" in text
+    # paired by video id, not by position: the same predictions listed in another order give the same p
+    order = list(range(11, -1, -1))
+    c = _write_predicted_run(tmp_path / "rev", "p", [prp[i] for i in order], [targets[i] for i in order],
+                             num_classes=3, init="/runs/prp", ids=[f"v{i:02d}" for i in order])
+    assert mcnemar_p(load_run(c), rec_s) == pytest.approx(want_p)
+    # other videos: nothing to pair -> no p
+    e = _write_predicted_run(tmp_path / "other", "p", prp, targets, num_classes=3, init="/runs/prp",
+                             ids=[f"w{i:02d}" for i in range(12)])
+    assert mcnemar_p(load_run(e), rec_s) is None
+    [d2] = delta_acc([rec_s, load_run(e)])
+    assert d2.p_value is None and "| +25.00 | - |" in render_markdown([rec_s, load_run(e)], [d2])
+
+
+def test_top5_column_only_with_more_than_5_classes(tmp_path: Path) -> None:
+    t3 = [i % 3 for i in range(9)]
+    t10 = [i % 10 for i in range(20)]
+    three = _write_predicted_run(tmp_path, "three", t3, t3, num_classes=3, top5=1.0)
+    ten = _write_predicted_run(tmp_path, "ten", [(t + 1) % 10 if i < 5 else t for i, t in enumerate(t10)], t10,
+                               num_classes=10, top5=0.85)
+    cols3, _ = _md_rows(render_markdown(compare_runs([three])), "| run |")
+    assert "top-5 %" not in cols3 and "top-1 %" in cols3
+    cols10, rows10 = _md_rows(render_markdown(compare_runs([ten])), "| run |")
+    assert rows10["ten"][cols10.index("top-5 %")] == "85.00"
+    assert rows10["ten"][cols10.index("top-1 %")] == f"75.00 {_ci(15, 20)}"
+    # both: the column stays for the 10-class run, "-" for the 3-class one; sizes differ -> an n column
+    cols, rows = _md_rows(render_markdown(compare_runs([three, ten])), "| run |")
+    assert rows["ten"][cols.index("top-5 %")] == "85.00" and rows["three"][cols.index("top-5 %")] == "-"
+    assert rows["ten"][cols.index("n")] == "20" and rows["three"][cols.index("n")] == "9"
+    # the class count comes from eval.json, not the config: a config saying 10 with a 3-class eval hides it
+    cfg = json.loads((three / "config.json").read_text())
+    cfg["model"]["num_classes"] = 10
+    (three / "config.json").write_text(json.dumps(cfg))
+    rec = load_run(three)
+    assert rec.num_classes == 10 and rec.classes == 3 and not rec.top5_meaningful
+
+
+def test_sample_size_note_is_computed(tmp_path: Path) -> None:
+    t = [i % 4 for i in range(32)]
+    a = _write_predicted_run(tmp_path, "a", [x if i < 15 else (x + 1) % 4 for i, x in enumerate(t)], t, num_classes=4)
+    b = _write_predicted_run(tmp_path, "b", [x if i < 7 else (x + 1) % 4 for i, x in enumerate(t)], t, num_classes=4,
+                             init="/runs/prp")
+    records = compare_runs([a, b])
+    note = sample_size_note(records)
+    mean = (15 + 7) / 64  # 34.4 %
+    lo, hi = wilson_interval(11, 32)  # round(0.34375 * 32) = 11
+    half = (hi - lo) / 2
+    assert resolvable_difference(32, mean) == pytest.approx((half, math.sqrt(2) * half))
+    assert note is not None and note.startswith("**Sample size.** 32 test videos per run (4 classes, chance 25.0 %).")
+    assert f"({100 * mean:.1f} %)" in note and f"±{100 * half:.0f} points" in note
+    assert f"under ~{100 * math.sqrt(2) * half:.0f} points" in note and "under ~22 points" in note
+    md = write_report([a, b], tmp_path / "r.md").read_text()
+    assert md.index("**Sample size.** 32 test videos") < md.index("## Runs")  # at the top
+    # runs of different sizes: the smallest decides
+    c = _write_predicted_run(tmp_path, "c", t[:20], t[:20], num_classes=4)
+    assert "20 to 32 test videos per run" in sample_size_note(compare_runs([a, c]))  # type: ignore[operator]
+    assert sample_size_note([load_run(_write_run(tmp_path / "x", _config("no-eval")))]) is None
+
+
+def test_comparison_and_ablation_charts_draw_wilson_error_bars(tmp_path: Path) -> None:
+    t = [i % 3 for i in range(12)]
+    run = _write_predicted_run(tmp_path, "a", [x if i < 6 else (x + 1) % 3 for i, x in enumerate(t)], t, num_classes=3)
+    [row] = comparison_rows(compare_runs([run]))
+    assert row.interval == wilson_interval(6, 12)
+    plain = [AblationPoint("base", 10**8, 1000, 0.5, 0.6), AblationPoint("2", 4 * 10**8, 2000, 0.4, None)]
+    with_bars = [AblationPoint(p.label, p.macs, p.params, p.top1_scratch, p.top1_prp,
+                               wilson_interval(round(12 * p.top1_scratch), 12),
+                               None if p.top1_prp is None else wilson_interval(round(12 * p.top1_prp), 12))
+                 for p in plain]
+    a = _assert_png(plot_ablation(plain, tmp_path / "plain.png"))
+    b = _assert_png(plot_ablation(with_bars, tmp_path / "bars.png"))
+    assert a.shape == b.shape and float(np.abs(a - b).sum()) > 0  # the bars change the picture

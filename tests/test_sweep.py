@@ -2,7 +2,9 @@
 named from its overrides, reruns resume/skip, jobs share the runs, a report at the end."""
 from __future__ import annotations
 
+import math
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -15,8 +17,11 @@ from pipeline.errors import ConfigError
 from pipeline.paths import project_root
 from tests.stores import write_synthetic_store
 from train.config import resolve_train_config
+from train.metrics import EvalResult
+from train.ablation import AblationRow, render_ablation
+from train.significance import mcnemar_exact, paired_outcomes, wilson_interval
 from train.stats import tmm_stats
-from train.sweep import expand_sweep, load_sweep, rank_device, run_names, sweep_configs, sweep_share
+from train.sweep import SweepTable, expand_sweep, load_sweep, rank_device, run_names, sweep_configs, sweep_share
 
 TINY = ["model.tmm.in_channels=16", "model.tmm.hidden=8", "model.tmm.out_channels=16", "model.mlp_dim=16",
         "clip.num_frames=4", "clip.stride=2", "test.num_clips=2", "test.num_frames=4", "test.stride=2",
@@ -100,6 +105,13 @@ def _ablation_spec(tmp_path: Path, store: Path) -> Path:
     return path
 
 
+def _top1_cell(cell: str) -> tuple[float, tuple[int, int]]:
+    """``"46.9 [31, 63]"`` -> ``(46.9, (31, 63))``."""
+    m = re.fullmatch(r"(\d+\.\d) \[(\d+), (\d+)\]", cell)
+    assert m, f"not a top-1 cell with its interval: {cell!r}"
+    return float(m[1]), (int(m[2]), int(m[3]))
+
+
 def test_sweep_shares_by_rank_and_reports_ablation_tables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two torchrun-style ranks share the 3 points (point k -> rank k % 2), each trains its runs
     alone (no process group), the last writes the paper-shaped report: per table the base point
@@ -125,14 +137,31 @@ def test_sweep_shares_by_rank_and_reports_ablation_tables(tmp_path: Path, monkey
         assert (tmp_path / "runs" / "report.md").is_file() == (rank == 0)
     report = (tmp_path / "runs" / "report.md").read_text()
     spatial = report.split("### Spatial pooling")[1].split("###")[0]
-    assert "| spatial_pool | tokens/frame | C | params | GMACs/clip | top-1 % scratch | top-1 % PRP | ΔAcc (pp) |" in spatial
+    assert ("| spatial_pool | tokens/frame | C | params | GMACs/clip | top-1 % scratch | top-1 % PRP | ΔAcc (pp) "
+            "| McNemar p |") in spatial
     rows = [line for line in spatial.splitlines() if line.startswith("| ") and "spatial_pool" not in line]
     assert [r.split(" | ")[0] for r in rows] == ["| base", "| 1"]  # base row then the pooled point
     s = tmm_stats(16, 16, 8, 1, 3, 4, 1, num_classes=3, mlp_dim=16)  # spatial_pool=1: a 1x1 grid
     cells = rows[1].strip("| ").split(" | ")
     assert cells[1:5] == ["1", "16", f"{s.tmm_params + s.head_params:,}", f"{s.tmm_macs / 1e9:.3f}"]
-    scratch, prp, delta = float(cells[5]), float(cells[6]), float(cells[7])
+    (scratch, s_ci), (prp, p_ci), delta = _top1_cell(cells[5]), _top1_cell(cells[6]), float(cells[7])
     assert delta == pytest.approx(prp - scratch, abs=0.051)  # the cells are rounded to 0.1
+    # each top-1 with the Wilson 95 % interval of its run's test videos, n stated once under the table,
+    # ΔAcc with the exact McNemar p of the two runs' per-video predictions
+    ev_s = EvalResult.load(tmp_path / "runs" / "spatial_pool=1" / "eval.json")
+    ev_p = EvalResult.load(tmp_path / "runs" / "spatial_pool=1@prp-ft" / "eval.json")
+    for ev, top1, ci in ((ev_s, scratch, s_ci), (ev_p, prp, p_ci)):
+        correct = sum(p == t for p, t in zip(ev.predictions, ev.targets))
+        lo, hi = wilson_interval(correct, ev.num_videos)
+        assert top1 == pytest.approx(100 * correct / ev.num_videos, abs=0.051)
+        assert ci == (round(100 * lo), round(100 * hi))
+    assert ev_s.video_ids == ev_p.video_ids and ev_s.targets == ev_p.targets
+    p_value = paired_outcomes(ev_p.predictions, ev_s.predictions, ev_s.targets).p_value
+    assert cells[8] == ("<0.001" if p_value < 0.001 else f"{p_value:.3f}")
+    assert f"n = {ev_s.num_videos} test videos per run" in spatial
+    # the sample-size note at the top, and no top-5 column for 3 classes
+    assert report.index(f"**Sample size.** {ev_s.num_videos} test videos per run (3 classes") < report.index("## Runs")
+    assert "top-5 %" not in report and "no top-5: 5 classes or fewer" in report
     depth = report.split("### Depth")[1].split("###")[0]
     assert "| blocks |" in depth and "| 2 |" in depth and "| 1 |" in depth  # base (1 block) and 2 blocks
     assert (tmp_path / "runs" / "ablation_0.png").stat().st_size > 0 and "ablation_1.png" in report
@@ -161,3 +190,32 @@ def test_the_shipped_ablation_sweeps_resolve(name: str) -> None:
     tasks = [c.task for c in cfgs]
     assert tasks == ["prp", "finetune", "finetune"] * len(expand_sweep(spec))
     assert all(c.init == "" or c.init is None or c.init.endswith("@prp") for c in cfgs)
+
+
+def test_render_ablation_states_n_once_or_as_a_column() -> None:
+    """Hand-built rows: top-1 cells with their Wilson interval, ΔAcc with the McNemar p (``-`` without
+    per-video predictions), ``n`` under the table when shared, a column when the rows differ."""
+    table = SweepTable("Width", ["model.tmm.hidden"])
+    p = mcnemar_exact(2, 9).p_value  # PRP right alone on 2 videos, scratch alone on 9
+    base = AblationRow("base", ("128",), 16, 256, 1000, 2 * 10**9, 15 / 32, 8 / 32,
+                       wilson_interval(15, 32), wilson_interval(8, 32), 32, 32, p)
+    old = AblationRow("hidden=64", ("64",), 16, 256, 500, 10**9, 12 / 32, 10 / 32,
+                      wilson_interval(12, 32), wilson_interval(10, 32), 32, 32, None)
+    md = render_ablation(table, [base, old], delta=True)
+    rows = [line.strip("| ").split(" | ") for line in md.splitlines() if line.startswith("| ") and "hidden" not in line]
+    lo, hi = wilson_interval(15, 32)
+    assert rows[0][5] == f"46.9 [{100 * lo:.0f}, {100 * hi:.0f}]" == "46.9 [31, 64]"
+    assert rows[0][7:] == ["-21.9", f"{p:.3f}"] and p == pytest.approx(sum(math.comb(11, i) for i in range(3)) / 2 ** 10)
+    assert rows[1][8] == "-"  # an eval.json without per-video predictions
+    assert "n = 32 test videos per run" in md and " n |" not in md
+    other = AblationRow("hidden=64", ("64",), 16, 256, 500, 10**9, 12 / 30, None, wilson_interval(12, 30), None, 30)
+    md = render_ablation(table, [base, other], delta=True)
+    header = md.splitlines()[0].strip("| ").split(" | ")
+    rows = [line.strip("| ").split(" | ") for line in md.splitlines()[2:]]
+    assert header[5] == "n" and [r[5] for r in rows] == ["32", "30"] and "test videos per run" not in md
+    assert rows[1][6] == f"40.0 {_ci_cell(12, 30)}" and rows[1][7:] == ["-", "-", "-"]
+
+
+def _ci_cell(correct: int, n: int) -> str:
+    lo, hi = wilson_interval(correct, n)
+    return f"[{100 * lo:.0f}, {100 * hi:.0f}]"

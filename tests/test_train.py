@@ -23,6 +23,7 @@ from tests.stores import TINY_TRAIN, SynthStore, ramp_features, write_synthetic_
 from train.config import resolve_train_config
 from train.data import DataError
 from train.loop import fit as train
+from train.significance import paired_outcomes
 from train.stats import tmm_stats
 
 BIN = Path(sys.executable).parent
@@ -301,7 +302,12 @@ def test_evaluate_and_report_commands(store: SynthStore, prp_run: Path, tmp_path
     delta = 100 * (pre.top1 - scratch.top1)
     pair_rows = [line.split() for line in res.stdout.splitlines() if "scratch" in line and "pretrained" in line]
     assert len(pair_rows) == 1, res.stdout  # one (PRP init, scratch) pair
-    assert pair_rows[0][-3:] == [f"{100 * scratch.top1:.2f}", f"{100 * pre.top1:.2f}", f"{delta:+.2f}"], res.stdout
+    # ... then the exact paired McNemar p of the two runs on the same test videos (their eval.json)
+    assert pair_rows[0][-4:-1] == [f"{100 * scratch.top1:.2f}", f"{100 * pre.top1:.2f}", f"{delta:+.2f}"], res.stdout
+    ev_s = json.loads((scratch.run_dir / "eval.json").read_text())
+    assert ev_s["video_ids"] == ev["video_ids"] and ev_s["targets"] == ev["targets"]
+    p = paired_outcomes(ev["predictions"], ev_s["predictions"], ev["targets"]).p_value
+    assert pair_rows[0][-1] == ("<0.001" if p < 0.001 else f"{p:.3f}"), res.stdout
 
 
 # --------------------------------------------------------------------------------------

@@ -263,6 +263,7 @@ def test_report_shows_the_30_view_and_the_centre_crop_top1_side_by_side(tmp_path
     from tests.test_report import _config, _write_run
     from train.metrics import EvalResult
     from train.report import compare_runs, render_markdown, render_table
+    from train.significance import wilson_interval
 
     with_crops = _write_run(tmp_path, _config("ft-30view"), top1=0.55)
     plain = _write_run(tmp_path, _config("ft-10view", seed=1), top1=0.40)
@@ -274,12 +275,15 @@ def test_report_shows_the_30_view_and_the_centre_crop_top1_side_by_side(tmp_path
     md = render_markdown(records)
     header = next(line for line in md.splitlines() if line.startswith("| run |"))
     cols = [c.strip() for c in header.strip("|").split("|")]
-    assert cols[cols.index("top-5 %") + 1: cols.index("top-5 %") + 3] == ["views", "top-1 centre crop %"]
+    # 5 classes: no top-5 column (100 % by construction); both runs have 20 test videos: n is stated once
+    assert cols[cols.index("top-1 %") + 1: cols.index("top-1 %") + 3] == ["views", "top-1 centre crop %"]
+    assert "top-5 %" not in cols and "**n = 20**" in md
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")] for line in md.splitlines()
             if line.startswith("| ft-")}
     i = cols.index("top-1 %")
-    assert rows["ft-30view"][i:i + 4] == ["55.00", "95.00", "10x3", "45.00"]
-    assert rows["ft-10view"][i + 2:i + 4] == ["-", "-"]
+    lo, hi = wilson_interval(11, 20)  # 0.55 of 20 videos
+    assert rows["ft-30view"][i:i + 3] == [f"55.00 [{100 * lo:.0f}, {100 * hi:.0f}]", "10x3", "45.00"]
+    assert rows["ft-10view"][i + 1:i + 3] == ["-", "-"]
     console = Console(record=True, width=250)
     console.print(render_table(records))
     text = console.export_text()

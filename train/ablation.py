@@ -8,6 +8,12 @@ points). Here a table is a spec's ``[[tables]]`` entry (title + swept keys); its
 sweep's points that change only those keys, plus the base point (no override) as reference.
 Each table also gets a chart: top-1 against MACs per clip, one marker per row.
 
+Sample sizes and intervals: each top-1 is printed with its Wilson 95 % interval over the run's
+test videos (``46.9 [31, 63]``), the number of test videos ``n`` once under the table when every
+row shares it (else a column), and each Delta-Acc with the exact paired McNemar p-value of the
+PRP-initialised run against its scratch twin on the same videos (``-`` when an ``eval.json``
+predates the per-video predictions). The charts draw the intervals as error bars.
+
 The report itself is :func:`train.report.write_report` (every run, Delta-Acc pairs, curves)
 with these tables as extra sections, written to ``<out>/report.md``.
 """
@@ -19,7 +25,7 @@ from typing import Any, Sequence
 
 from pipeline.store import read_header
 from train import plots
-from train.report import load_run, write_report
+from train.report import RunRecord, format_p, format_top1, load_run, mcnemar_p, write_report
 from train.stats import head_params, tmm_stats_for_config
 from train.sweep import PRP_FT_SUFFIX, SweepRun, SweepSpec, SweepTable, expand_sweep, run_names
 
@@ -28,7 +34,13 @@ __all__ = ["AblationRow", "ablation_rows", "render_ablation", "write_sweep_repor
 
 @dataclass(frozen=True)
 class AblationRow:
-    """One row: the point, its values of the table's keys, cost and accuracies (fractions)."""
+    """One row: the point, its values of the table's keys, cost and accuracies (fractions).
+
+    ``interval_scratch`` / ``interval_prp``: Wilson 95 % intervals (fractions) of the two top-1s;
+    ``n_scratch`` / ``n_prp``: their test videos; ``p_value``: exact paired McNemar test of the PRP
+    run against the scratch run on the same test videos. None where unknown (no run, no
+    ``eval.json``, or one without per-video predictions).
+    """
 
     point: str
     values: tuple[str, ...]
@@ -38,6 +50,17 @@ class AblationRow:
     macs: int  # multiply-accumulates per clip of the TMM convolutions (0 without a TMM)
     top1_scratch: float | None
     top1_prp: float | None
+    interval_scratch: tuple[float, float] | None = None
+    interval_prp: tuple[float, float] | None = None
+    n_scratch: int | None = None
+    n_prp: int | None = None
+    p_value: float | None = None
+
+    @property
+    def n(self) -> str:
+        """The row's test videos as a cell: ``32``, ``32/30`` when the two runs differ, ``-``."""
+        ns = list(dict.fromkeys(v for v in (self.n_scratch, self.n_prp) if v is not None))
+        return "/".join(str(v) for v in ns) or "-"
 
     @property
     def delta(self) -> float | None:
@@ -80,28 +103,38 @@ def ablation_rows(spec: SweepSpec, table: SweepTable, configs: dict[str, Any]) -
     for p in _table_points(expand_sweep(spec), table):
         cfg = configs[p.name]
         tokens, channels, params, macs = _cost(cfg)
-        scratch = load_run(Path(spec.out) / p.name).top1 if (Path(spec.out) / p.name).is_dir() else None
-        prp_dir = Path(spec.out) / (p.name + PRP_FT_SUFFIX)
-        prp = load_run(prp_dir).top1 if spec.delta and prp_dir.is_dir() else None
-        out.append(AblationRow(p.name, tuple(_value_of(p, k, cfg) for k in table.keys), tokens, channels, params,
-                               macs, scratch, prp))
+        scratch_dir, prp_dir = Path(spec.out) / p.name, Path(spec.out) / (p.name + PRP_FT_SUFFIX)
+        scratch: RunRecord | None = load_run(scratch_dir) if scratch_dir.is_dir() else None
+        prp: RunRecord | None = load_run(prp_dir) if spec.delta and prp_dir.is_dir() else None
+        out.append(AblationRow(
+            p.name, tuple(_value_of(p, k, cfg) for k in table.keys), tokens, channels, params, macs,
+            scratch.top1 if scratch else None, prp.top1 if prp else None,
+            scratch.top1_interval if scratch else None, prp.top1_interval if prp else None,
+            scratch.num_videos if scratch else None, prp.num_videos if prp else None,
+            mcnemar_p(prp, scratch) if scratch and prp else None))
     return out
 
 
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.1f}"
-
-
 def render_ablation(table: SweepTable, rows: Sequence[AblationRow], delta: bool) -> str:
-    """Markdown of one ablation table."""
-    cols = [k.rsplit(".", 1)[-1] for k in table.keys] + ["tokens/frame", "C", "params", "GMACs/clip", "top-1 % scratch"]
-    cols += ["top-1 % PRP", "ΔAcc (pp)"] if delta else []
+    """Markdown of one ablation table: top-1 (%) with its Wilson 95 % interval, ΔAcc (pp) with the
+    McNemar p; ``n = ...`` on a line under the table when every row has the same test videos, else
+    an ``n`` column."""
+    shared = {r.n for r in rows} - {"-"}
+    n_column = len(shared) > 1
+    cols = [k.rsplit(".", 1)[-1] for k in table.keys] + ["tokens/frame", "C", "params", "GMACs/clip"]
+    cols += (["n"] if n_column else []) + ["top-1 % scratch"]
+    cols += ["top-1 % PRP", "ΔAcc (pp)", "McNemar p"] if delta else []
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        cells = [*r.values, str(r.tokens), str(r.channels), f"{r.params:,}", f"{r.macs / 1e9:.3f}", _pct(r.top1_scratch)]
+        cells = [*r.values, str(r.tokens), str(r.channels), f"{r.params:,}", f"{r.macs / 1e9:.3f}"]
+        cells += ([r.n] if n_column else []) + [format_top1(r.top1_scratch, r.interval_scratch, 1)]
         if delta:
-            cells += [_pct(r.top1_prp), "-" if r.delta is None else f"{100 * r.delta:+.1f}"]
+            cells += [format_top1(r.top1_prp, r.interval_prp, 1), "-" if r.delta is None else f"{100 * r.delta:+.1f}",
+                      format_p(r.p_value)]
         lines.append("| " + " | ".join(cells) + " |")
+    if len(shared) == 1:
+        lines += ["", f"n = {shared.pop()} test videos per run; top-1 % [Wilson 95 % interval]"
+                  + ("; McNemar p: exact paired test of PRP vs scratch on the same videos." if delta else ".")]
     return "\n".join(lines)
 
 
@@ -113,14 +146,17 @@ def write_sweep_report(spec: SweepSpec, configs: dict[str, Any]) -> Path:
         o.split("=", 1)[0] for p in expand_sweep(spec) for o in p.overrides)))]
     sections = ["## Ablation tables", "",
                 "Params: trainable parameters of TMM + head; MACs: the TMM convolutions per clip "
-                "(`freezeframe stats`, the paper's convention); top-1 of the multi-view test; "
-                "ΔAcc = PRP-initialised - scratch, percentage points.", ""]
+                "(`freezeframe stats`, the paper's convention); top-1 of the multi-view test with its "
+                "Wilson 95 % interval [low, high] over the test videos (n); "
+                "ΔAcc = PRP-initialised - scratch, percentage points, with the exact paired McNemar p on "
+                "the same test videos (p >= 0.05: not resolved by this test set).", ""]
     for i, t in enumerate(tables):
         rows = ablation_rows(spec, t, configs)
         if not rows:
             continue
         sections += [f"### {t.title}", "", render_ablation(t, rows, spec.delta), ""]
-        points = [plots.AblationPoint(" ".join(r.values), r.macs, r.params, r.top1_scratch, r.top1_prp) for r in rows]
+        points = [plots.AblationPoint(" ".join(r.values), r.macs, r.params, r.top1_scratch, r.top1_prp,
+                                      r.interval_scratch, r.interval_prp) for r in rows]
         if any(p.top1_scratch is not None or p.top1_prp is not None for p in points):
             chart = plots.plot_ablation(points, out / f"ablation_{i}.png", title=t.title)
             sections += [f"![{t.title}: top-1 against MACs]({chart.name})", ""]

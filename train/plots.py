@@ -265,6 +265,8 @@ class AblationPoint:
         label: the row's values of the table's keys (e.g. ``"2"`` for spatial_pool=2).
         macs: multiply-accumulates per clip (0: no TMM); params: trainable parameters.
         top1_scratch, top1_prp: fractions in [0, 1], None when the run has not evaluated.
+        interval_scratch, interval_prp: optional (low, high) fractions, e.g. Wilson 95 %
+            (``train.significance.wilson_interval``), drawn as error bars on the points.
     """
 
     label: str
@@ -272,22 +274,34 @@ class AblationPoint:
     params: int
     top1_scratch: float | None
     top1_prp: float | None
+    interval_scratch: tuple[float, float] | None = None
+    interval_prp: tuple[float, float] | None = None
 
 
 def plot_ablation(points: Sequence[AblationPoint], path: str | Path, title: str = "ablation") -> Path:
     """Top-1 (%) against GMACs per clip (log axis; a model without TMM sits at the left edge),
-    scratch and PRP-initialised as two series, each point labelled with its row."""
+    scratch and PRP-initialised as two series, each point labelled with its row and drawn with
+    its interval as a vertical error bar when it has one (the PRP series is nudged right by 6 %
+    so overlapping bars stay readable)."""
     fig = _figure(6.4, 4.4)
     ax = fig.add_subplot()
     positive = [p.macs for p in points if p.macs > 0]
     floor = (min(positive) / 4 if positive else 1e6) / 1e9
-    for series, colour, get in (("scratch", SERIES_COLOURS[1], lambda p: p.top1_scratch),
-                                ("PRP", SERIES_COLOURS[2], lambda p: p.top1_prp)):
-        pts = [(max(p.macs / 1e9, floor), 100 * get(p), p.label) for p in points if get(p) is not None]
+    for series, colour, nudge, get in (
+            ("scratch", SERIES_COLOURS[1], 1.0, lambda p: (p.top1_scratch, p.interval_scratch)),
+            ("PRP", SERIES_COLOURS[2], 1.06, lambda p: (p.top1_prp, p.interval_prp))):
+        pts = [(nudge * max(p.macs / 1e9, floor), 100 * get(p)[0], get(p)[1], p.label) for p in points
+               if get(p)[0] is not None]
         if not pts:
             continue
-        ax.scatter([x for x, _, _ in pts], [y for _, y, _ in pts], color=colour, label=series, zorder=3)
-        for x, y, label in pts:
+        ax.scatter([x for x, _, _, _ in pts], [y for _, y, _, _ in pts], color=colour, label=series, zorder=3)
+        bars = [(x, y, iv) for x, y, iv, _ in pts if iv is not None]
+        if bars:
+            ax.errorbar([x for x, _, _ in bars], [y for _, y, _ in bars],
+                        yerr=[[max(0.0, y - 100 * iv[0]) for _, y, iv in bars],
+                              [max(0.0, 100 * iv[1] - y) for _, y, iv in bars]],
+                        fmt="none", ecolor=colour, elinewidth=1, capsize=3, zorder=2)
+        for x, y, _, label in pts:
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("TMM GMACs per clip (log)")

@@ -10,6 +10,10 @@ when their resolved configs are equal after removing ``init`` and the runtime kn
 (:data:`PAIRING_IGNORED_KEYS`), i.e. same model, optimiser, data and seed.
 
 Accuracies are fractions in [0, 1]; tables print percentages, Delta-Acc in percentage points.
+Every top-1 read from ``eval.json`` carries its sample size (test videos) and a Wilson 95 %
+interval; every Delta-Acc pair whose ``eval.json`` files hold per-video predictions on the same
+videos carries the exact paired McNemar p-value (:mod:`train.significance`). Top-5 is shown only
+for runs with more than 5 classes (with 5 or fewer it is 100 % by construction).
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from train.metrics import EvalResult
 from train.plots import ComparisonRow
 from train.rundir import RunDir, RunDirError, find_runs
 from train.schema import TrainConfig
+from train.significance import paired_outcomes, wilson_interval
 
 __all__ = [
     "RunDirError",
@@ -40,6 +45,11 @@ __all__ = [
     "PAIRING_IGNORED_KEYS",
     "MODEL_LABELS",
     "find_runs",
+    "mcnemar_p",
+    "resolvable_difference",
+    "sample_size_note",
+    "format_top1",
+    "format_p",
     "read_config",
     "read_metrics",
     "load_run",
@@ -122,6 +132,11 @@ class RunRecord:
         dataset: stem of ``data.store`` (the feature store the run trained on).
         num_classes: ``model.num_classes``.
         complete: True when ``summary.json`` exists (the loop writes it last).
+        num_videos, correct: test videos of ``eval.json`` and how many of them were right at top-1
+            (None without ``eval.json``: top-1 from ``summary.json`` or the metrics has no sample size).
+        eval_classes: number of classes of ``eval.json`` (its ``class_names``), None without it.
+        per_video: video id -> (predicted, true class) from ``eval.json``; empty in results written
+            before the per-video predictions were recorded (no McNemar test then).
         views, centre_top1: with the 30-view test (``test.spatial_crops`` 3), its views (``10x3``)
             and the top-1 of the centre crops alone (the 10-view test, from the same logits);
             ``top1`` is then the 30-view top-1. None otherwise.
@@ -151,7 +166,28 @@ class RunRecord:
     other_evals: dict[str, float | None] = field(default_factory=dict)
     views: str | None = None
     centre_top1: float | None = None
+    num_videos: int | None = None
+    correct: int | None = None
+    eval_classes: int | None = None
+    per_video: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False, compare=False)
     config: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def classes(self) -> int | None:
+        """Number of classes: from ``eval.json`` when the run has one, else ``model.num_classes``."""
+        return self.eval_classes if self.eval_classes is not None else self.num_classes
+
+    @property
+    def top1_interval(self) -> tuple[float, float] | None:
+        """Wilson 95 % interval ``(low, high)`` (fractions) of ``top1`` over ``num_videos``; None without ``eval.json``."""
+        if self.correct is None or not self.num_videos:
+            return None
+        return wilson_interval(self.correct, self.num_videos)
+
+    @property
+    def top5_meaningful(self) -> bool:
+        """True when the run has a top-5 and more than 5 classes (an unknown class count counts as more)."""
+        return self.top5 is not None and (self.classes is None or self.classes > 5)
 
     @property
     def model_label(self) -> str:
@@ -190,12 +226,18 @@ def load_run(run_dir: str | Path) -> RunRecord:
 
     top1 = top5 = centre_top1 = None
     views = None
+    num_videos = correct = eval_classes = None
+    per_video: dict[str, tuple[int, int]] = {}
     if eval_json is not None:
         try:
             res = EvalResult.from_json(eval_json)
         except (ValueError, TypeError, KeyError) as e:
             raise RunDirError(f"{run_dir / 'eval.json'} is invalid ({e}); re-run `freezeframe evaluate` on this run") from e
         top1, top5 = res.top1, res.top5
+        num_videos, eval_classes = res.num_videos, res.num_classes
+        correct = int(round(res.top1 * res.num_videos))  # top1 = correct / num_videos exactly
+        if res.video_ids and len(res.video_ids) == len(res.predictions) == len(res.targets):
+            per_video = {v: (p, t) for v, p, t in zip(res.video_ids, res.predictions, res.targets)}
         if res.centre_top1 is not None:
             centre_top1, views = res.centre_top1, f"{res.views // res.spatial_crops}x{res.spatial_crops}"
     if top1 is None:
@@ -240,6 +282,10 @@ def load_run(run_dir: str | Path) -> RunRecord:
         other_evals=other,
         views=views,
         centre_top1=centre_top1,
+        num_videos=num_videos,
+        correct=correct,
+        eval_classes=eval_classes,
+        per_video=per_video,
         config=cfg,
     )
 
@@ -269,13 +315,33 @@ class DeltaRow:
     """A matched pair of fine-tuning runs differing only by ``init``.
 
     ``delta_acc`` = top1(pretrained) - top1(scratch) and ``delta_top5`` likewise, as fractions
-    (multiply by 100 for percentage points).
+    (multiply by 100 for percentage points). ``p_value``: exact paired McNemar test of the two
+    runs on the same test videos (:func:`mcnemar_p`), None when either ``eval.json`` lacks the
+    per-video predictions or the videos differ.
     """
 
     scratch: RunRecord
     pretrained: RunRecord
     delta_acc: float
     delta_top5: float | None = None
+    p_value: float | None = None
+
+
+def mcnemar_p(a: RunRecord, b: RunRecord) -> float | None:
+    """Two-sided exact McNemar p-value of runs ``a`` and ``b`` on the same test videos
+    (:func:`train.significance.paired_outcomes`, paired by video id).
+
+    None when either run has no per-video predictions (an ``eval.json`` written before they were
+    recorded, or no ``eval.json``), or when the two runs were not tested on the same videos with
+    the same labels (nothing to pair).
+    """
+    if not a.per_video or not b.per_video or a.per_video.keys() != b.per_video.keys():
+        return None
+    ids = sorted(a.per_video)
+    if any(a.per_video[v][1] != b.per_video[v][1] for v in ids):
+        return None
+    return paired_outcomes([a.per_video[v][0] for v in ids], [b.per_video[v][0] for v in ids],
+                           [a.per_video[v][1] for v in ids]).p_value
 
 
 def _pairing_key(cfg: dict[str, Any], ignore: Sequence[str]) -> str:
@@ -305,8 +371,42 @@ def delta_acc(records: Sequence[RunRecord], ignore: Sequence[str] = PAIRING_IGNO
             if s.pretrained_from is not None:
                 continue
             d5 = r.top5 - s.top5 if (r.top5 is not None and s.top5 is not None) else None
-            rows.append(DeltaRow(scratch=s, pretrained=r, delta_acc=r.top1 - s.top1, delta_top5=d5))
+            rows.append(DeltaRow(scratch=s, pretrained=r, delta_acc=r.top1 - s.top1, delta_top5=d5,
+                                 p_value=mcnemar_p(r, s)))
     return rows
+
+
+def resolvable_difference(n: int, top1: float) -> tuple[float, float]:
+    """``(half_width, difference)`` as fractions: the half-width of the Wilson 95 % interval of a
+    top-1 of ``top1`` on ``n`` test videos, and the smallest difference two such runs' top-1 can
+    show at 95 % (two independent estimates: sqrt(2) x the half-width). Below it, two runs are
+    within noise of each other."""
+    lo, hi = wilson_interval(int(round(top1 * n)), n)
+    half = (hi - lo) / 2
+    return half, math.sqrt(2.0) * half
+
+
+def sample_size_note(records: Sequence[RunRecord]) -> str | None:
+    """One paragraph for the top of a report: the test-set size of the evaluated runs and the
+    difference it can resolve at their mean top-1 (:func:`resolvable_difference`); None when no
+    run has an ``eval.json``."""
+    ev = [r for r in records if r.num_videos and r.top1 is not None]
+    if not ev:
+        return None
+    sizes = sorted({int(r.num_videos) for r in ev})  # type: ignore[arg-type]
+    n = sizes[0]
+    mean = sum(float(r.top1) for r in ev) / len(ev)  # type: ignore[arg-type]
+    half, diff = resolvable_difference(n, mean)
+    classes = {r.classes for r in ev}
+    k = next(iter(classes)) if len(classes) == 1 else None
+    chance = f" ({k} classes, chance {100 / k:.1f} %)" if k else ""
+    videos = (f"{n} test videos per run" if len(sizes) == 1
+              else f"{sizes[0]} to {sizes[-1]} test videos per run (the smallest test set is used below)")
+    return (f"**Sample size.** {videos}{chance}. At the runs' mean top-1 ({100 * mean:.1f} %) a Wilson 95 % "
+            f"interval on {n} videos is about ±{100 * half:.0f} points, so differences under ~{100 * diff:.0f} "
+            f"points between two runs are within noise (√2 × that half-width: two independent estimates at 95 %). "
+            "Every top-1 below carries its own interval and every Δ-Acc the exact paired McNemar p on the "
+            "same videos.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,6 +419,22 @@ def _pct(v: float | None) -> str:
 
 def _pp(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:+.2f}"
+
+
+def format_top1(top1: float | None, interval: tuple[float, float] | None, digits: int = 2) -> str:
+    """``55.00 [34, 74]``: top-1 in % with ``digits`` decimals and its interval (fractions) in whole
+    percent; the bare top-1 without an interval; ``-`` without a top-1."""
+    if top1 is None or (isinstance(top1, float) and math.isnan(top1)):
+        return "-"
+    cell = f"{100 * top1:.{digits}f}"
+    return cell if interval is None else f"{cell} [{100 * interval[0]:.0f}, {100 * interval[1]:.0f}]"
+
+
+def format_p(p: float | None) -> str:
+    """A p-value with 3 decimals (``<0.001`` below), ``-`` when there is none."""
+    if p is None:
+        return "-"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def _loss(v: float | None) -> str:
@@ -340,10 +456,13 @@ def _int(v: int | None) -> str:
     return "-" if v is None else str(v)
 
 
+#: Every run-table column; ``_run_columns`` drops those a set of runs does not need (top-5 when no
+#: run has more than 5 classes, McNemar p without Delta-Acc pairs) and adds the 30-view and
+#: other-evaluation columns when some run has them. ``n``: test videos of the run's ``eval.json``.
 RUN_COLUMNS = ("run", "task", "dataset", "model", "blocks", "init", "seed", "epochs",
-               "top-1 %", "top-5 %", "Δ-Acc (pp)", "final loss", "time")
+               "top-1 %", "n", "top-5 %", "Δ-Acc (pp)", "McNemar p", "final loss", "time")
 DELTA_COLUMNS = ("dataset", "model", "seed", "scratch run", "PRP run", "PRP init",
-                 "top-1 scratch %", "top-1 PRP %", "Δ-Acc (pp)")
+                 "top-1 scratch %", "top-1 PRP %", "Δ-Acc (pp)", "McNemar p")
 
 
 #: shown only when a run has evaluations on another split or store
@@ -354,11 +473,17 @@ OTHER_EVALS_COLUMN = "other evaluations (top-1 %)"
 CROP_COLUMNS = ("views", "top-1 centre crop %")
 
 
-def _run_columns(records: Sequence[RunRecord]) -> tuple[str, ...]:
+def _run_columns(records: Sequence[RunRecord], deltas: Sequence[DeltaRow] = ()) -> tuple[str, ...]:
     crops = CROP_COLUMNS if _has_crops(records) else ()
     i = RUN_COLUMNS.index("top-5 %") + 1
-    return (RUN_COLUMNS[:i] + crops + RUN_COLUMNS[i:]
-            + ((OTHER_EVALS_COLUMN,) if any(r.other_evals for r in records) else ()))
+    other = (OTHER_EVALS_COLUMN,) if any(r.other_evals for r in records) else ()
+    cols = RUN_COLUMNS[:i] + crops + RUN_COLUMNS[i:] + other
+    drop = set()
+    if not any(r.top5_meaningful for r in records):
+        drop.add("top-5 %")  # <= 5 classes everywhere: top-5 is 100 % by construction
+    if not deltas:
+        drop.add("McNemar p")
+    return tuple(c for c in cols if c not in drop)
 
 
 def _has_crops(records: Sequence[RunRecord]) -> bool:
@@ -369,29 +494,53 @@ def _other_evals_cell(r: RunRecord) -> str:
     return ", ".join(f"{tag}: {_pct(v)}" for tag, v in r.other_evals.items()) or "-"
 
 
-def _run_cells(r: RunRecord, deltas: Sequence[DeltaRow], other: bool = False, crops: bool = False) -> list[str]:
+def _run_cells(r: RunRecord, deltas: Sequence[DeltaRow], columns: Sequence[str]) -> list[str]:
+    """The cells of ``r`` under ``columns`` (from :func:`_run_columns`)."""
     mine = [d for d in deltas if d.pretrained is r]
-    delta = ", ".join(_pp(d.delta_acc) for d in mine) if mine else "-"
-    name = r.name if r.complete else f"{r.name} (running)"
-    return [
-        name, r.task, r.dataset or "-", r.model_label, _int(r.blocks), r.init_label, _int(r.seed), _int(r.epochs),
-        _pct(r.top1), _pct(r.top5), *([r.views or "-", _pct(r.centre_top1)] if crops else []),
-        delta, _loss(r.final_loss), _duration(r.seconds),
-    ] + ([_other_evals_cell(r)] if other else [])
+    cells = {
+        "run": r.name if r.complete else f"{r.name} (running)", "task": r.task, "dataset": r.dataset or "-",
+        "model": r.model_label, "blocks": _int(r.blocks), "init": r.init_label, "seed": _int(r.seed),
+        "epochs": _int(r.epochs), "top-1 %": format_top1(r.top1, r.top1_interval), "n": _int(r.num_videos),
+        "top-5 %": _pct(r.top5) if r.top5_meaningful else "-", "views": r.views or "-",
+        "top-1 centre crop %": _pct(r.centre_top1),
+        "Δ-Acc (pp)": ", ".join(_pp(d.delta_acc) for d in mine) if mine else "-",
+        "McNemar p": ", ".join(format_p(d.p_value) for d in mine) if mine else "-",
+        "final loss": _loss(r.final_loss), "time": _duration(r.seconds),
+        OTHER_EVALS_COLUMN: _other_evals_cell(r),
+    }
+    return [cells[c] for c in columns]
 
 
 def _delta_cells(d: DeltaRow) -> list[str]:
     return [
         d.pretrained.dataset or "-", d.pretrained.model_label, _int(d.pretrained.seed), d.scratch.name,
         d.pretrained.name, d.pretrained.init_label, _pct(d.scratch.top1), _pct(d.pretrained.top1), _pp(d.delta_acc),
+        format_p(d.p_value),
     ]
 
 
+def _fold_shared(columns: Sequence[str], rows: Sequence[list[str]],
+                 col: str) -> tuple[list[str], list[list[str]], str | None]:
+    """Drop column ``col`` when every row that has a value (not ``-``) has the same one; returns the
+    columns, the rows and that value (None: the column stays, or no row had a value)."""
+    if col not in columns:
+        return list(columns), [list(r) for r in rows], None
+    i = list(columns).index(col)
+    values = {row[i] for row in rows} - {"-"}
+    if len(values) > 1:
+        return list(columns), [list(r) for r in rows], None
+    cols = [c for j, c in enumerate(columns) if j != i]
+    return cols, [[c for j, c in enumerate(row) if j != i] for row in rows], (values.pop() if values else None)
+
+
 #: Run-table columns that move into the terminal table's title when every run has the same value.
-_FOLDABLE = {"dataset": "on {}", "blocks": "{} blocks", "epochs": "{} epochs"}
-_SHORT = {"top-1 %": "top-1%", "top-5 %": "top-5%", "top-1 centre crop %": "centre%",
-          "Δ-Acc (pp)": "Δ pp", "final loss": "loss", "epochs": "ep",
+_FOLDABLE = {"dataset": "on {}", "blocks": "{} blocks", "epochs": "{} epochs", "n": "n = {} test videos"}
+#: Foldable columns whose missing values (``-``: e.g. a pretraining run has no test videos) do not count.
+_FOLD_SKIPS_MISSING = ("n",)
+_SHORT = {"top-1 %": "top-1% [95% CI]", "top-5 %": "top-5%", "top-1 centre crop %": "centre%",
+          "Δ-Acc (pp)": "Δ pp", "McNemar p": "p", "final loss": "loss", "epochs": "ep",
           "scratch run": "scratch", "top-1 scratch %": "scratch%", "top-1 PRP %": "PRP%", "PRP init": "init"}
+_NUMERIC = ("seed", "epochs", "blocks", "n", "McNemar p", "final loss", "time")
 
 
 def _terminal_table(title: str, columns: Sequence[str], rows: Sequence[list[str]], styles: Sequence[str | None]) -> Table:
@@ -399,8 +548,12 @@ def _terminal_table(title: str, columns: Sequence[str], rows: Sequence[list[str]
     keep, folded = [], []
     for i, col in enumerate(columns):
         values = {row[i] for row in rows}
+        if col in _FOLD_SKIPS_MISSING:
+            values.discard("-")
         if col in _FOLDABLE and len(values) == 1 and rows:
             folded.append(_FOLDABLE[col].format(values.pop()))
+        elif col in _FOLD_SKIPS_MISSING and not values:
+            continue  # nothing to show
         else:
             keep.append(i)
     if folded:
@@ -408,7 +561,7 @@ def _terminal_table(title: str, columns: Sequence[str], rows: Sequence[list[str]
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for i in keep:
         col = columns[i]
-        numeric = any(t in col for t in ("%", "pp", "loss", "time")) or col in ("seed", "epochs", "blocks")
+        numeric = any(t in col for t in ("%", "pp")) or col in _NUMERIC
         width = max([len(row[i]) for row in rows] + [1])
         table.add_column(_SHORT.get(col, col), justify="right" if numeric else "left", no_wrap=numeric,
                          min_width=None if numeric else min(width, 14), overflow="fold")
@@ -423,18 +576,19 @@ def render_table(records: Sequence[RunRecord], deltas: Sequence[DeltaRow] = ()) 
     Compact for a terminal: short headers; dataset / blocks / epochs move into the title when all
     runs share them.
     """
-    columns = _run_columns(records)
-    rows = [_run_cells(r, deltas, OTHER_EVALS_COLUMN in columns, _has_crops(records)) for r in records]
+    columns = _run_columns(records, deltas)
+    rows = [_run_cells(r, deltas, columns) for r in records]
     return _terminal_table("freezeframe runs", columns, rows, [None if r.complete else "dim" for r in records])
 
 
 def render_delta_table(deltas: Sequence[DeltaRow]) -> Table:
     """A rich table with one row per (PRP, scratch) pair; Delta-Acc in percentage points."""
     rows = []
+    i = DELTA_COLUMNS.index("Δ-Acc (pp)")
     for d in deltas:
         cells = _delta_cells(d)
         colour = "green" if d.delta_acc > 0 else ("red" if d.delta_acc < 0 else "")
-        cells[-1] = f"[{colour}]{cells[-1]}[/]" if colour else cells[-1]
+        cells[i] = f"[{colour}]{cells[i]}[/]" if colour else cells[i]
         rows.append(cells)
     return _terminal_table("Δ-Acc = top-1(PRP init) - top-1(scratch)", DELTA_COLUMNS, rows, [None] * len(rows))
 
@@ -444,7 +598,7 @@ def _md_escape(text: str) -> str:
 
 
 def _md_table(columns: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    numeric = [("%" in c or "pp" in c or c in ("blocks", "seed", "epochs", "final loss", "time")) for c in columns]
+    numeric = [("%" in c or "pp" in c or c in _NUMERIC) for c in columns]
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---:" if n else "---" for n in numeric) + "|"]
     lines += ["| " + " | ".join(_md_escape(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -452,9 +606,18 @@ def _md_table(columns: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
 
 def render_markdown(records: Sequence[RunRecord], deltas: Sequence[DeltaRow] = ()) -> str:
     """Markdown: the run table and the Delta-Acc table (accuracies in %, Delta-Acc in percentage points)."""
-    columns = _run_columns(records)
-    other, crops = OTHER_EVALS_COLUMN in columns, _has_crops(records)
-    parts = ["## Runs", "", _md_table(columns, (_run_cells(r, deltas, other, crops) for r in records)), ""]
+    columns = _run_columns(records, deltas)
+    crops = _has_crops(records)
+    cols, rows, n = _fold_shared(columns, [_run_cells(r, deltas, columns) for r in records], "n")
+    parts = ["## Runs", "", _md_table(cols, rows), ""]
+    parts += [("Every evaluated run was tested on the same number of videos, "
+               f"**n = {n}**; " if n is not None else "`n`: test videos of the run; ")
+              + "`top-1 %` is followed by its Wilson 95 % interval [low, high] (%)"
+              + ("; `McNemar p`: exact paired test of the run against its scratch twin on the same test "
+                 "videos (`-`: not the PRP side of a pair, or an `eval.json` written before per-video "
+                 "predictions were recorded)" if deltas else "")
+              + ("" if "top-5 %" in cols else "; no top-5: 5 classes or fewer, where it is 100 % by construction")
+              + ".", ""]
     if crops:
         parts += ["`top-1 %` is the test with every view (`views` = clips x spatial crops); `top-1 centre crop %` "
                   "averages the same logits over the centre crops alone (the 10-view test).", ""]
@@ -462,7 +625,8 @@ def render_markdown(records: Sequence[RunRecord], deltas: Sequence[DeltaRow] = (
         "## Δ-Acc (pretraining gain)",
         "",
         "Δ-Acc = top-1 of the fine-tuning run initialised from PRP pretraining − top-1 of the same "
-        "run from scratch (configs identical except `init`), in percentage points.",
+        "run from scratch (configs identical except `init`), in percentage points; `McNemar p`: "
+        "two-sided exact McNemar test of the pair on the same test videos.",
         "",
     ]
     if deltas:
@@ -496,7 +660,8 @@ def comparison_rows(records: Sequence[RunRecord]) -> list[ComparisonRow]:
             series = f"PRP ({r.init_label})"
         else:
             series = "PRP"
-        rows.append(ComparisonRow(group=g, series=series, top1=float(r.top1)))  # type: ignore[arg-type]
+        rows.append(ComparisonRow(group=g, series=series, top1=float(r.top1),  # type: ignore[arg-type]
+                                  interval=r.top1_interval))
     group_order = list(dict.fromkeys(group_of[id(r)] for r in runs))
     rows.sort(key=lambda row: group_order.index(row.group))
     return rows
@@ -535,7 +700,11 @@ def _write_report(
     out_md.parent.mkdir(parents=True, exist_ok=True)
     base = out_md.parent
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    parts = [f"# {title}", "", f"{len(records)} run(s), generated {when}.", "", render_markdown(records, deltas)]
+    parts = [f"# {title}", "", f"{len(records)} run(s), generated {when}.", ""]
+    note = sample_size_note(records)
+    if note:
+        parts += [note, ""]
+    parts.append(render_markdown(records, deltas))
 
     rows = comparison_rows(records)
     if rows:
@@ -583,6 +752,9 @@ def report_main(run_dirs: list[Path], out: Path | None = None) -> int:
     console.print(render_table(records, deltas))
     if deltas:
         console.print(render_delta_table(deltas))
+    note = sample_size_note(records)
+    if note:
+        console.print(note.replace("**", ""), highlight=False)
     if out is not None:
         path = _write_report(records, deltas, Path(out), "freezeframe run report", (), True)
         console.print(f"wrote {path}")
