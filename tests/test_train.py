@@ -23,6 +23,7 @@ from tests.stores import TINY_TRAIN, SynthStore, ramp_features, write_synthetic_
 from train.config import resolve_train_config
 from train.data import DataError
 from train.loop import fit as train
+from train.rundir import RunDir
 from train.significance import paired_outcomes
 from train.stats import tmm_stats
 
@@ -115,7 +116,9 @@ def test_pretrain_killed_with_sigkill_resumes_to_identical_weights(store: SynthS
             proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert not (run / "checkpoints" / "final.pt").exists(), "the run finished before it was killed"
-    killed_at = int(torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"])
+    # the resume point: last.pt, or prev.pt when the kill landed between save_checkpoint's two
+    # renames (last.pt -> prev.pt, then the new last.pt): the same lookup the resume makes
+    killed_at = int(RunDir(run).latest_checkpoint()["step"])
     assert 1 <= killed_at < total
 
     res = subprocess.run(cmd, env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
