@@ -41,6 +41,7 @@ from train.config import resolve_train_config
 from train.metrics import EvalResult
 from train.plots import plot_comparison
 from train.report import compare_runs, comparison_rows
+from train.rundir import RunDir
 from train.runpool import train_chains
 from train.schema import TrainConfig
 from train.significance import paired_outcomes, wilson_interval
@@ -170,7 +171,7 @@ def advise_section(ctx: DemoContext, cfg: DemoConfig | None = None) -> SectionRe
     con.rule("advise 4/4: stage 2, PRP pretraining, fine-tuning, 10-view evaluation")
     t0 = time.monotonic()
     chains, run_dirs = _plan_training(cfg, stores, out / "runs")
-    for run_dir in [d for dirs in run_dirs.values() for ds in dirs.values() for d in ds if (d / "summary.json").exists()]:
+    for run_dir in [d for dirs in run_dirs.values() for ds in dirs.values() for d in ds if RunDir(d).complete]:
         con.log(f"{run_dir.parent.name}/{run_dir.name}: already done")
     train_chains(chains, workers=cfg.workers, threads=cfg.train_threads, console=con, description="advise: training runs")
     timings["train + evaluate"] = time.monotonic() - t0
@@ -195,7 +196,7 @@ def _plan_training(cfg: DemoConfig, stores: dict[str, Path], runs_root: Path
                 tcfg = _run_config(run, task, store, runs_root / task, cfg, seed)
                 if run.task == "finetune":
                     run_dirs[task].setdefault(run.name, []).append(Path(tcfg.run_dir))
-                if (Path(tcfg.run_dir) / "summary.json").exists():
+                if RunDir(tcfg.run_dir).complete:
                     continue
                 parent = chain_of.get(_run_name(run.init, seed, cfg)) if run.init else None
                 chain = parent if parent is not None else []
